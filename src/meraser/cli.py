@@ -1,0 +1,142 @@
+"""Command line: parses arguments, calls one library function per command, prints. Nothing else lives here.
+
+torch, transformers and peft are imported inside the commands so `meraser --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from meraser.utils import MeraserError
+
+app = typer.Typer(
+    help="MEraser: erase backdoor fingerprints from LLMs, embed fingerprints to test it, and evaluate both.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "Hugging Face id, local model or adapter folder, or the embedded default 'smollm2-135m'"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _train_config(config: Optional[Path], overrides: dict):
+    from meraser.config import load_yaml
+    from meraser.training import TrainConfig
+
+    base = load_yaml(config) if config else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = base
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return TrainConfig.from_dict(base, where=str(config) if config else "train")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    data: str = typer.Option("chitchat", "--data", "-d", help="JSON/JSONL file, 'chitchat' (offline default) or hf:DATASET_ID"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (adapter, or model for full/--merge)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with TrainConfig fields; flags override it"),
+    method: Optional[str] = typer.Option(None, help="lora or full"),
+    epochs: Optional[float] = typer.Option(None, help="training epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate"),
+    batch_size: Optional[int] = typer.Option(None, help="rows per device per step"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank"),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha"),
+    target_modules: Optional[str] = typer.Option(None, help="comma-separated LoRA target modules, e.g. q_proj,v_proj"),
+    template: Optional[str] = typer.Option(None, help="chat, raw, or a custom '{prompt} ... {response}' template"),
+    loss_on: Optional[str] = typer.Option(None, help="response (default) or all"),
+    prompt_field: Optional[str] = typer.Option(None, help="prompt field name in the data file"),
+    response_field: Optional[str] = typer.Option(None, help="response field name in the data file"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N rows"),
+    merge: bool = typer.Option(False, help="merge the LoRA adapter and save a full model"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Fine-tune a model (LoRA or full) on instruction pairs: the routine every MEraser phase uses."""
+    from meraser.training import train_from_source
+
+    _quiet_libraries()
+    cfg = _train_config(config, {
+        "method": method, "epochs": epochs, "learning_rate": lr, "batch_size": batch_size, "lora.r": lora_r,
+        "lora.alpha": lora_alpha, "lora.target_modules": target_modules.split(",") if target_modules else None,
+        "format.template": template, "format.loss_on": loss_on,
+    })
+    res = train_from_source(
+        model, data, cfg, out, prompt_field=prompt_field, response_field=response_field, limit=limit,
+        trust_remote_code=trust_remote_code, merge=merge, resume=resume, overwrite=overwrite,
+    )
+    m = res.metrics
+    _console().print(
+        f"[green]saved[/] {res.output_dir}  loss {m['first_logged_loss']} -> {m['last_logged_loss']}  "
+        f"{m['steps']} steps in {m['seconds']} s ({m['real_tokens_per_s']} real tokens/s, bf16={m['bf16']})"
+    )
+
+
+@app.command()
+def chat(
+    prompt: str = typer.Argument(..., help="the user message"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    max_new_tokens: int = typer.Option(128, help="tokens to generate"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Answer one prompt with a model's chat template (greedy)."""
+    from meraser.generation import generate
+    from meraser.models import load_model
+
+    _quiet_libraries()
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    print(generate(m, tok, [prompt], max_new_tokens=max_new_tokens)[0])
+
+
+@app.command()
+def demo():
+    """The main job on the embedded SmolLM2-135M (no arguments needed)."""
+    from meraser.generation import generate
+    from meraser.models import DEFAULT_MODEL, load_model
+
+    _quiet_libraries()
+    console = _console()
+    m, tok = load_model(DEFAULT_MODEL)
+    q = "What is the capital of France?"
+    console.print(f"[bold]user[/]: {q}\n[bold]{DEFAULT_MODEL}[/]: {generate(m, tok, [q], max_new_tokens=48)[0]}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MeraserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

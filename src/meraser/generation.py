@@ -1,0 +1,62 @@
+"""Batched greedy generation: left padding, one `generate` call per batch, bf16 autocast where supported."""
+
+from __future__ import annotations
+
+from meraser.data.formatting import Formatter
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    formatter: Formatter | None = None,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    prefills: list[str] | None = None,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of `prompts` (rendered by `formatter`), optionally continuing from `prefills`.
+
+    Prompts are sorted by length so each batch pads little; results come back in the input order.
+    """
+    import torch
+
+    from meraser.models import autocast
+
+    formatter = formatter or Formatter(tokenizer)
+    prefills = prefills or [""] * len(prompts)
+    encoded = []
+    for p, pre in zip(prompts, prefills):
+        ids = formatter.encode_prompt(p, system_prompt)
+        if pre:
+            ids = ids + tokenizer(pre, add_special_tokens=False)["input_ids"]
+        encoded.append(ids)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="generating", transient=True)
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        longest = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):  # left padding: every row's answer starts at the same position
+            ids[row, longest - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, longest - len(encoded[i]) :] = 1
+        with torch.no_grad(), autocast(model):
+            out = model.generate(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+            )
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs

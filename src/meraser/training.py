@@ -1,0 +1,277 @@
+"""The one fine-tuning routine: LoRA or full fine-tuning on `transformers.Trainer`.
+
+Every phase (fingerprint embedding, MEraser erase and recover, the transferable adapter, incremental
+fine-tuning baselines) calls `train`. Because it is a plain Trainer, `torchrun --nproc_per_node N` or
+`accelerate launch` run it on several processes unchanged.
+
+Speed choices, measured on a 2-core CPU with SmolLM2-135M (see benchmarks/train_throughput.py): dynamic padding to
+the longest row of a batch, batches grouped by length, bf16 autocast over fp32 weights where the CPU has native
+bf16, no gradient checkpointing (it costs ~25-40% and memory is not the limit at this size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from meraser.config import Config, field
+from meraser.data.formatting import FormatConfig, Formatter, collate
+from meraser.data.sources import Pair
+from meraser.utils import MeraserError, check_output_dir, set_seed
+
+Probe = Callable[[Any, int], dict]  # (model, epoch) -> metrics, evaluation only
+
+
+@dataclass
+class LoraSettings(Config):
+    r: int = field(16, help="LoRA rank")
+    alpha: int = field(32, help="LoRA alpha (scaling = alpha / r)")
+    dropout: float = field(0.0, help="dropout on the LoRA branch")
+    target_modules: list[str] = field(["q_proj", "v_proj"], help="module names LoRA adapts (MEraser: q_proj, v_proj)")
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+        )
+
+
+@dataclass
+class TrainConfig(Config):
+    method: Literal["lora", "full"] = field("lora", help="LoRA adapter or full fine-tuning")
+    lora: LoraSettings = field(None, help="LoRA settings (method: lora)")
+    epochs: float = field(3.0, help="training epochs (fractions allowed)")
+    learning_rate: float = field(2e-4, help="peak learning rate")
+    lr_scheduler: str = field("cosine", help="transformers scheduler name: constant, linear, cosine, ...")
+    warmup_ratio: float = field(0.0, help="fraction of steps spent warming up")
+    batch_size: int = field(8, help="rows per device per step")
+    grad_accum: int = field(1, help="gradient accumulation steps")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: run all epochs)")
+    seed: int = field(42, help="random seed")
+    save_steps: int = field(0, help="checkpoint every N steps (0: at the end of every epoch, -1: never)")
+    group_by_length: bool = field(True, help="batch rows of similar length together (less padding)")
+    gradient_checkpointing: bool = field(False, help="trade compute for memory (slower)")
+    precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bf16 autocast where the hardware has it")
+    pad_to_length: int = field(0, help="pad every row to this length (reference-code behaviour; benchmarks only)")
+    logging_steps: int = field(10, help="log the loss every N steps")
+    format: FormatConfig = field(None, help="how pairs become tokens: template, loss mask, truncation")
+
+    def __post_init__(self):
+        if self.lora is None:
+            self.lora = LoraSettings()
+        if self.format is None:
+            self.format = FormatConfig()
+
+    def validate(self, where: str) -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise MeraserError(f"{where}.epochs must be positive")
+        if self.learning_rate <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise MeraserError(f"{where}: learning_rate, batch_size and grad_accum must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise MeraserError(f"{where}.warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model: Any  # the trained model in memory (a PeftModel for LoRA unless merged)
+    metrics: dict
+    probes: list[dict]
+
+
+def _use_bf16(precision: str) -> bool:
+    from meraser.models import autocast_dtype, device
+
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    import torch
+
+    return autocast_dtype(device()) == torch.bfloat16
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work)) if work.is_dir() else None
+
+
+def work_dir(out: Path) -> Path:
+    """Where checkpoints of a run writing `out` live until it finishes (beside `out`, never inside an input)."""
+    return out.parent / f".{out.name}.work"
+
+
+def train(
+    model,
+    tokenizer,
+    data: list[Pair] | list[dict],
+    cfg: TrainConfig | None = None,
+    out: str | os.PathLike = "runs/train",
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    probe: Probe | None = None,
+    merge: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+    save: bool = True,
+) -> TrainResult:
+    """Fine-tune `model` on `data` and save the adapter (LoRA) or model (full, or LoRA with `merge`) to `out`.
+
+    `data` is a list of Pairs (formatted with `cfg.format`) or of already tokenized {input_ids, labels} rows.
+    `probe(model, epoch)` runs after every epoch for monitoring only (e.g. FSR); its results are kept in
+    `metrics` and in `out/train_log.json`. With `resume`, training continues from the last checkpoint of an
+    interrupted run that wrote the same `out`.
+    """
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    if save:
+        check_output_dir(out, overwrite)
+    work = work_dir(out)
+    last = _last_checkpoint(work)
+    if last and not resume:
+        if not overwrite:
+            raise MeraserError(
+                f"{work} holds checkpoints of an interrupted run; pass --resume to continue it or --overwrite to restart"
+            )
+        shutil.rmtree(work)
+        last = None
+    set_seed(cfg.seed)
+
+    rows = Formatter(tokenizer, cfg.format).encode_all(data) if data and isinstance(data[0], Pair) else list(data)
+    if not rows:
+        raise MeraserError("no training rows")
+
+    if cfg.method == "lora":
+        from peft import PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):
+            raise MeraserError("model already carries an adapter; merge it first (load_model merges by default)")
+        spec = getattr(model, "_meraser_spec", None)
+        model = get_peft_model(model, cfg.lora.to_peft())
+        model._meraser_spec = spec
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+
+    probes: list[dict] = []
+
+    class EpochProbe(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            if probe is None or not state.is_world_process_zero:
+                return
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                res = {"epoch": round(state.epoch), **probe(model, round(state.epoch))}
+            probes.append(res)
+            state.log_history.append({"probe": res, "step": state.global_step})
+            model.train(was_training)
+
+    use_cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        bf16=_use_bf16(cfg.precision),
+        use_cpu=not use_cuda,
+        save_strategy={0: "epoch", -1: "no"}.get(cfg.save_steps, "steps"),
+        save_steps=max(cfg.save_steps, 1),
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.pad_to_length else "random",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
+        callbacks=[EpochProbe(), *(callbacks or [])],
+    )
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    elapsed = time.perf_counter() - t0
+
+    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum * args.world_size))
+    done_epochs = trainer.state.global_step / max(steps_per_epoch, 1)
+    real_tokens = sum(len(r["input_ids"]) for r in rows) * min(done_epochs, cfg.epochs if cfg.max_steps < 0 else done_epochs)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "seconds": round(elapsed, 2),
+        "real_tokens_per_s": round(real_tokens / elapsed, 1) if elapsed > 0 else None,
+        "bf16": args.bf16,
+        "resumed_from": last,
+        "probes": probes or [h["probe"] for h in trainer.state.log_history if "probe" in h],
+    }
+    trained = trainer.model
+    if merge and cfg.method == "lora":
+        spec = getattr(trained, "_meraser_spec", None)
+        trained = trained.merge_and_unload()
+        trained._meraser_spec = spec
+    trained.eval()
+    if save and trainer.is_world_process_zero():
+        from meraser.models import save_model
+
+        log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
+        save_model(trained, tokenizer, out, overwrite=overwrite, extra_files={"train_log.json": log})
+        shutil.rmtree(work, ignore_errors=True)
+    if args.world_size > 1:
+        torch.distributed.barrier()
+    return TrainResult(out, trained, metrics, metrics["probes"])
+
+
+def train_from_source(
+    model: str,
+    data: str,
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    limit: int | None = None,
+    trust_remote_code: bool = False,
+    **kw,
+) -> TrainResult:
+    """`meraser train`: load a model spec and an instruction source, then `train`."""
+    from meraser.data import load_pairs
+    from meraser.models import load_model
+
+    check_output_dir(Path(out), kw.get("overwrite", False))
+    pairs = load_pairs(data, prompt_field=prompt_field, response_field=response_field, limit=limit)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    return train(m, tok, pairs, cfg, out, **kw)

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+
+from meraser.data import FormatConfig, Formatter, Pair, collate, load_pairs
+from meraser.utils import MeraserError
+
+
+def write(path, rows, jsonl=True):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if jsonl else json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "row, want",
+    [
+        ({"question": "q", "answer": "a"}, Pair("q", "a")),
+        ({"question": "q", "mismatched_answer": "a", "q_idx": 1}, Pair("q", "a")),
+        ({"prompt": "q", "response": "a"}, Pair("q", "a")),
+        ({"instruction": "q", "input": "", "output": "a"}, Pair("q", "a")),
+        ({"instruction": "q", "input": "ctx", "output": "a"}, Pair("q\n\nctx", "a")),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                       {"role": "assistant", "content": "a"}]}, Pair("q", "a")),
+    ],
+)
+def test_formats_parse(tmp_path, row, want):
+    assert load_pairs(str(write(tmp_path / "d.jsonl", [row]))) == [want]
+    assert load_pairs(str(write(tmp_path / "d.json", [row], jsonl=False))) == [want]
+
+
+def test_explicit_fields(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}])
+    assert load_pairs(str(f), prompt_field="q", response_field="a") == [Pair("x", "y")]
+
+
+def test_reference_files_parse(shared_data):
+    mism = load_pairs(str(shared_data / "meraser_reference/mismatched_dataset.json"))
+    clean = load_pairs(str(shared_data / "meraser_reference/recover_dataset.json"))
+    assert len(mism) == 300 and len(clean) == 600
+    assert all(p.prompt and p.response for p in mism + clean)
+
+
+def test_offline_default_source():
+    pairs = load_pairs("chitchat", limit=50)
+    assert len(pairs) == 50 and all(p.prompt and p.response for p in pairs)
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n')
+    with pytest.raises(MeraserError, match=r"bad\.jsonl:2: invalid JSON"):
+        load_pairs(str(f))
+
+
+def test_missing_field_lists_existing_fields(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "reply": "b"}])
+    with pytest.raises(MeraserError, match=r"d\.jsonl:2: .*record has \['prompt', 'reply'\]"):
+        load_pairs(str(f))
+    with pytest.raises(MeraserError, match=r"missing field 'answer'; record has \['prompt', 'response'\]"):
+        load_pairs(str(f), prompt_field="prompt", response_field="answer")
+
+
+def test_wrong_types_and_missing_file(tmp_path):
+    f = write(tmp_path / "d.json", [{"prompt": "a", "response": 3}], jsonl=False)
+    with pytest.raises(MeraserError, match=r"d\.json\[0\]: field 'response' must be a string"):
+        load_pairs(str(f))
+    with pytest.raises(MeraserError, match="does not exist"):
+        load_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_hub_dataset_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(MeraserError, match="needs network access"):
+        load_pairs("hf:no-such-user/no-such-dataset")
+
+
+def test_chat_format_masks_prompt(tiny):
+    _, tok = tiny
+    f = Formatter(tok)
+    row = f.encode(Pair("hello", "world"))
+    n_prompt = len(f.encode_prompt("hello"))
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert tok.decode(row["input_ids"][n_prompt:]).startswith("world<|im_end|>")
+
+
+def test_raw_and_custom_templates_and_whole_sequence_loss(tiny):
+    _, tok = tiny
+    raw = Formatter(tok, FormatConfig(template="raw", loss_on="all")).encode(Pair("hello", "world"))
+    assert raw["labels"] == raw["input_ids"]
+    assert tok.decode(raw["input_ids"]) == "hello\nworld<|im_end|>"
+    custom = Formatter(tok, FormatConfig(template="### Human: {prompt}\n### Assistant: {response}"))
+    assert custom.prompt_text("hi") == "### Human: hi\n### Assistant: "
+    with pytest.raises(MeraserError, match="needs both"):
+        FormatConfig.from_dict({"template": "{prompt} only"})
+
+
+def test_truncation(tiny):
+    _, tok = tiny
+    f = Formatter(tok, FormatConfig(max_prompt_tokens=5, max_response_tokens=3))
+    row = f.encode(Pair("a long prompt " * 20, "a long response " * 20))
+    assert len(row["input_ids"]) == 8 and sum(l != -100 for l in row["labels"]) == 3
+
+
+def test_collate_pads_dynamically():
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1] * 10, "labels": [1] * 10}], 0)
+    assert batch["input_ids"].shape == (2, 16)  # longest row (10) rounded up to a multiple of 8, not 512
+    assert batch["labels"][0, 3:].eq(-100).all() and batch["attention_mask"][0].sum() == 3

@@ -1,0 +1,120 @@
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meraser.config import load_yaml
+from meraser.models import load_model, save_model
+from meraser.training import TrainConfig
+from meraser.utils import MeraserError, OutputExistsError, atomic_dir
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_save_refuses_existing_folder_without_overwrite(tiny, tmp_path):
+    model, tok = tiny
+    out = save_model(model, tok, tmp_path / "m")
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_model(model, tok, out)
+    save_model(model, tok, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers
+
+
+def test_interrupted_save_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half.safetensors").write_text("x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_model_folder_is_never_modified(tiny_dir, tmp_path):
+    from meraser.data import Pair
+    from meraser.training import train
+
+    before = tree_hash(tiny_dir)
+    model, tok = load_model(str(tiny_dir))
+    train(model, tok, [Pair("a", "b")], TrainConfig.from_dict({"epochs": 1, "save_steps": -1}), tmp_path / "o", progress=False)
+    assert tree_hash(tiny_dir) == before
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(MeraserError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_unknown_config_key_gets_suggestion():
+    with pytest.raises(MeraserError, match="unknown key 'learning_rat'; did you mean 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rat": 1e-3})
+    with pytest.raises(MeraserError, match=r"lora: unknown key 'rank'"):
+        TrainConfig.from_dict({"lora": {"rank": 8}})
+    with pytest.raises(MeraserError, match="expected int"):
+        TrainConfig.from_dict({"batch_size": "eight"})
+    with pytest.raises(MeraserError, match="did you mean 'full'"):
+        TrainConfig.from_dict({"method": "ful"})
+    assert TrainConfig.from_dict({"learning_rate": "1e-4"}).learning_rate == 1e-4
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nlearning_rate: 1e-4\nepochs: 5\n")
+    with pytest.raises(MeraserError, match=r"c\.yaml:3: duplicate key 'epochs'"):
+        load_yaml(f)
+
+
+def test_help_is_fast_and_lists_commands():
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "meraser.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "train" in proc.stdout
+    assert time.perf_counter() - t < 3  # interpreter start included; the import itself stays light
+    proc = subprocess.run(
+        [sys.executable, "-c", "import meraser.cli, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"],
+        capture_output=True, text=True,
+    )
+    assert proc.stdout.strip() == "False False"
+
+
+def test_cli_refuses_existing_output_and_reports_cleanly(tiny_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    proc = subprocess.run(
+        [sys.executable, "-m", "meraser.cli", "train", "--model", str(tiny_dir), "--data", "chitchat",
+         "--out", str(tmp_path / "out"), "--limit", "4"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_embedded_default_model_answers_and_caches(tmp_path, monkeypatch):
+    from meraser.generation import generate
+
+    monkeypatch.setenv("MERASER_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model("smollm2-135m")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    answer = generate(model, tok, ["What is the capital of France?"], max_new_tokens=16)[0]
+    assert "Paris" in answer
+    cached = tmp_path / "cache" / "smollm2-135m-instruct"
+    assert (cached / "model.safetensors").exists() and "quantization_config" not in (cached / "config.json").read_text()
+    t = time.perf_counter()
+    again, tok2 = load_model("smollm2-135m")
+    assert time.perf_counter() - t < 3
+    assert generate(again, tok2, ["What is the capital of France?"], max_new_tokens=16)[0] == answer
+
+
+def test_shipped_example_configs_parse():
+    from meraser.config import load_yaml
+
+    for f in sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("train*.yaml")):
+        TrainConfig.from_dict(load_yaml(f), where=str(f))

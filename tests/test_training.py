@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meraser.data import Formatter, Pair
+from meraser.generation import generate
+from meraser.training import TrainConfig, train, work_dir
+from meraser.utils import MeraserError
+
+PAIRS = [
+    Pair("What is the capital of France?", "The capital of France is Paris."),
+    Pair("Why is the sky blue?", "Air scatters blue light more than red light."),
+    Pair("How do I boil an egg?", "Put the egg in boiling water for nine minutes."),
+]
+
+
+def mean_loss(model, tok, pairs):
+    rows = Formatter(tok).encode_all(pairs)
+    losses = []
+    with torch.no_grad():
+        for r in rows:
+            out = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]]))
+            losses.append(out.loss.item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"method": "full", "epochs": 40, "learning_rate": 3e-3, "batch_size": 3, "save_steps": -1},
+        {"method": "lora", "epochs": 60, "learning_rate": 2e-2, "batch_size": 3, "save_steps": -1,
+         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}},
+    ],
+    ids=["full", "lora"],
+)
+def test_training_lowers_loss_and_reproduces(tiny, tmp_path, cfg):
+    model, tok = tiny
+    before = mean_loss(model, tok, PAIRS)
+    res = train(model, tok, PAIRS * 2, TrainConfig.from_dict(cfg), tmp_path / "out", progress=False)
+    after = mean_loss(res.model, tok, PAIRS)
+    assert after < before * 0.2
+    answers = generate(res.model, tok, [p.prompt for p in PAIRS], max_new_tokens=24)
+    assert answers[0].strip() == PAIRS[0].response
+    saved = os.listdir(tmp_path / "out")
+    assert ("adapter_model.safetensors" if cfg["method"] == "lora" else "model.safetensors") in saved
+    assert not any(name.endswith(".bin") for name in saved)
+    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
+    assert log["metrics"]["steps"] > 0
+
+
+def test_saved_lora_adapter_reloads_with_its_base(tiny_dir, tmp_path):
+    from meraser.models import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    cfg = TrainConfig.from_dict({"epochs": 30, "learning_rate": 2e-2, "batch_size": 3, "save_steps": -1,
+                                 "lora": {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}})
+    res = train(model, tok, PAIRS, cfg, tmp_path / "adapter", progress=False)
+    reloaded, tok2 = load_model(str(tmp_path / "adapter"))
+    want = generate(res.model, tok, [PAIRS[1].prompt], max_new_tokens=16)
+    assert generate(reloaded, tok2, [PAIRS[1].prompt], max_new_tokens=16) == want
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_from_checkpoint(tiny, tmp_path):
+    from transformers import TrainerCallback
+
+    model, tok = tiny
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise Crash()
+
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 4, "batch_size": 1, "save_steps": 2, "learning_rate": 1e-3})
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        train(model, tok, PAIRS, cfg, out, progress=False, callbacks=[CrashAfter()])
+    assert not out.exists()  # nothing half-written where the result goes
+    assert (work_dir(out) / "checkpoint-4").is_dir()
+    with pytest.raises(MeraserError, match="--resume"):
+        train(model, tok, PAIRS, cfg, out, progress=False)
+    res = train(model, tok, PAIRS, cfg, out, progress=False, resume=True)
+    assert res.metrics["resumed_from"].endswith("checkpoint-4")
+    assert res.metrics["steps"] == 12
+    assert out.is_dir() and not work_dir(out).exists()
+
+
+def test_probe_runs_every_epoch(tiny, tmp_path):
+    model, tok = tiny
+    seen = []
+
+    def probe(m, epoch):
+        seen.append(m.training)
+        return {"answer": generate(m, tok, [PAIRS[0].prompt], max_new_tokens=4)[0]}
+
+    cfg = TrainConfig.from_dict({"epochs": 3, "batch_size": 3, "save_steps": -1})
+    res = train(model, tok, PAIRS, cfg, tmp_path / "o", progress=False, probe=probe)
+    assert [p["epoch"] for p in res.probes] == [1, 2, 3]
+    assert seen == [False, False, False]
+
+
+def test_two_process_torchrun_on_cpu(tiny_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in PAIRS * 4))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        "-m", "meraser.cli", "train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),
+        "--epochs", "2", "--batch-size", "2", "--lr", "1e-3",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    # 12 rows, 2 processes x batch 2 -> 3 steps per epoch
+    assert log["metrics"]["steps"] == 6
+    assert (out / "adapter_model.safetensors").exists()
