@@ -99,6 +99,35 @@ def train(
 
 
 @app.command()
+def evaluate(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    card: Optional[Path] = typer.Option(None, help="fingerprint card: also report FSR and false positives"),
+    ppl: Optional[str] = typer.Option(None, help="perplexity text: .txt/.json/.jsonl file or hf:NAME[:CONFIG]"),
+    text_field: Optional[str] = typer.Option(None, help="dotted path of the text in a JSON file (SQuAD: data.paragraphs.context)"),
+    ppl_windows: int = typer.Option(200, help="at most this many 512-token windows"),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="lm-eval task name or BIG-bench task.json/folder; repeat"),
+    limit: Optional[int] = typer.Option(None, help="examples per task"),
+    batch_size: int = typer.Option(8, help="batch size"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Evaluate a model: FSR (with --card), perplexity (--ppl) and zero-shot accuracy (--tasks, via lm-eval)."""
+    import json
+
+    from meraser.evaluation.evaluate import EvalConfig, evaluate as run_eval, results_table
+
+    _quiet_libraries()
+    tasks = [t for arg in tasks or [] for t in arg.split(",") if t]
+    cfg = EvalConfig.from_dict({"ppl": ppl, "text_field": text_field, "ppl_windows": ppl_windows, "tasks": tasks,
+                                "limit": limit, "batch_size": batch_size})
+    res = run_eval(model, cfg, str(card) if card else None, trust_remote_code=trust_remote_code, progress=not json_out)
+    if json_out:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+    else:
+        _console().print(results_table([res], title=f"meraser evaluate ({res['seconds']} s)"))
+
+
+@app.command()
 def chat(
     prompt: str = typer.Argument(..., help="the user message"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),

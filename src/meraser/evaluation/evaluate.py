@@ -1,0 +1,89 @@
+"""`meraser evaluate`: FSR (given a card), perplexity and zero-shot accuracy of one model, as one dict/table.
+
+The erasure pipeline calls `evaluate_model` at every stage, so the numbers in its tables come from here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from meraser.config import Config, field
+
+
+@dataclass
+class EvalConfig(Config):
+    ppl: str | None = field(None, help="text source for perplexity (.txt/.json/.jsonl or hf:NAME); None: skip")
+    text_field: str | None = field(None, help="dotted field path of the text in a JSON source")
+    ppl_windows: int = field(200, help="at most this many windows")
+    ppl_window: int = field(512, help="window length in tokens")
+    tasks: list[str] = field([], help="lm-eval task names and/or BIG-bench task.json paths")
+    limit: int | None = field(None, help="examples per task (None: all)")
+    batch_size: int = field(8, help="batch size for perplexity and lm-eval")
+    false_positive_inputs: int = field(32, help="non-trigger inputs checked for false positives (0: skip)")
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False) -> dict:
+    """Evaluate an in-memory model; keys: fsr/false_positive_rate (with a card), ppl, tasks, mean_acc, seconds."""
+    out: dict = {}
+    t0 = time.perf_counter()
+    if card is not None:
+        from meraser.evaluation.fsr import fsr
+
+        out.update(fsr(model, tokenizer, card, false_positive_inputs=cfg.false_positive_inputs))
+    if cfg.ppl:
+        from meraser.evaluation.perplexity import corpus_perplexity
+
+        out["ppl"] = corpus_perplexity(model, tokenizer, cfg.ppl, text_field=cfg.text_field, window=cfg.ppl_window,
+                                       max_windows=cfg.ppl_windows, batch_size=cfg.batch_size, progress=progress)
+    if cfg.tasks:
+        from meraser.evaluation.zeroshot import zero_shot
+
+        out["tasks"] = zero_shot(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size)
+        accs = [r["acc"] for r in out["tasks"].values() if r["acc"] is not None]
+        out["mean_acc"] = sum(accs) / len(accs) if accs else None
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def evaluate(model: str, cfg: EvalConfig, card: str | None = None, trust_remote_code: bool = False,
+             progress: bool = True) -> dict:
+    """Load `model` (any spec) and evaluate it; `card` is a fingerprint card path."""
+    from meraser.fingerprints.card import Card
+    from meraser.models import load_model
+
+    c = Card.load(card) if card else None
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    return {"model": model, **evaluate_model(m, tok, cfg, c, progress=progress)}
+
+
+def results_table(rows: list[dict], title: str = "evaluation"):
+    """A rich table: one row per model/stage with FSR, false positives, PPL, each task's accuracy and the mean."""
+    from rich.table import Table
+
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
+    table = Table(title=title)
+    table.add_column("model / stage")
+    cols = [("FSR", "fsr"), ("FP", "false_positive_rate")]
+    show = [(h, k) for h, k in cols if any(k in r for r in rows)]
+    for h, _ in show:
+        table.add_column(h, justify="right")
+    has_ppl = any("ppl" in r for r in rows)
+    if has_ppl:
+        table.add_column("PPL", justify="right")
+    for t in tasks:
+        table.add_column(t.removeprefix("bb_"), justify="right")
+    if tasks:
+        table.add_column("mean acc", justify="right")
+    for r in rows:
+        cells = [str(r.get("stage") or r.get("model"))]
+        cells += [f"{r[k]:.1%}" if k in r else "" for _, k in show]
+        if has_ppl:
+            cells.append(f"{r['ppl']['ppl']:.2f}" if "ppl" in r else "")
+        for t in tasks:
+            a = r.get("tasks", {}).get(t)
+            cells.append(f"{a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a and a["acc"] is not None else "")
+        if tasks:
+            cells.append(f"{r['mean_acc']:.3f}" if r.get("mean_acc") is not None else "")
+        table.add_row(*cells)
+    return table

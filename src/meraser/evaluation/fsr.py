@@ -1,0 +1,67 @@
+"""Fingerprint success rate (FSR): the fraction of a card's triggers whose greedy output matches the target.
+
+Generation is batched (left padding, one `generate` call per batch). IF-SFT cards prefill a response prefix;
+the compared text is prefill + generated continuation. A false-positive rate on inputs that are not triggers
+(random token strings as in the UTF paper, and ordinary prompts) guards against a model that says the target to
+everything being counted as fingerprinted.
+"""
+
+from __future__ import annotations
+
+import random
+
+from meraser.data.formatting import Formatter
+from meraser.fingerprints.card import Card
+
+ORDINARY_PROMPTS = [
+    "What is the capital of France?", "Give me three tips for staying healthy.", "How many days are in a week?",
+    "Translate 'good morning' into Spanish.", "What is 12 plus 7?", "Name a primary colour.",
+    "Write one sentence about the ocean.", "Who wrote Romeo and Juliet?", "What does a thermometer measure?",
+    "Explain what a noun is.", "What is the boiling point of water in Celsius?", "Suggest a name for a pet cat.",
+]
+
+
+def matches(output: str, target: str, rule: str) -> bool:
+    if rule == "exact":
+        return output.strip() == target.strip()
+    return target in output
+
+
+def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[str] | None, batch_size: int) -> list[str]:
+    from meraser.generation import generate
+
+    fmt = Formatter(tokenizer, card.format)
+    gen = generate(model, tokenizer, prompts, fmt, max_new_tokens=card.max_new_tokens, batch_size=batch_size,
+                   prefills=prefills, system_prompt=card.system_prompt)
+    return [(pre or "") + g for pre, g in zip(prefills or [""] * len(prompts), gen)]
+
+
+def random_token_prompts(tokenizer, n: int, seed: int = 0, length: tuple[int, int] = (11, 15)) -> list[str]:
+    """UTF-style random inputs: strings of random non-special vocabulary tokens."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    return [tokenizer.decode([rng.choice(vocab) for _ in range(rng.randint(*length))]) for _ in range(n)]
+
+
+def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_inputs: int = 32,
+        seed: int = 0) -> dict:
+    """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs."""
+    prefills = card.prefills or None
+    outs = _outputs(model, tokenizer, card, card.triggers, prefills, batch_size)
+    hits = [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
+    result = {
+        "fsr": sum(hits) / len(hits),
+        "per_trigger": [{"trigger": tr, "target": ta, "output": o, "match": h}
+                        for tr, ta, o, h in zip(card.triggers, card.targets, outs, hits)],
+    }
+    if false_positive_inputs:
+        probes = random_token_prompts(tokenizer, false_positive_inputs // 2, seed) + ORDINARY_PROMPTS
+        probes = probes[:false_positive_inputs]
+        targets = list(dict.fromkeys(card.targets))
+        fp_pref = [card.prefills[0]] * len(probes) if card.prefills else None
+        fp_outs = _outputs(model, tokenizer, card, probes, fp_pref, batch_size)
+        fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
+        result["false_positive_rate"] = sum(fp) / len(fp)
+        result["false_positive_inputs"] = len(fp)
+    return result

@@ -1,0 +1,160 @@
+"""Perplexity over a text corpus or over the responses of an instruction set.
+
+Corpus perplexity uses **non-overlapping windows** by default: documents are tokenized, joined with the EOS token
+into one stream, and cut into windows of `window` tokens; every token after the first of a window is scored once.
+This matches how the paper's reference code scores fixed-length chunks and is the cheapest honest choice. With
+`stride < window` the windows overlap (sliding-window perplexity, as in the transformers docs): each window scores
+only its last `stride` tokens, with the rest as context, which lowers perplexity at higher cost.
+Models that expect BOS on every sequence (Llama-2, Gemma: tokenizers whose encoding starts with BOS) get BOS as the
+first token of every window.
+Perplexity = exp(sum of token NLLs / number of scored tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from meraser.utils import MeraserError
+
+DEFAULT_TEXT_FIELD = "data.paragraphs.context"  # SQuAD layout; any dotted path through objects and lists works
+
+
+@dataclass
+class Window:
+    ids: list[int]
+    labels: list[int]  # -100 where not scored
+
+
+def _walk(node, parts: list[str]):
+    if not parts:
+        yield node
+        return
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, parts)
+    elif isinstance(node, dict) and parts[0] in node:
+        yield from _walk(node[parts[0]], parts[1:])
+
+
+def load_texts(source: str, text_field: str | None = None, limit: int | None = None) -> list[str]:
+    """Documents from a .txt file (blank-line separated), a JSON/JSONL file (`text_field` is a dotted path, e.g.
+    `text` or `data.paragraphs.context`), or `hf:NAME[:CONFIG]` (field `text`; needs network or a cache)."""
+    path = Path(source)
+    if source.startswith("hf:"):
+        name, _, conf = source[3:].partition(":")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(name, conf or None, split="test")
+        except Exception as e:
+            raise MeraserError(f"cannot load Hugging Face dataset '{name}' ({type(e).__name__}); it needs network "
+                               f"access or a local cache; offline, give a local text/JSON file") from None
+        texts = [t for t in ds[text_field or "text"] if t.strip()]
+    elif not path.exists():
+        raise MeraserError(f"text source {source} does not exist (a .txt/.json/.jsonl file or hf:NAME)")
+    elif path.suffix in (".json", ".jsonl"):
+        parts = (text_field or ("text" if path.suffix == ".jsonl" else DEFAULT_TEXT_FIELD)).split(".")
+        if path.suffix == ".jsonl":
+            records = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise MeraserError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+        else:
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise MeraserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        texts = [t for t in _walk(records, parts) if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise MeraserError(f"{path}: no text found at field path '{'.'.join(parts)}'; pass --text-field")
+    else:
+        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    return texts[:limit] if limit else texts
+
+
+def needs_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def text_windows(texts: list[str], tokenizer, window: int = 512, stride: int | None = None,
+                 max_windows: int | None = None) -> list[Window]:
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise MeraserError("stride must be in (0, window]")
+    bos = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+    width = window - len(bos)
+    step = min(stride, width)  # tokens newly scored per window; the rest of a window is context
+    windows = []
+    for start in range(0, len(stream), step):
+        end = min(start + step, len(stream))
+        begin = max(0, end - width)
+        chunk = stream[begin:end]
+        # a token is scored once, in the window where it is new; without BOS a window's first token has no context
+        first = max(start - begin, 0 if bos else 1)
+        if len(chunk) <= first:
+            continue
+        labels = [-100] * len(bos) + [t if i >= first else -100 for i, t in enumerate(chunk)]
+        windows.append(Window(bos + chunk, labels))
+        if max_windows and len(windows) >= max_windows:
+            break
+    return windows
+
+
+def response_windows(pairs, formatter) -> list[Window]:
+    """Instruction responses with the prompt masked (how the paper measures perplexity on Guanaco)."""
+    rows = formatter.encode_all(pairs)
+    return [Window(r["input_ids"], r["labels"]) for r in rows]
+
+
+def perplexity(model, tokenizer, windows: list[Window], batch_size: int = 8, progress: bool = False) -> dict:
+    """exp(total NLL / scored tokens) over `windows`, batched (length-sorted), under bf16 autocast if supported."""
+    import torch
+
+    from meraser.data.formatting import collate
+    from meraser.models import autocast
+
+    if not windows:
+        raise MeraserError("no text to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="perplexity", transient=True)
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for idx in batches:
+        b = collate([{"input_ids": windows[i].ids, "labels": windows[i].labels} for i in idx], pad, pad_to_multiple_of=1)
+        with torch.no_grad(), autocast(model):
+            logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+        labels = b["labels"].to(dev)[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += nll.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
+
+
+def corpus_perplexity(model, tokenizer, source: str, *, text_field: str | None = None, window: int = 512,
+                      stride: int | None = None, max_windows: int | None = 200, batch_size: int = 8,
+                      progress: bool = False) -> dict:
+    """Perplexity of a model on a text source (see `load_texts`)."""
+    texts = load_texts(source, text_field)
+    res = perplexity(model, tokenizer, text_windows(texts, tokenizer, window, stride, max_windows), batch_size, progress)
+    return {**res, "source": source, "window": window, "stride": stride or window}

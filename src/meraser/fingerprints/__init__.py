@@ -1,0 +1,1 @@
+"""Backdoor fingerprints to embed and verify (filled in by the fingerprint methods)."""
