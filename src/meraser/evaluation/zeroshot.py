@@ -113,9 +113,8 @@ def lm_eval_model(model, tokenizer, batch_size: int = 8):
                 mixed_precision_dtype=autocast_dtype(dev))
 
 
-def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-              work_dir: str | Path | None = None) -> dict[str, dict]:
-    """Accuracy (with stderr) on lm-eval task names and/or BIG-bench task.json files; keyed by task name."""
+def run_lm_eval(lm, tasks: list[str], *, limit: int | None = None, work_dir: str | Path | None = None) -> dict[str, dict]:
+    """Run lm-eval's `simple_evaluate` with any lm-eval LM object; returns {task: {acc, acc_stderr, acc_norm, n}}."""
     import tempfile
 
     import lm_eval
@@ -124,11 +123,17 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     with tempfile.TemporaryDirectory() as tmp:
         names, include = resolve_tasks(tasks, work_dir or tmp)
         manager = TaskManager(include_path=include) if include else TaskManager()
-        res = lm_eval.simple_evaluate(model=lm_eval_model(model, tokenizer, batch_size), tasks=names, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=1000)
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
+                                      bootstrap_iters=1000)
     out = {}
     for name in names:
         r = res["results"][name]
         out[name] = {"acc": r.get("acc,none"), "acc_stderr": r.get("acc_stderr,none"),
                      "acc_norm": r.get("acc_norm,none"), "n": res["n-samples"][name]["effective"]}
     return out
+
+
+def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
+              work_dir: str | Path | None = None) -> dict[str, dict]:
+    """Accuracy (with stderr) of an in-memory model on lm-eval task names and/or BIG-bench task.json files."""
+    return run_lm_eval(lm_eval_model(model, tokenizer, batch_size), tasks, limit=limit, work_dir=work_dir)

@@ -1,0 +1,151 @@
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from meraser.evaluation.perplexity import load_texts, perplexity, text_windows
+from meraser.evaluation.zeroshot import bigbench_to_lm_eval, run_lm_eval, zero_shot
+from meraser.utils import MeraserError
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "What is the capital of France? Paris. " * 5]
+
+
+def reference_ppl(model, windows):
+    """Straightforward: per window, sum token NLLs of scored tokens; divide by the count."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([w.ids])).logits[0].double(), -1)
+            for i in range(1, len(w.ids)):
+                if w.labels[i] != -100:
+                    total -= logp[i - 1, w.labels[i]].item()
+                    count += 1
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("stride", [None, 16])
+def test_perplexity_matches_reference_computation(tiny, monkeypatch, stride):
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
+    model, tok = tiny
+    windows = text_windows(TEXT, tok, window=32, stride=stride)
+    assert len(windows) > 3
+    got = perplexity(model, tok, windows, batch_size=3)
+    assert got["ppl"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+
+
+def test_every_token_scored_once(tiny):
+    _, tok = tiny
+    stream_len = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in TEXT)
+    for stride in (None, 8, 16):
+        ws = text_windows(TEXT, tok, window=32, stride=stride)
+        scored = sum(l != -100 for w in ws for l in w.labels)
+        # no BOS: a window that starts at its first new token cannot score that token (no context); the others
+        # (the first window aside) carry earlier tokens as context, so every other token is scored exactly once
+        lost = sum(1 for w in ws if w.labels[0] == -100 and w.labels[1] != -100)
+        assert scored == stream_len - lost
+        assert lost == (len(ws) - 1 if stride is None else 1)
+        assert all(len(w.ids) <= 32 for w in ws)
+
+
+def test_trained_text_gets_lower_perplexity(tiny, tmp_path):
+    from meraser.data import Pair
+    from meraser.training import TrainConfig, train
+
+    model, tok = tiny
+    windows = text_windows(TEXT[:1], tok, window=64)
+    before = perplexity(model, tok, windows)["ppl"]
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 20, "learning_rate": 3e-3, "save_steps": -1,
+                                 "format": {"template": "raw", "loss_on": "all"}})
+    res = train(model, tok, [Pair("", TEXT[0])], cfg, tmp_path / "o", progress=False, save=False)
+    assert perplexity(res.model, tok, windows)["ppl"] < before / 2
+
+
+def test_text_sources(tmp_path, shared_data):
+    squad = load_texts(str(shared_data / "text/squaddev_v1.1.json"))
+    assert len(squad) > 1000
+    (tmp_path / "a.jsonl").write_text(json.dumps({"doc": {"body": "hello"}}) + "\n")
+    assert load_texts(str(tmp_path / "a.jsonl"), "doc.body") == ["hello"]
+    (tmp_path / "b.txt").write_text("one\n\ntwo\n")
+    assert load_texts(str(tmp_path / "b.txt")) == ["one", "two"]
+    with pytest.raises(MeraserError, match="no text found at field path 'text'"):
+        load_texts(str(tmp_path / "a.jsonl"))
+
+
+def make_task(path, n=40, seed=0):
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        scores = {"right answer": 1, "wrong answer": 0, "other wrong": 0}
+        items = list(scores.items())
+        rng.shuffle(items)
+        examples.append({"input": f"question {i}", "target_scores": dict(items)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": "toy", "examples": examples}))
+    return path
+
+
+def stub_lm(prefer_right: bool, seed: int = 0):
+    from lm_eval.api.model import LM
+
+    rng = random.Random(seed)
+
+    class Stub(LM):
+        def loglikelihood(self, requests):
+            out = []
+            for r in requests:
+                _, cont = r.args
+                score = (0.0 if "right" in cont else -5.0) if prefer_right else -rng.random()
+                out.append((score, False))
+            return out
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def generate_until(self, requests):
+            raise NotImplementedError
+
+    return Stub()
+
+
+def test_bigbench_conversion_scores_oracle_and_random(tmp_path):
+    task = make_task(tmp_path / "toy" / "task.json", n=300)
+    assert run_lm_eval(stub_lm(True), [str(task)])["bb_toy"]["acc"] == 1.0
+    rand = run_lm_eval(stub_lm(False), [str(task.parent)])["bb_toy"]
+    assert 0.2 < rand["acc"] < 0.47 and rand["acc_stderr"] > 0  # chance is 1/3
+    assert rand["n"] == 300
+
+
+def test_malformed_task_files_and_unknown_names(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"examples": [{"input": "x"}]}')
+    with pytest.raises(MeraserError, match=r"examples\[0\] needs `input` and a non-empty `target_scores`"):
+        bigbench_to_lm_eval(bad, tmp_path / "w")
+    bad.write_text('{"examples": ')
+    with pytest.raises(MeraserError, match=r"bad\.json:1: invalid JSON"):
+        bigbench_to_lm_eval(bad, tmp_path / "w")
+    with pytest.raises(MeraserError, match="unknown lm-eval task 'boolqq'; did you mean 'boolq'"):
+        run_lm_eval(stub_lm(True), ["boolqq"])
+
+
+def test_in_memory_numbers_match_lm_eval_cli(tiny_dir, tmp_path, monkeypatch):
+    from meraser.models import load_model
+
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
+    task = make_task(tmp_path / "toy" / "task.json", n=20)
+    model, tok = load_model(str(tiny_dir))
+    ours = zero_shot(model, tok, [str(task)], work_dir=tmp_path / "tasks")["bb_toy"]
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_dir},dtype=float32",
+         "--tasks", "bb_toy", "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "8",
+         "--output_path", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(next(out.rglob("results*.json")).read_text())["results"]["bb_toy"]
+    assert ours["acc"] == pytest.approx(result["acc,none"])
+    assert ours["acc_norm"] == pytest.approx(result["acc_norm,none"])
