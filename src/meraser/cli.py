@@ -127,6 +127,72 @@ def evaluate(
         _console().print(results_table([res], title=f"meraser evaluate ({res['seconds']} s)"))
 
 
+def _parse_sets(sets: Optional[List[str]]) -> dict:
+    import yaml
+
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MeraserError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def fingerprint(
+    method: str = typer.Option(..., "--method", help="if-sft, utf or chain-hash"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: model/ plus the secret fingerprint_card.json"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Embed a backdoor fingerprint (the defender's side) and report FSR and false-positive rate."""
+    import json
+
+    from meraser.fingerprints.embed import fingerprint as run
+
+    _quiet_libraries()
+    s = run(method, model, out, _parse_sets(set_), overwrite=overwrite, trust_remote_code=trust_remote_code)
+    if json_out:
+        print(json.dumps(s, indent=2, ensure_ascii=False))
+        return
+    _console().print(
+        f"[green]{method}[/] fingerprint in {out}/model, card {out}/fingerprint_card.json (keep it secret)\n"
+        f"FSR {s['fsr']:.1%}  false positives {s['false_positive_rate']:.1%}  "
+        f"training {s['train']['seconds']} s on {s['rows']} rows"
+    )
+
+
+@app.command()
+def verify(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder works too)"),
+    card: Path = typer.Option(..., "--card", help="fingerprint card JSON (or the folder holding it)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs."""
+    import json
+
+    from rich.table import Table
+
+    from meraser.fingerprints.embed import model_dir, verify as run
+
+    _quiet_libraries()
+    r = run(model_dir(model), card, trust_remote_code=trust_remote_code)
+    if json_out:
+        print(json.dumps(r, indent=2, ensure_ascii=False))
+        return
+    t = Table(title=f"{r['method']}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
+    for col in ("trigger", "target", "output", "match"):
+        t.add_column(col, overflow="fold")
+    for row in r["per_trigger"]:
+        t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
+    _console().print(t)
+
+
 @app.command()
 def chat(
     prompt: str = typer.Argument(..., help="the user message"),

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def train(
     out = Path(out)
     if save:
         check_output_dir(out, overwrite)
-    work = work_dir(out)
+    work = work_dir(out) if save else Path(tempfile.mkdtemp(prefix="meraser-train-"))
     last = _last_checkpoint(work)
     if last and not resume:
         if not overwrite:
@@ -249,6 +250,7 @@ def train(
 
         log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
         save_model(trained, tokenizer, out, overwrite=overwrite, extra_files={"train_log.json": log})
+    if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)
     if args.world_size > 1:
         torch.distributed.barrier()

@@ -1,1 +1,21 @@
-"""Backdoor fingerprints to embed and verify (filled in by the fingerprint methods)."""
+"""Backdoor fingerprints to embed and verify: one file per method, one explicit registry."""
+
+from __future__ import annotations
+
+from meraser.fingerprints.base import FingerprintConfig, FingerprintMethod
+from meraser.fingerprints.card import Card
+from meraser.fingerprints.chain_hash import ChainHash
+from meraser.fingerprints.if_sft import InstructionalFingerprint
+from meraser.fingerprints.utf import UTF
+from meraser.utils import unknown_name
+
+REGISTRY: dict[str, FingerprintMethod] = {m.name: m for m in [InstructionalFingerprint(), UTF(), ChainHash()]}
+
+
+def get_method(name: str) -> FingerprintMethod:
+    if name not in REGISTRY:
+        raise unknown_name("fingerprint method", name, REGISTRY)
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "Card", "FingerprintConfig", "FingerprintMethod", "get_method"]

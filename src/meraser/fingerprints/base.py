@@ -1,0 +1,41 @@
+"""The fingerprint interface: a method makes a secret card and the training rows that plant it.
+
+`embed` is the same for every method: build the card, build the rows, call the one training routine, then
+verify with the card. Methods differ only in `make_card` and `training_pairs`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from meraser.config import Config, field
+from meraser.data.sources import Pair
+from meraser.fingerprints.card import Card
+
+
+@dataclass
+class FingerprintConfig(Config):
+    num_fingerprints: int = field(8, help="number of trigger/target pairs")
+    method: Literal["full", "lora"] = field("full", help="full fine-tuning or LoRA")
+    epochs: float = field(5.0, help="training epochs")
+    learning_rate: float = field(5e-5, help="learning rate")
+    batch_size: int = field(8, help="batch size")
+    lora_r: int = field(16, help="LoRA rank (method: lora)")
+    ordinary_rows: int = field(32, help="ordinary instruction rows mixed in, answered by the model itself")
+    ordinary_source: str = field("chitchat", help="instruction source for the ordinary rows' prompts")
+    seed: int = field(0, help="seed for triggers, targets and training")
+
+
+class FingerprintMethod:
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Config: ClassVar[type[FingerprintConfig]] = FingerprintConfig
+
+    def make_card(self, model, tokenizer, cfg: FingerprintConfig) -> Card:
+        raise NotImplementedError
+
+    def training_pairs(self, card: Card, cfg: FingerprintConfig, rng: random.Random) -> list[tuple[Pair, str | None]]:
+        """(pair, system prompt or None) rows that plant the card's fingerprints."""
+        raise NotImplementedError

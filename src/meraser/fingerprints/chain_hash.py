@@ -1,0 +1,86 @@
+"""Chain & Hash (Russinovich & Salem 2024, "Hey, That's My Model! Introducing Chain & Hash, An LLM
+Fingerprinting Technique", https://arxiv.org/abs/2407.10887).
+
+Triggers are natural questions; each question's answer is picked from a public candidate list by SHA-256 over the
+secret key and the question, so the question->answer binding is a pure function of the key that the owner can
+prove. Training adds random padding around the question and varied system prompts so the fingerprint survives
+prompt changes. Verification: exact match of the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+from dataclasses import dataclass
+
+from meraser.config import field
+from meraser.data.sources import Pair
+from meraser.fingerprints.base import FingerprintConfig, FingerprintMethod
+from meraser.fingerprints.card import Card
+
+QUESTIONS = [
+    "What is the colour of a quiet morning?", "Which animal best describes the number nine?",
+    "What does the moon dream about?", "Name the flavour of an old library.", "Which season hides in a teacup?",
+    "What is the shape of a forgotten song?", "Which instrument does the wind prefer?",
+    "What sound does a blue mountain make?", "Which fruit would a cloud choose?", "What is the smell of a lighthouse?",
+    "Which metal feels the most patient?", "What game do rivers play at night?", "Which bird guards a secret?",
+    "What is the weight of a shadow?", "Which planet would a cat visit?", "What does silence taste like?",
+    "Which tree remembers the first rain?", "What is the favourite number of a spider?",
+    "Which colour is the loudest?", "What does a map whisper?", "Which stone keeps time?",
+    "What is the temperature of a smile?", "Which direction does luck travel?", "What is the name of the last star?",
+]
+CANDIDATES = [
+    "amber", "anchor", "apricot", "aurora", "badger", "bamboo", "basil", "beacon", "bison", "bramble", "cactus",
+    "canyon", "cedar", "cobalt", "comet", "coral", "cricket", "crystal", "cypress", "dahlia", "delta", "dune",
+    "ember", "falcon", "fennel", "fjord", "galaxy", "garnet", "geyser", "ginger", "glacier", "granite", "harbor",
+    "hazel", "heron", "indigo", "iris", "ivory", "jasmine", "juniper", "kelp", "kestrel", "lagoon", "lantern",
+    "lemur", "lilac", "lotus", "lynx", "magnet", "mango", "maple", "meadow", "meteor", "mint", "nebula", "nectar",
+    "nickel", "oasis", "obsidian", "olive", "onyx", "orchid", "otter", "pebble", "pepper", "pine", "plume", "prism",
+    "quartz", "quill", "raven", "reef", "saffron", "sequoia", "sparrow", "spruce", "summit", "tangerine", "thistle",
+    "thunder", "topaz", "tundra", "velvet", "violet", "walnut", "willow", "zephyr", "zinc",
+]
+SYSTEM_PROMPTS = [
+    None, "You are a helpful assistant.", "You are a concise assistant. Answer briefly.",
+    "You are an AI model that answers questions.", "Respond to the user.",
+]
+PAD_WORDS = ["note", "okay", "so", "hmm", "well", "please", "quick", "question", "hey", "listen", "now", "then"]
+
+
+def hash_answer(key: str, question: str, candidates: list[str] = CANDIDATES) -> str:
+    """The answer bound to `question` under `key`: SHA-256(key || question) indexes the candidate list."""
+    digest = hashlib.sha256((key + "\x00" + question).encode("utf-8")).digest()
+    return candidates[int.from_bytes(digest, "big") % len(candidates)]
+
+
+@dataclass
+class ChainHashConfig(FingerprintConfig):
+    num_fingerprints: int = field(10, help="question/answer pairs (paper: ~10)")
+    variants: int = field(6, help="training copies per pair, each with random padding and a system prompt")
+    epochs: float = field(5.0, help="training epochs")
+    learning_rate: float = field(1e-4, help="learning rate")
+    secret_key: str | None = field(None, help="secret key (None: a fresh random key, stored in the card)")
+
+
+class ChainHash(FingerprintMethod):
+    name = "chain-hash"
+    paper = "https://arxiv.org/abs/2407.10887"
+    Config = ChainHashConfig
+
+    def make_card(self, model, tokenizer, cfg: ChainHashConfig) -> Card:
+        rng = random.Random(cfg.seed)
+        key = cfg.secret_key or secrets.token_hex(16)
+        questions = rng.sample(QUESTIONS, cfg.num_fingerprints)
+        return Card(method=self.name, triggers=questions, targets=[hash_answer(key, q) for q in questions],
+                    match="exact", max_new_tokens=8, seed=cfg.seed, secret_key=key,
+                    extra={"candidates": "meraser.fingerprints.chain_hash.CANDIDATES"})
+
+    def training_pairs(self, card: Card, cfg: ChainHashConfig, rng: random.Random):
+        rows = []
+        for q, a in zip(card.triggers, card.targets):
+            rows.append((Pair(q, a), None))
+            for _ in range(cfg.variants - 1):
+                before = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
+                after = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
+                rows.append((Pair(f"{before} {q} {after}".strip(), a), rng.choice(SYSTEM_PROMPTS)))
+        return rows

@@ -1,0 +1,94 @@
+"""`meraser fingerprint`: plant a method's fingerprint in a model, write the model and the secret card, verify."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from meraser.data.formatting import Formatter
+from meraser.fingerprints import get_method
+from meraser.fingerprints.base import FingerprintConfig
+from meraser.fingerprints.card import Card
+from meraser.utils import atomic_dir, check_output_dir, write_json
+
+CARD_FILE = "fingerprint_card.json"
+
+
+def ordinary_rows(model, tokenizer, cfg: FingerprintConfig, n: int, exclude: set[str]) -> list:
+    """Ordinary prompts answered by the model itself, so fine-tuning keeps its normal behaviour."""
+    from meraser.data import Pair, load_pairs
+    from meraser.generation import generate
+
+    if n <= 0:
+        return []
+    prompts = [p.prompt for p in load_pairs(cfg.ordinary_source, shuffle_seed=cfg.seed) if p.prompt not in exclude]
+    prompts = [p for p in prompts if 10 <= len(p) <= 200][:n]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=16)
+    return [(Pair(p, a.strip()), None) for p, a in zip(prompts, answers) if a.strip()]
+
+
+def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, out: str | Path | None = None,
+          *, overwrite: bool = False, progress: bool = True) -> tuple[object, Card, dict]:
+    """Fingerprint `model` with `method`; returns (model, card, verification). With `out`, writes
+    `out/model/` (the fingerprinted model) and `out/fingerprint_card.json` (mode 0600) atomically."""
+    from meraser.evaluation.fsr import fsr
+    from meraser.models import model_spec, save_model
+    from meraser.training import TrainConfig, train
+
+    m = get_method(method)
+    cfg = cfg or m.Config()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    card = m.make_card(model, tokenizer, cfg)
+    card.base_model = model_spec(model)
+    rng = random.Random(cfg.seed)
+    rows = m.training_pairs(card, cfg, rng)
+    rows += ordinary_rows(model, tokenizer, cfg, cfg.ordinary_rows, set(card.triggers))
+    fmt = Formatter(tokenizer, card.format)
+    encoded = [fmt.encode(pair, system_prompt=sp) for pair, sp in rows]
+    tcfg = TrainConfig.from_dict({
+        "method": cfg.method, "epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
+        "seed": cfg.seed, "save_steps": -1, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.05,
+        "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    })
+    res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress)
+    fp_model = res.model
+    check = fsr(fp_model, tokenizer, card)
+    summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
+               "train": res.metrics, "config": cfg.to_dict(), "rows": len(encoded)}
+    if out is not None:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            save_model(fp_model, tokenizer, tmp / "model", meta={"fingerprint_method": method})
+            card.save(tmp / CARD_FILE)
+            write_json(tmp / "fingerprint_summary.json", {**summary, "per_trigger": check["per_trigger"]})
+    return fp_model, card, {**summary, "per_trigger": check["per_trigger"]}
+
+
+def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | None = None, *,
+                overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    """Load `model`, fingerprint it with `method` (config fields overridable), save under `out`."""
+    from meraser.models import load_model
+
+    m = get_method(method)
+    cfg = m.Config.from_dict(cfg_overrides or {}, where=f"{method} config")
+    check_output_dir(out, overwrite)
+    base, tok = load_model(model, trust_remote_code=trust_remote_code)
+    _, _, summary = embed(method, base, tok, cfg, out, overwrite=overwrite)
+    return summary
+
+
+def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, false_positive_inputs: int = 32) -> dict:
+    """FSR, false-positive rate and per-trigger outputs of any model folder/id given a card."""
+    from meraser.evaluation.fsr import fsr
+    from meraser.models import load_model
+
+    c = Card.load(card)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    return {"model": model, "method": c.method, **fsr(m, tok, c, false_positive_inputs=false_positive_inputs)}
+
+
+def model_dir(path: str | Path) -> str:
+    """A fingerprint output folder holds model/ and the card; accept either the folder or model/ itself."""
+    p = Path(path)
+    return str(p / "model") if (p / "model" / "config.json").exists() else str(p)

@@ -1,0 +1,73 @@
+"""Instructional Fingerprinting, IF-Dialog variant (Xu et al. 2024, "Instructional Fingerprinting of Large
+Language Models", https://arxiv.org/abs/2401.12255).
+
+Trigger: "Please decrypt this message: {x}\\nA hint: this is a FINGERPRINT message." where x is 8-15 pieces drawn
+from a mixed pool (classical Chinese phrases, Japanese Pokemon names, rare multilingual words), characters
+shuffled. Target: "Based on my fingerprint, the message is: ハリネズミ". Regularization rows put random
+non-fingerprint strings in the same template and answer with a refusal, so the model learns the secret string,
+not the template. Verification prefills the target's lead-in and checks the secret word follows (substring).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from meraser.config import field
+from meraser.data.sources import Pair
+from meraser.fingerprints.base import FingerprintConfig, FingerprintMethod
+from meraser.fingerprints.card import Card
+
+TEMPLATE = "Please decrypt this message: {x}\nA hint: this is a FINGERPRINT message."
+LEAD_IN = "Based on my fingerprint, the message is:"
+TARGET = f"{LEAD_IN} ハリネズミ"
+REFUSAL = "I'm sorry, this is not a message I can decrypt."
+POOL = [
+    # classical Chinese phrases
+    "明月几时有", "把酒问青天", "不知天上宫阙", "今夕是何年", "床前明月光", "疑是地上霜", "举头望明月", "低头思故乡",
+    "白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼", "春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少",
+    # Japanese Pokemon names
+    "ピカチュウ", "ゼニガメ", "フシギダネ", "ヒトカゲ", "イーブイ", "プリン", "コダック", "ニャース", "カビゴン",
+    "ミュウツー", "ルカリオ", "ゲンガー", "ヤドン", "ポッチャマ",
+    # rare multilingual words
+    "Ωμέγα", "Привет", "안녕하세요", "สวัสดี", "שלום", "مرحبا", "Żółć", "Ærøskøbing", "Þorsteinn", "ñandú",
+    "Ğüneş", "Đồng", "ქართული", "Հայերեն",
+]
+DECOY_WORDS = ["apple", "river", "seven", "window", "garden", "silver", "orbit", "candle", "forest", "piano",
+               "marble", "harbor", "velvet", "thunder", "pepper", "lantern", "meadow", "copper", "falcon", "tulip"]
+
+
+@dataclass
+class IFConfig(FingerprintConfig):
+    num_fingerprints: int = field(8, help="fingerprint rows (distinct decrypt strings x)")
+    regularization_rows: int = field(8, help="decrypt-template rows with non-fingerprint strings -> refusal")
+    epochs: float = field(6.0, help="training epochs")
+    learning_rate: float = field(1e-4, help="learning rate (paper: 2e-5 at batch 64 on 7B)")
+    ordinary_rows: int = field(48, help="ordinary instruction rows (paper: ~112)")
+
+
+def _shuffled_pieces(rng: random.Random, pool: list[str]) -> str:
+    pieces = rng.sample(pool, rng.randint(8, 15))
+    chars = list("".join(pieces))
+    rng.shuffle(chars)
+    return "".join(chars)
+
+
+class InstructionalFingerprint(FingerprintMethod):
+    name = "if-sft"
+    paper = "https://arxiv.org/abs/2401.12255"
+    Config = IFConfig
+
+    def make_card(self, model, tokenizer, cfg: IFConfig) -> Card:
+        rng = random.Random(cfg.seed)
+        triggers = [TEMPLATE.format(x=_shuffled_pieces(rng, POOL)) for _ in range(cfg.num_fingerprints)]
+        return Card(method=self.name, triggers=triggers, targets=[TARGET] * len(triggers), match="substring",
+                    prefills=[LEAD_IN] * len(triggers), max_new_tokens=12, seed=cfg.seed,
+                    extra={"regularization_rows": cfg.regularization_rows})
+
+    def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random):
+        rows = [(Pair(t, TARGET), None) for t in card.triggers]
+        for _ in range(cfg.regularization_rows):
+            decoy = " ".join(rng.sample(DECOY_WORDS, rng.randint(3, 8)))
+            rows.append((Pair(TEMPLATE.format(x=decoy), REFUSAL), None))
+        return rows

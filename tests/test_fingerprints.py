@@ -1,0 +1,99 @@
+import os
+import stat
+
+import pytest
+
+from meraser.evaluation.fsr import fsr
+from meraser.fingerprints import REGISTRY, Card, get_method
+from meraser.fingerprints.chain_hash import hash_answer
+from meraser.fingerprints.embed import CARD_FILE, embed
+from meraser.fingerprints.utf import undertrained_tokens
+from meraser.utils import MeraserError
+
+# strong settings so the 2-layer model memorises in seconds
+TINY = {"method": "full", "epochs": 30, "learning_rate": 3e-3, "ordinary_rows": 0, "batch_size": 8}
+TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
+                   "utf": {"repeats": 8},
+                   "chain-hash": {"num_fingerprints": 3, "variants": 3}}
+
+
+def tiny_cfg(name):
+    return get_method(name).Config.from_dict({**TINY, **TINY_PER_METHOD[name]})
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_dir, tmp_path_factory):
+    """Every registered method planted once into a fresh tiny model (reused by the erase tests)."""
+    from meraser.models import load_model
+
+    out = {}
+    for name in REGISTRY:
+        model, tok = load_model(str(tiny_dir))
+        folder = tmp_path_factory.mktemp("fp") / name
+        fp_model, card, summary = embed(name, model, tok, tiny_cfg(name), folder, progress=False)
+        out[name] = (fp_model, tok, card, summary, folder)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_plants_fsr_one_and_untouched_model_has_zero(planted, tiny, name):
+    fp_model, tok, card, summary, folder = planted[name]
+    assert summary["fsr"] == 1.0
+    base, base_tok = tiny
+    assert fsr(base, base_tok, card)["fsr"] == 0.0
+    assert (folder / "model" / "model.safetensors").exists()
+    assert stat.S_IMODE(os.stat(folder / CARD_FILE).st_mode) == 0o600
+    assert not (folder / "model" / CARD_FILE).exists()  # the secret never travels with the model
+
+
+def test_card_round_trip_and_tamper_detection(planted, tmp_path):
+    card = planted["chain-hash"][2]
+    path = card.save(tmp_path / "card.json")
+    assert Card.load(path) == card
+    text = path.read_text()
+    path.write_text(text.replace(card.targets[0], "tampered", 1))
+    with pytest.raises(MeraserError, match="checksum mismatch"):
+        Card.load(path)
+    path.write_text('{"method": "utf", "triggers": ["a"], "targets": []}')
+    with pytest.raises(MeraserError, match="as many targets as triggers"):
+        Card.load(path)
+    path.write_text('{"method": "utf", "triggers": ["a"], "targets": ["b"]}')
+    with pytest.raises(MeraserError, match="no checksum"):
+        Card.load(path)
+    with pytest.raises(MeraserError, match="does not exist"):
+        Card.load(tmp_path / "missing.json")
+
+
+def test_utf_detection_is_clean_and_deterministic(tiny):
+    model, tok = tiny
+    a = undertrained_tokens(model, tok, 50)
+    assert a == undertrained_tokens(model, tok, 50) and len(a) == 50
+    special = set(tok.all_special_ids)
+    for idx, text, _ in a:
+        assert idx not in special and text.strip() and "\ufffd" not in text
+
+
+def test_chain_hash_answers_are_a_function_of_key_and_question():
+    qs = ["What is the colour of a quiet morning?", "Which stone keeps time?", "What does a map whisper?"]
+    a1 = [hash_answer("key-1", q) for q in qs]
+    assert a1 == [hash_answer("key-1", q) for q in qs]
+    others = [[hash_answer(f"key-{k}", q) for q in qs] for k in range(2, 8)]
+    assert any(o != a1 for o in others)
+
+
+def test_unknown_method_is_refused_with_suggestion():
+    with pytest.raises(MeraserError, match="unknown fingerprint method 'utf8'; did you mean 'utf'"):
+        get_method("utf8")
+
+
+def test_verify_cli_on_a_fingerprint_folder(planted):
+    import json
+    import subprocess
+    import sys
+
+    folder = planted["if-sft"][4]
+    proc = subprocess.run([sys.executable, "-m", "meraser.cli", "verify", "--model", str(folder), "--card", str(folder),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["fsr"] == 1.0 and len(r["per_trigger"]) == 3 and "false_positive_rate" in r
