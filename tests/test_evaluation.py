@@ -149,3 +149,16 @@ def test_in_memory_numbers_match_lm_eval_cli(tiny_dir, tmp_path, monkeypatch):
     result = json.loads(next(out.rglob("results*.json")).read_text())["results"]["bb_toy"]
     assert ours["acc"] == pytest.approx(result["acc,none"])
     assert ours["acc_norm"] == pytest.approx(result["acc_norm,none"])
+
+
+def test_bigbench_task_with_subtasks_expands(tmp_path):
+    from meraser.evaluation.zeroshot import resolve_tasks
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "task.json").write_text('{"name": "parent", "description": "has subtasks"}')
+    make_task(parent / "one" / "task.json", n=5)
+    make_task(parent / "two" / "task.json", n=5)
+    names, include = resolve_tasks([str(parent)], tmp_path / "w")
+    assert names == ["bb_parent_one", "bb_parent_two"] and include
+    assert run_lm_eval(stub_lm(True), [str(parent)])["bb_parent_two"]["acc"] == 1.0

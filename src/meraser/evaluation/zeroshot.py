@@ -21,7 +21,14 @@ PAPER_TASKS = ["boolq", "cb", "rte", "wic", "wsc", "copa", "multirc", "sciq", "a
 
 def _task_name(path: Path) -> str:
     name = path.parent.name if path.name == "task.json" else path.stem
+    if path.name == "task.json" and Path(path.parent.parent, "task.json").exists():
+        name = f"{path.parent.parent.name}_{name}"  # a subtask: parent_child
     return "bb_" + re.sub(r"[^a-z0-9_]", "_", name.lower())
+
+
+def bigbench_subtasks(path: Path) -> list[Path]:
+    """A BIG-bench task with subtasks keeps its examples in <task>/<subtask>/task.json; list those files."""
+    return sorted(p for p in path.parent.glob("*/task.json")) if path.name == "task.json" else []
 
 
 def bigbench_to_lm_eval(task_json: str | Path, out_dir: str | Path) -> str:
@@ -86,7 +93,8 @@ def resolve_tasks(tasks: list[str], work_dir: str | Path) -> tuple[list[str], st
         if p.is_dir() and (p / "task.json").exists():
             p = p / "task.json"
         if p.suffix == ".json" or p.exists():
-            names.append(bigbench_to_lm_eval(p, work_dir))
+            subtasks = bigbench_subtasks(p) if p.exists() and '"examples"' not in p.read_text(encoding="utf-8") else []
+            names.extend(bigbench_to_lm_eval(sub, work_dir) for sub in subtasks or [p])
             local = True
         else:
             names.append(t)
