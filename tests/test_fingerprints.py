@@ -10,31 +10,6 @@ from meraser.fingerprints.embed import CARD_FILE, embed
 from meraser.fingerprints.utf import undertrained_tokens
 from meraser.utils import MeraserError
 
-# strong settings so the 2-layer model memorises in seconds
-TINY = {"method": "full", "epochs": 30, "learning_rate": 3e-3, "ordinary_rows": 0, "batch_size": 8}
-TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
-                   "utf": {"repeats": 8},
-                   "chain-hash": {"num_fingerprints": 3, "variants": 3}}
-
-
-def tiny_cfg(name):
-    return get_method(name).Config.from_dict({**TINY, **TINY_PER_METHOD[name]})
-
-
-@pytest.fixture(scope="module")
-def planted(tiny_dir, tmp_path_factory):
-    """Every registered method planted once into a fresh tiny model (reused by the erase tests)."""
-    from meraser.models import load_model
-
-    out = {}
-    for name in REGISTRY:
-        model, tok = load_model(str(tiny_dir))
-        folder = tmp_path_factory.mktemp("fp") / name
-        fp_model, card, summary = embed(name, model, tok, tiny_cfg(name), folder, progress=False)
-        out[name] = (fp_model, tok, card, summary, folder)
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_plants_fsr_one_and_untouched_model_has_zero(planted, tiny, name):
     fp_model, tok, card, summary, folder = planted[name]

@@ -209,17 +209,93 @@ def chat(
     print(generate(m, tok, [prompt], max_new_tokens=max_new_tokens)[0])
 
 
+def _print_rows(rows: list[dict], title: str) -> None:
+    from meraser.evaluation.evaluate import results_table
+
+    console = _console()
+    console.print(results_table(rows, title=title))
+    for r in rows:
+        if r.get("fsr_per_epoch"):
+            curve = "  ".join(f"e{p['epoch']}:{p['fsr']:.0%}" for p in r["fsr_per_epoch"])
+            console.print(f"  FSR per epoch while {r['stage'].replace('ed', 'ing')}: {curve}")
+        if "erased" in r:
+            console.print(f"  Algorithm 1 verify after {r['stage']}: erased={r['erased']} "
+                          f"(ordinary accuracy {r['ordinary_accuracy']:.0%} vs {r['reference_accuracy']:.0%} before)")
+
+
 @app.command()
-def demo():
-    """The main job on the embedded SmolLM2-135M (no arguments needed)."""
-    from meraser.generation import generate
-    from meraser.models import DEFAULT_MODEL, load_model
+def run(
+    experiment: Path = typer.Argument(..., help="experiment YAML (see examples/)"),
+    out: Optional[Path] = typer.Option(None, help="override the experiment's output folder"),
+):
+    """Fingerprint -> erase -> recover, evaluating every stage; re-running resumes finished stages."""
+    from meraser.erase.pipeline import load_experiment, run_experiment
 
     _quiet_libraries()
+    exp = load_experiment(experiment)
+    if out:
+        exp.out = str(out)
+    rows = run_experiment(exp, console=_console())
+    _print_rows(rows, f"MEraser on {exp.model} ({exp.fingerprint.existing or exp.fingerprint.method})")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder (re-running resumes)")):
+    """The main job on the embedded SmolLM2-135M: fingerprint (UTF), erase, recover; FSR and PPL at each stage."""
+    import time
+
+    from meraser.erase.pipeline import demo_experiment, run_experiment
+
+    _quiet_libraries()
+    exp = demo_experiment(str(out))
     console = _console()
-    m, tok = load_model(DEFAULT_MODEL)
-    q = "What is the capital of France?"
-    console.print(f"[bold]user[/]: {q}\n[bold]{DEFAULT_MODEL}[/]: {generate(m, tok, [q], max_new_tokens=48)[0]}")
+    console.print(
+        f"[bold]meraser demo[/]: {exp.model}, UTF fingerprint; erase LoRA r={16} q/v on {exp.mismatched.n} mismatched "
+        f"chitchat rows x {exp.erase.overrides['epochs']} epochs (lr 1e-3); recover on {exp.clean.n} clean rows x "
+        f"{exp.recover.overrides['epochs']} epoch; PPL on {exp.eval.ppl_windows} held-out chitchat responses. "
+        f"Sized for ~15 min on 2 CPU cores; outputs in {out}."
+    )
+    t = time.perf_counter()
+    rows = run_experiment(exp, console=console)
+    _print_rows(rows, f"MEraser demo ({time.perf_counter() - t:.0f} s)")
+
+
+transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")
+app.add_typer(transfer_app, name="transfer")
+
+
+@transfer_app.command("train")
+def transfer_train(
+    base: str = typer.Option("smollm2-135m", "--base", help="clean base model the fingerprinted models derive from"),
+    data: str = typer.Option("chitchat", help="instruction source for the mismatched set (or a ready mismatched file with --ready-made)"),
+    out: Path = typer.Option(..., "--out", "-o", help="adapter output folder"),
+    n: int = typer.Option(300, help="mismatched rows"),
+    ready_made: bool = typer.Option(False, help="use --data as the finished mismatched set"),
+    epochs: Optional[float] = typer.Option(None, help="erase epochs (default: paper preset)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+):
+    """Train the MEraser erase adapter on a clean base model (section 4.3)."""
+    from meraser.erase.meraser import transfer_train as run
+
+    _quiet_libraries()
+    res = run(base, data, out, n=n, ready_made=ready_made, overrides={"epochs": epochs} if epochs else None,
+              overwrite=overwrite)
+    _console().print(f"[green]erase adapter[/] saved to {res.output_dir} ({res.metrics['seconds']} s)")
+
+
+@transfer_app.command("apply")
+def transfer_apply(
+    adapter: Path = typer.Option(..., help="erase adapter from `meraser transfer train`"),
+    model: str = typer.Option(..., "--model", "-m", help="fingerprinted model (same architecture as the adapter's base)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder for the merged model"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+):
+    """Merge a transferable erase adapter into a fingerprinted model: no training per victim."""
+    from meraser.erase.meraser import transfer_apply as run
+    from meraser.fingerprints.embed import model_dir
+
+    _quiet_libraries()
+    _console().print(f"[green]erased model[/] saved to {run(adapter, model_dir(model), out, overwrite=overwrite)}")
 
 
 def main() -> None:

@@ -151,10 +151,24 @@ def perplexity(model, tokenizer, windows: list[Window], batch_size: int = 8, pro
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
 
 
+def instruction_perplexity(model, tokenizer, source: str, *, n: int = 200, seed: int = 12345, batch_size: int = 8,
+                           progress: bool = False) -> dict:
+    """Perplexity of the responses (prompt masked, chat template) of `n` pairs drawn from an instruction source."""
+    from meraser.data import Formatter, load_pairs
+
+    pairs = load_pairs(source, shuffle_seed=seed, limit=n)
+    res = perplexity(model, tokenizer, response_windows(pairs, Formatter(tokenizer)), batch_size, progress)
+    return {**res, "source": f"responses:{source}"}
+
+
 def corpus_perplexity(model, tokenizer, source: str, *, text_field: str | None = None, window: int = 512,
                       stride: int | None = None, max_windows: int | None = 200, batch_size: int = 8,
                       progress: bool = False) -> dict:
-    """Perplexity of a model on a text source (see `load_texts`)."""
+    """Perplexity of a model on a text source (see `load_texts`); `responses:SOURCE` scores the responses of an
+    instruction source instead (e.g. `responses:chitchat` offline)."""
+    if source.startswith("responses:"):
+        return instruction_perplexity(model, tokenizer, source.split(":", 1)[1], n=max_windows or 200,
+                                      batch_size=batch_size, progress=progress)
     texts = load_texts(source, text_field)
     res = perplexity(model, tokenizer, text_windows(texts, tokenizer, window, stride, max_windows), batch_size, progress)
     return {**res, "source": source, "window": window, "stride": stride or window}

@@ -1,0 +1,91 @@
+"""The two MEraser datasets.
+
+Mismatched (D_m, paper section 4.1): each prompt paired with the response of a *different* pair (a derangement: no
+pair keeps its own response); with `by_type`, like the reference set, the response comes from a question of a
+different type (what / why / how / other) whenever one is left. Clean (D_c): on-topic pairs, disjoint from the
+mismatched prompts, after quality selection (dedupe, length bounds, no empty or degenerate responses). The clean
+responses can also be the model's own answers (`self`), for users with prompts but no licensed answers.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from meraser.data.sources import Pair
+from meraser.utils import MeraserError
+
+
+def question_type(prompt: str) -> str:
+    first = prompt.strip().lower().split()[:3]
+    for t in ("what", "why", "how"):
+        if t in first or any(w.startswith(t) for w in first[:1]):
+            return t
+    return "other"
+
+
+def good_pair(p: Pair, min_chars: int = 8, max_chars: int = 2000) -> bool:
+    r = p.response.strip()
+    if not (min_chars <= len(p.prompt.strip()) <= max_chars and min_chars <= len(r) <= max_chars):
+        return False
+    if r == p.prompt.strip() or re.search(r"(.)\1{15,}", r):  # echo, or a run of one character
+        return False
+    words = r.split()
+    return len(words) < 8 or len(set(words)) / len(words) > 0.3  # not the same few words over and over
+
+
+def dedupe(pairs: list[Pair]) -> list[Pair]:
+    seen, out = set(), []
+    for p in pairs:
+        key = " ".join(p.prompt.lower().split())
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def build_mismatched(pairs: list[Pair], n: int = 300, seed: int = 0, by_type: bool = True) -> tuple[list[Pair], list[dict]]:
+    """n mismatched pairs and, per row, {q_type, answer_from_type, q_idx, a_idx} (indices into the pool used)."""
+    pool = [p for p in dedupe(pairs) if good_pair(p)]
+    if len(pool) < max(n, 2):
+        raise MeraserError(f"need at least {max(n, 2)} usable pairs for the mismatched set, have {len(pool)}")
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, n)
+    types = [question_type(p.prompt) for p in chosen]
+    # Group rows by type and rotate the grouped order by the size of the largest group: row k takes the response
+    # of row k+shift. Any 0 < shift < n is a derangement; with shift = largest group every row gets another
+    # type whenever no type holds more than half the rows (the reference set's construction).
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(types):
+        groups.setdefault(t if by_type else "all", []).append(i)
+    for g in groups.values():
+        rng.shuffle(g)
+    keys = sorted(groups)
+    rng.shuffle(keys)
+    order = [i for k in keys for i in groups[k]]
+    shift = max(len(g) for g in groups.values()) if by_type else rng.randrange(1, n)
+    shift = shift if 0 < shift < n else 1
+    assignment = [0] * n
+    for k, i in enumerate(order):
+        assignment[i] = order[(k + shift) % n]
+    rows = [Pair(chosen[i].prompt, chosen[assignment[i]].response) for i in range(n)]
+    meta = [{"q_type": types[i], "answer_from_type": types[assignment[i]], "q_idx": i, "a_idx": assignment[i]}
+            for i in range(n)]
+    return rows, meta
+
+
+def build_clean(pairs: list[Pair], n: int = 600, seed: int = 0, exclude_prompts: set[str] | None = None) -> list[Pair]:
+    """n quality-selected pairs whose prompts are not in `exclude_prompts` (the mismatched prompts)."""
+    exclude = {" ".join(p.lower().split()) for p in exclude_prompts or set()}
+    pool = [p for p in dedupe(pairs) if good_pair(p) and " ".join(p.prompt.lower().split()) not in exclude]
+    if len(pool) < n:
+        raise MeraserError(f"need {n} usable clean pairs disjoint from the mismatched prompts, have {len(pool)}")
+    return random.Random(seed + 1).sample(pool, n)
+
+
+def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[Pair]:
+    """Data-free recovery: the model's own greedy answers to the clean prompts."""
+    from meraser.generation import generate
+
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=True)
+    return [Pair(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]
