@@ -118,3 +118,13 @@ def test_shipped_example_configs_parse():
 
     for f in sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("train*.yaml")):
         TrainConfig.from_dict(load_yaml(f), where=str(f))
+
+
+def test_shipped_experiment_yamls_parse():
+    from meraser.erase.pipeline import load_experiment
+
+    files = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
+    experiments = [f for f in files if not f.name.startswith("train")]
+    assert experiments
+    for f in experiments:
+        load_experiment(f)
