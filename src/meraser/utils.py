@@ -81,6 +81,17 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
         raise
 
 
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Parse a JSON file; a missing file or bad JSON becomes a MeraserError naming the file and line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MeraserError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise MeraserError(f"{path}:{e.lineno}: invalid JSON in {what}: {e.msg}") from None
+
+
 def write_json(path: str | os.PathLike, obj, mode: int | None = None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", mode=mode)
 

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from meraser.utils import MeraserError, did_you_mean
+from meraser.utils import MeraserError, did_you_mean, read_json
 
 PAPER_TASKS = ["boolq", "cb", "rte", "wic", "wsc", "copa", "multirc", "sciq", "anli_r1", "anli_r2", "anli_r3",
                "openbookqa", "lambada_openai"]
@@ -40,12 +40,7 @@ def bigbench_to_lm_eval(task_json: str | Path, out_dir: str | Path) -> str:
     import yaml
 
     path = Path(task_json)
-    try:
-        task = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MeraserError(f"BIG-bench task file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise MeraserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    task = read_json(path, "BIG-bench task file")
     examples = task.get("examples") if isinstance(task, dict) else None
     if not isinstance(examples, list) or not examples:
         raise MeraserError(f"{path}: not a BIG-bench JSON task (no `examples` list)")

@@ -17,7 +17,7 @@ from typing import Literal
 
 from meraser.config import Config, field
 from meraser.data.formatting import FormatConfig
-from meraser.utils import MeraserError, atomic_write_text
+from meraser.utils import MeraserError, atomic_write_text, read_json
 
 CARD_VERSION = 1
 
@@ -66,12 +66,7 @@ class Card(Config):
         path = Path(path)
         if path.is_dir():
             path = path / "fingerprint_card.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MeraserError(f"fingerprint card {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise MeraserError(f"{path}:{e.lineno}: invalid JSON in fingerprint card: {e.msg}") from None
+        data = read_json(path, "fingerprint card")
         if not isinstance(data, dict):
             raise MeraserError(f"{path}: a fingerprint card is a JSON object")
         checksum = data.pop("checksum", None)
