@@ -114,12 +114,24 @@ def test_run_resumes_after_a_kill_without_redoing_stages(planted, tmp_path):
     proc.kill()
     proc.wait()
     results = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in results] == ["fingerprinted"]
+    assert [r["stage"] for r in results] == ["base", "fingerprinted"]
     assert not (tmp_path / "run" / "erased").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in results] == ["fingerprinted", "erased", "recovered"]  # fingerprinted not redone
-    assert results[0]["fsr"] == 1.0 and results[1]["fsr"] == 0.0 and results[2]["fsr"] == 0.0
+    assert [r["stage"] for r in results] == ["base", "fingerprinted", "erased", "recovered"]  # none redone
+    assert [r["fsr"] for r in results] == [0.0, 1.0, 0.0, 0.0]
+    # the probes of the epochs before the kill came back with the checkpoint
+    assert [p["epoch"] for p in results[2]["fsr_per_epoch"]] == list(range(1, TINY_ERASE["epochs"] + 1))
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Table 1" in page and "data:image/png;base64," in page and "100.0%" in page
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 3
+    assert again.returncode == 0 and len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_report_refuses_a_folder_without_results(tmp_path):
+    from meraser.report import write_report
+
+    with pytest.raises(MeraserError, match="no results.jsonl"):
+        write_report([tmp_path], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()

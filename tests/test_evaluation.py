@@ -162,3 +162,20 @@ def test_bigbench_task_with_subtasks_expands(tmp_path):
     names, include = resolve_tasks([str(parent)], tmp_path / "w")
     assert names == ["bb_parent_one", "bb_parent_two"] and include
     assert run_lm_eval(stub_lm(True), [str(parent)])["bb_parent_two"]["acc"] == 1.0
+
+
+def test_results_table_puts_metrics_down_the_side():
+    from rich.console import Console
+
+    from meraser.evaluation.evaluate import results_table
+
+    rows = [{"stage": "base", "fsr": 0.0, "ppl": {"ppl": 12.345}, "tasks": {"bb_a": {"acc": 0.5, "acc_stderr": 0.1}},
+             "mean_acc": 0.5},
+            {"stage": "erased", "fsr": 0.25, "false_positive_rate": 0.0, "ppl": {"ppl": 13.0}, "tasks": {}}]
+    console = Console(record=True, width=120)
+    console.print(results_table(rows))
+    lines = {ln.split("│")[1].strip(): ln for ln in console.export_text().splitlines() if ln.count("│") >= 3}
+    assert "0.0%" in lines["FSR"] and "25.0%" in lines["FSR"]
+    assert "12.35" in lines["PPL"] and "13.00" in lines["PPL"]
+    assert "0.500 ± 0.100" in lines["a"] and "0.500" in lines["mean acc"]
+    assert "false positives" in lines  # shown because one row has it

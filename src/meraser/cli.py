@@ -223,6 +223,12 @@ def _print_rows(rows: list[dict], title: str) -> None:
                           f"(ordinary accuracy {r['ordinary_accuracy']:.0%} vs {r['reference_accuracy']:.0%} before)")
 
 
+def _write_run_report(run_dir: str) -> None:
+    from meraser.report import write_report
+
+    _console().print(f"report: {write_report([run_dir], Path(run_dir) / 'report.html')}")
+
+
 @app.command()
 def run(
     experiment: Path = typer.Argument(..., help="experiment YAML (see examples/)"),
@@ -237,6 +243,7 @@ def run(
         exp.out = str(out)
     rows = run_experiment(exp, console=_console())
     _print_rows(rows, f"MEraser on {exp.model} ({exp.fingerprint.existing or exp.fingerprint.method})")
+    _write_run_report(exp.out)
 
 
 @app.command()
@@ -258,6 +265,19 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder (re-run
     t = time.perf_counter()
     rows = run_experiment(exp, console=console)
     _print_rows(rows, f"MEraser demo ({time.perf_counter() - t:.0f} s)")
+    _write_run_report(exp.out)
+
+
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`"),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
+    title: str = typer.Option("MEraser report", help="page title"),
+):
+    """One HTML page for finished runs: Table 1, FSR per erase/recover epoch (plot), per-trigger outputs."""
+    from meraser.report import write_report
+
+    _console().print(f"[green]report[/] written to {write_report(runs, out, title)}")
 
 
 transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")

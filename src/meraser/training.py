@@ -174,8 +174,10 @@ def train(
     probes: list[dict] = []
 
     class EpochProbe(TrainerCallback):
-        def on_epoch_end(self, args, state, control, model=None, **kw):
-            if probe is None or not state.is_world_process_zero:
+        # on the epoch's last step rather than on_epoch_end: a checkpoint saved at that step then already holds the
+        # probe in its log history, so a resumed run has every epoch's probe exactly once
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if probe is None or not state.is_world_process_zero or abs(state.epoch - round(state.epoch)) > 1e-4:
                 return
             was_training = model.training
             model.eval()
@@ -237,7 +239,8 @@ def train(
         "real_tokens_per_s": round(real_tokens / elapsed, 1) if elapsed > 0 else None,
         "bf16": args.bf16,
         "resumed_from": last,
-        "probes": probes or [h["probe"] for h in trainer.state.log_history if "probe" in h],
+        # from the trainer state, which checkpoints carry: a resumed run keeps the probes of its earlier epochs
+        "probes": [h["probe"] for h in trainer.state.log_history if "probe" in h] or probes,
     }
     trained = trainer.model
     if merge and cfg.method == "lora":

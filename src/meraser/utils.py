@@ -103,11 +103,20 @@ def append_jsonl(path: str | os.PathLike, obj) -> None:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def iter_jsonl(path: str | os.PathLike, what: str = "file"):
+    """(line number, record) for each non-blank line; bad JSON becomes a MeraserError naming the file and line."""
     path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MeraserError(f"{path}:{i}: invalid JSON in {what}: {e.msg}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list:
+    """Records of a JSONL file; a missing file reads as empty (results logs that do not exist yet)."""
+    return [rec for _, rec in iter_jsonl(path, what)] if Path(path).exists() else []
 
 
 def set_seed(seed: int) -> None:

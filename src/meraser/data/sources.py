@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from meraser.utils import MeraserError
+from meraser.utils import MeraserError, iter_jsonl, read_json
 
 OFFLINE_DEFAULT = "chitchat"
 # (prompt field, response field) pairs tried in order when fields are not given
@@ -80,21 +80,9 @@ def _messages_to_pair(messages, where: str) -> Pair:
 
 def _read_records(path: Path) -> list[tuple[str, object]]:
     """Return (location, record) for every record, locations being 'file:line' (JSONL) or 'file[i]' (JSON)."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise MeraserError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MeraserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return [(f"{path}:{i}", rec) for i, rec in iter_jsonl(path, "data file")]
+    data = read_json(path, "data file")
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -111,7 +99,7 @@ def _chitchat() -> list[Pair]:
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None:
         raise MeraserError("the offline default data needs the package chitchat-dataset: pip install chitchat-dataset")
-    data = json.loads(Path(spec.origin).with_name("dataset.json").read_text(encoding="utf-8"))
+    data = read_json(Path(spec.origin).with_name("dataset.json"), "chitchat dataset")
     pairs = []
     for conv in data.values():  # consecutive turns of a conversation become prompt -> response pairs
         turns = [" ".join(u["text"] for u in m).strip() for m in conv["messages"]]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from meraser.config import Config, field, load_yaml
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import MeraserError, append_jsonl, read_jsonl, write_json
+from meraser.utils import MeraserError, append_jsonl, read_json, read_jsonl, write_json
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Experiment(Config):
     recover: PhaseStage = field(None, help="recover phase")
     eval: EvalConfig = field(None, help="evaluation at every stage")
     probe_fsr: bool = field(True, help="record FSR after every erase/recover epoch (monitoring only)")
+    eval_base: bool = field(True, help="also evaluate the base model (`model`) with the card, for comparison")
 
     def __post_init__(self):
         self.fingerprint = self.fingerprint or FingerprintStage()
@@ -81,6 +82,11 @@ def _build_data(exp: Experiment, out: Path, model, tok) -> tuple[list, list]:
     write_pairs(mism, d / "mismatched.jsonl", meta)
     write_pairs(clean, d / "clean.jsonl")
     return mism, clean
+
+
+def _logged_probes(phase_dir: Path) -> list[dict]:
+    log = phase_dir / "train_log.json"
+    return read_json(log, "training log").get("metrics", {}).get("probes", []) if log.exists() else []
 
 
 def run_experiment(exp: Experiment, *, progress: bool = True, console=None) -> list[dict]:
@@ -128,17 +134,25 @@ def run_experiment(exp: Experiment, *, progress: bool = True, console=None) -> l
         say(f"  {stage}: FSR {row['fsr']:.1%}" + (f", PPL {row['ppl']['ppl']:.2f}" if "ppl" in row else ""))
         return row
 
+    # the unfingerprinted model: FSR ~0 and the PPL to compare with (an existing fingerprint's card names its base)
+    base_spec = card.base_model if fp.existing else exp.model
+    if exp.eval_base and base_spec and "base" not in done:
+        base_model, _ = load_model(base_spec)
+        evaluate_stage("base", base_model)
+        del base_model
     reference_acc = done.get("fingerprinted", {}).get("ordinary_accuracy")
     if reference_acc is None:
         reference_acc = ordinary_accuracy(model, tok)
-    evaluate_stage("fingerprinted", model, {"ordinary_accuracy": reference_acc})
+    made = Path(card_path).parent / "fingerprint_summary.json"  # present when this tool made the fingerprint
+    made = {"fingerprint_seconds": read_json(made, "fingerprint summary").get("seconds")} if made.exists() else {}
+    evaluate_stage("fingerprinted", model, {"ordinary_accuracy": reference_acc, **made})
     mism, clean = _build_data(exp, out, model, tok)
     probe = (lambda m, epoch: {"fsr": fsr(m, tok, card, false_positive_inputs=0)["fsr"]}) if exp.probe_fsr else None
 
     # stage 2: erase (LoRA on D_m); the adapter is saved, the merged model carried forward in memory
     if (out / "erased" / "adapter_config.json").exists():
         erased, _ = load_model(str(out / "erased"), base=fp_dir)
-        erase_probes = []
+        erase_probes = _logged_probes(out / "erased")
     else:
         say(f"[bold]2/3 erase[/] on {len(mism)} mismatched rows ({exp.erase.preset} preset)")
         res = erase(model, tok, mism, preset("erase", exp.erase.preset, exp.erase.overrides), out / "erased",
@@ -152,7 +166,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True, console=None) -> l
     # stage 3: recover (LoRA on D_c over the merged erased model)
     if (out / "recovered" / "adapter_config.json").exists():
         recovered, _ = load_model(str(out / "recovered"), base=str(out / "erased"))
-        rec_probes = []
+        rec_probes = _logged_probes(out / "recovered")
     else:
         say(f"[bold]3/3 recover[/] on {len(clean)} clean rows ({exp.recover.preset} preset)")
         res = recover(erased, tok, clean, preset("recover", exp.recover.preset, exp.recover.overrides),
@@ -161,7 +175,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True, console=None) -> l
         rec_probes = res.probes
     evaluate_stage("recovered", recovered, {"fsr_per_epoch": rec_probes,
                                             **algorithm1_verify(recovered, tok, card, reference_acc)})
-    return [done[s] for s in ("fingerprinted", "erased", "recovered")]
+    return [done[s] for s in ("base", "fingerprinted", "erased", "recovered") if s in done]
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -58,32 +58,28 @@ def evaluate(model: str, cfg: EvalConfig, card: str | None = None, trust_remote_
 
 
 def results_table(rows: list[dict], title: str = "evaluation"):
-    """A rich table: one row per model/stage with FSR, false positives, PPL, each task's accuracy and the mean."""
+    """A rich table with one column per model/stage and one row per metric: FSR, false positives, PPL, each task's
+    accuracy ± stderr, and the mean accuracy (metrics down the side so a dozen tasks still fit a terminal)."""
     from rich.table import Table
 
     tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
     table = Table(title=title)
-    table.add_column("model / stage")
-    cols = [("FSR", "fsr"), ("FP", "false_positive_rate")]
-    show = [(h, k) for h, k in cols if any(k in r for r in rows)]
-    for h, _ in show:
-        table.add_column(h, justify="right")
-    has_ppl = any("ppl" in r for r in rows)
-    if has_ppl:
-        table.add_column("PPL", justify="right")
-    for t in tasks:
-        table.add_column(t.removeprefix("bb_"), justify="right")
-    if tasks:
-        table.add_column("mean acc", justify="right")
+    table.add_column("metric")
     for r in rows:
-        cells = [str(r.get("stage") or r.get("model"))]
-        cells += [f"{r[k]:.1%}" if k in r else "" for _, k in show]
-        if has_ppl:
-            cells.append(f"{r['ppl']['ppl']:.2f}" if "ppl" in r else "")
-        for t in tasks:
+        table.add_column(str(r.get("stage") or r.get("model")), justify="right")
+
+    def add(label, cell):
+        cells = [cell(r) for r in rows]
+        if any(cells):
+            table.add_row(label, *cells)
+
+    add("FSR", lambda r: f"{r['fsr']:.1%}" if "fsr" in r else "")
+    add("false positives", lambda r: f"{r['false_positive_rate']:.1%}" if "false_positive_rate" in r else "")
+    add("PPL", lambda r: f"{r['ppl']['ppl']:.2f}" if "ppl" in r else "")
+    for t in tasks:
+        def cell(r, t=t):
             a = r.get("tasks", {}).get(t)
-            cells.append(f"{a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a and a["acc"] is not None else "")
-        if tasks:
-            cells.append(f"{r['mean_acc']:.3f}" if r.get("mean_acc") is not None else "")
-        table.add_row(*cells)
+            return f"{a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a and a["acc"] is not None else ""
+        add(t.removeprefix("bb_"), cell)
+    add("mean acc", lambda r: f"{r['mean_acc']:.3f}" if r.get("mean_acc") is not None else "")
     return table

@@ -2,8 +2,8 @@
 
 Generation is batched (left padding, one `generate` call per batch). IF-SFT cards prefill a response prefix;
 the compared text is prefill + generated continuation. A false-positive rate on inputs that are not triggers
-(random token strings as in the UTF paper, and ordinary prompts) guards against a model that says the target to
-everything being counted as fingerprinted.
+(random token strings as in the UTF paper, and ordinary prompts; decoded without any prefill) guards against a
+model that says the target to everything being counted as fingerprinted.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         probes = random_token_prompts(tokenizer, false_positive_inputs // 2, seed) + ORDINARY_PROMPTS
         probes = probes[:false_positive_inputs]
         targets = list(dict.fromkeys(card.targets))
-        fp_pref = [card.prefills[0]] * len(probes) if card.prefills else None
-        fp_outs = _outputs(model, tokenizer, card, probes, fp_pref, batch_size)
+        # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
+        # the target comes out of a non-trigger input by itself
+        fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size)
         fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
         result["false_positive_rate"] = sum(fp) / len(fp)
         result["false_positive_inputs"] = len(fp)

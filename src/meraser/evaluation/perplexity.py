@@ -12,12 +12,11 @@ Perplexity = exp(sum of token NLLs / number of scored tokens).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from meraser.utils import MeraserError
+from meraser.utils import MeraserError, read_json, read_jsonl
 
 DEFAULT_TEXT_FIELD = "data.paragraphs.context"  # SQuAD layout; any dotted path through objects and lists works
 
@@ -57,19 +56,7 @@ def load_texts(source: str, text_field: str | None = None, limit: int | None = N
         raise MeraserError(f"text source {source} does not exist (a .txt/.json/.jsonl file or hf:NAME)")
     elif path.suffix in (".json", ".jsonl"):
         parts = (text_field or ("text" if path.suffix == ".jsonl" else DEFAULT_TEXT_FIELD)).split(".")
-        if path.suffix == ".jsonl":
-            records = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise MeraserError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        else:
-            try:
-                records = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise MeraserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        records = read_jsonl(path, "text source") if path.suffix == ".jsonl" else read_json(path, "text source")
         texts = [t for t in _walk(records, parts) if isinstance(t, str) and t.strip()]
         if not texts:
             raise MeraserError(f"{path}: no text found at field path '{'.'.join(parts)}'; pass --text-field")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 from meraser.data.formatting import Formatter
@@ -38,6 +39,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
 
     m = get_method(method)
     cfg = cfg or m.Config()
+    t0 = time.perf_counter()
     if out is not None:
         check_output_dir(out, overwrite)
     card = m.make_card(model, tokenizer, cfg)
@@ -56,7 +58,8 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     fp_model = res.model
     check = fsr(fp_model, tokenizer, card)
     summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
-               "train": res.metrics, "config": cfg.to_dict(), "rows": len(encoded)}
+               "train": res.metrics, "config": cfg.to_dict(), "rows": len(encoded),
+               "seconds": round(time.perf_counter() - t0, 1)}
     if out is not None:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_model(fp_model, tokenizer, tmp / "model", meta={"fingerprint_method": method})

@@ -1,0 +1,67 @@
+"""Erase speed: one erase epoch on the reference mismatched rows, the reference code's recipe vs meraser's, in one run
+(goal: >= 5x).
+
+Both runs use the `reference` erase preset (LoRA r=8 on q/v, lr 5e-4, raw question+answer text, whole-sequence
+loss) on the same rows of ../shared/data/meraser_reference/mismatched_dataset.json and the same model, so only the
+engineering differs:
+- reference recipe: every sample padded to 512 tokens, batch 1, fp32, gradient checkpointing (what the public
+  MEraser code does);
+- meraser: dynamic padding to the longest row of a batch, length-grouped batches of 8, bf16 autocast where the CPU
+  has it, no gradient checkpointing (meraser's defaults).
+Speed is rows per second of wall time for the whole epoch (model load excluded).
+
+    .venv/bin/python benchmarks/erase_speed.py [--model smollm2-135m] [--rows 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", type=int, default=300, help="first N reference rows (all 300 by default)")
+    args = ap.parse_args()
+
+    import transformers
+    from rich.console import Console
+    from rich.table import Table
+
+    from meraser.data import load_pairs
+    from meraser.erase.meraser import erase, preset
+    from meraser.models import load_model
+
+    transformers.utils.logging.set_verbosity_error()
+    rows = load_pairs(str(SHARED / "meraser_reference/mismatched_dataset.json"))[: args.rows]
+    recipes = {
+        "reference recipe (pad 512, batch 1, fp32, grad ckpt)": {
+            "batch_size": 1, "pad_to_length": 512, "precision": "fp32", "gradient_checkpointing": True,
+            "group_by_length": False},
+        "meraser (dynamic pad, batch 8 by length, bf16 autocast)": {"batch_size": 8},
+    }
+    table = Table(title=f"one erase epoch on {len(rows)} reference mismatched rows, {args.model}")
+    for h in ["recipe", "steps", "seconds", "rows/s", "final loss"]:
+        table.add_column(h, justify="right")
+    speeds = []
+    for name, overrides in recipes.items():
+        model, tok = load_model(args.model)
+        cfg = preset("erase", "reference", {"epochs": 1, "save_steps": -1, **overrides})
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            res = erase(model, tok, rows, cfg, Path(tmp) / "adapter", merge_out=False, save=False, progress=True)
+            secs = time.perf_counter() - t
+        speeds.append(len(rows) / secs)
+        table.add_row(name, str(res.metrics.get("steps", "")), f"{secs:.0f}", f"{speeds[-1]:.2f}",
+                      f"{res.metrics.get('train_loss', float('nan')):.3f}")
+    Console().print(table)
+    print(f"speed-up of meraser over the reference recipe: {speeds[1] / speeds[0]:.1f}x (goal >= 5x)")
+
+
+if __name__ == "__main__":
+    main()
