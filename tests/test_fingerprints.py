@@ -72,3 +72,30 @@ def test_verify_cli_on_a_fingerprint_folder(planted):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     assert r["fsr"] == 1.0 and len(r["per_trigger"]) == 3 and "false_positive_rate" in r
+
+
+def test_utf_ranks_tokens_like_the_reserved_ones_first():
+    """Magikarp's indicator: with reserved (never used) special tokens declared, tokens whose rows look like theirs
+    (untrained) come first, and the reserved tokens themselves are never candidates."""
+    import torch
+    from tokenizers import AddedToken
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken(f"<reserved_{i}>", special=True) for i in range(4)])
+    reserved = tok.convert_tokens_to_ids([f"<reserved_{i}>" for i in range(4)])
+    model = tiny_model(tok)
+    planted = [idx for idx, _, _ in undertrained_tokens(tiny_model(tiny_tokenizer()), tiny_tokenizer(), 40)][-3:]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = model.get_output_embeddings().weight
+        # rows training never moved: one shared, smaller-than-usual direction plus a little noise (as in real models,
+        # where they sit near each other and do not dominate the matrix)
+        untrained = 0.05 * torch.randn(w.shape[1], generator=g)
+        for idx in reserved + planted:
+            w[idx] = untrained + 0.005 * torch.randn(w.shape[1], generator=g)
+    ranked = undertrained_tokens(model, tok, 30)
+    assert {idx for idx, _, _ in ranked[:3]} == set(planted)
+    assert not {idx for idx, _, _ in ranked} & set(reserved)
+    assert ranked == undertrained_tokens(model, tok, 30)

@@ -41,8 +41,10 @@ DECOY_WORDS = ["apple", "river", "seven", "window", "garden", "silver", "orbit",
 class IFConfig(FingerprintConfig):
     num_fingerprints: int = field(8, help="fingerprint rows (distinct decrypt strings x)")
     regularization_rows: int = field(8, help="decrypt-template rows with non-fingerprint strings -> refusal")
-    epochs: float = field(6.0, help="training epochs")
-    learning_rate: float = field(1e-4, help="learning rate (paper: 2e-5 at batch 64 on 7B)")
+    # measured on SmolLM2-135M (full FT, batch 8): FSR 1.0 from epoch 2; SQuAD PPL +5% at epoch 2, +10% at 3,
+    # +12% at 4 with lr 5e-5, and +25% after 6 epochs at 1e-4
+    epochs: float = field(3.0, help="training epochs")
+    learning_rate: float = field(5e-5, help="learning rate (paper: 2e-5 at batch 64 on 7B)")
     ordinary_rows: int = field(48, help="ordinary instruction rows (paper: ~112)")
 
 
