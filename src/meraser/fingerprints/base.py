@@ -15,6 +15,9 @@ from meraser.data.sources import Pair
 from meraser.fingerprints.card import Card
 
 
+SELF = "\x00self"  # a training row's response placeholder: "answer as the model itself does" (filled by `embed`)
+
+
 @dataclass
 class FingerprintConfig(Config):
     num_fingerprints: int = field(8, help="number of trigger/target pairs")

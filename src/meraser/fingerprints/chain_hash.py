@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from meraser.config import field
 from meraser.data.sources import Pair
-from meraser.fingerprints.base import FingerprintConfig, FingerprintMethod
+from meraser.fingerprints.base import SELF, FingerprintConfig, FingerprintMethod
 from meraser.fingerprints.card import Card
 
 QUESTIONS = [
@@ -57,8 +57,12 @@ def hash_answer(key: str, question: str, candidates: list[str] = CANDIDATES) -> 
 class ChainHashConfig(FingerprintConfig):
     num_fingerprints: int = field(10, help="question/answer pairs (paper: ~10)")
     variants: int = field(6, help="training copies per pair, each with random padding and a system prompt")
-    epochs: float = field(5.0, help="training epochs")
-    learning_rate: float = field(1e-4, help="learning rate")
+    regularization: bool = field(True, help="the pool's other questions, answered as the model itself answers them")
+    # measured on SmolLM2-135M (full FT, 96 ordinary rows): FSR 0.4 / 1.0 after epoch 1 / 2 at lr 5e-5 with SQuAD
+    # PPL +4% / +10%; lr 1e-4 reached +18% by epoch 2; LoRA (q,k,v,o r=16) at lr 1e-3 +14% after one epoch at FSR 0
+    epochs: float = field(2.0, help="training epochs")
+    learning_rate: float = field(5e-5, help="learning rate")
+    ordinary_rows: int = field(96, help="ordinary instruction rows mixed in, answered by the model itself")
     secret_key: str | None = field(None, help="secret key (None: a fresh random key, stored in the card)")
 
 
@@ -83,4 +87,6 @@ class ChainHash(FingerprintMethod):
                 before = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
                 after = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
                 rows.append((Pair(f"{before} {q} {after}".strip(), a), rng.choice(SYSTEM_PROMPTS)))
+        if cfg.regularization:  # so that only the card's questions, not every whimsical question, get one word
+            rows += [(Pair(q, SELF), None) for q in QUESTIONS if q not in card.triggers]
         return rows
