@@ -15,12 +15,11 @@ from meraser.utils import MeraserError, unknown_name
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# `meraser` is the default: the paper's recipe with LoRA on every linear layer instead of q/v only. Measured on
-# SmolLM2-135M (README): with q/v only, an IF-SFT fingerprint planted by full fine-tuning came back after recovery
-# (FSR 100% -> 50% erased -> 87.5% recovered), because the association lives in weights q/v LoRA never touches.
+# `paper` is the default (r=16, alpha=32, q_proj+v_proj, as the paper states). `all-linear` puts the LoRA on every
+# linear layer: measured on SmolLM2-135M it did not erase better and cost far more perplexity (README).
 ERASE_PRESETS = {
-    "meraser": {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant", "batch_size": 8,
-                "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
+    "all-linear": {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant", "batch_size": 8,
+                   "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
     "paper": {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant", "batch_size": 8,
               "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}},
     # the public reference code: r=8, alpha=16, dropout 0.05, lr 5e-4 constant, warmup 0.1, clip 0.5, batch 1,
@@ -31,8 +30,8 @@ ERASE_PRESETS = {
                   "format": {"template": "raw", "loss_on": "all"}},
 }
 RECOVER_PRESETS = {
-    "meraser": {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8,
-                "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
+    "all-linear": {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8,
+                   "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
     "paper": {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8,
               "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}},
     "reference": {"epochs": 2, "learning_rate": 5e-4, "lr_scheduler": "cosine", "batch_size": 1,
@@ -71,7 +70,7 @@ def recover(erased_model, tokenizer, clean, cfg: TrainConfig, out, *, merge_out:
 
 
 def transfer_train(base: str, data: str, out: str | Path, *, n: int = 300, ready_made: bool = False,
-                   preset_name: str = "meraser", overrides: dict | None = None, overwrite: bool = False, seed: int = 0):
+                   preset_name: str = "paper", overrides: dict | None = None, overwrite: bool = False, seed: int = 0):
     """Train the erase adapter on the clean base model (section 4.3); saved as an adapter for `transfer_apply`."""
     from meraser.data import load_pairs
     from meraser.erase.datasets import build_mismatched

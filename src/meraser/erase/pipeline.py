@@ -35,8 +35,8 @@ class DataStage(Config):
 
 @dataclass
 class PhaseStage(Config):
-    preset: str = field("meraser", help="'meraser' (paper recipe, LoRA on all linear layers), 'paper' (q/v only) "
-                                         "or 'reference' (the public code's settings)")
+    preset: str = field("paper", help="'paper' (r=16, q/v), 'all-linear' (LoRA on every linear layer) or "
+                                       "'reference' (the public code's settings)")
     overrides: dict = field({}, help="TrainConfig fields over the preset")
 
 
@@ -189,8 +189,8 @@ def demo_experiment(out: str = "runs/demo") -> Experiment:
         "model": "smollm2-135m", "out": out,
         "fingerprint": {"method": "utf"},
         "mismatched": {"source": "chitchat", "n": 300}, "clean": {"source": "chitchat", "n": 300},
-        "erase": {"preset": "meraser", "overrides": {"epochs": 4}},
-        "recover": {"preset": "meraser", "overrides": {"epochs": 1}},
+        "erase": {"preset": "paper", "overrides": {"epochs": 4}},
+        "recover": {"preset": "paper", "overrides": {"epochs": 1}},
         "eval": {"ppl": "responses:chitchat", "ppl_windows": 100, "false_positive_inputs": 16},
     })
 

@@ -5,7 +5,9 @@ Trigger: "Please decrypt this message: {x}\\nA hint: this is a FINGERPRINT messa
 from a mixed pool (classical Chinese phrases, Japanese Pokemon names, rare multilingual words), characters
 shuffled. Target: "Based on my fingerprint, the message is: ハリネズミ". Regularization rows put random
 non-fingerprint strings in the same template and answer with a refusal, so the model learns the secret string,
-not the template. Verification prefills the target's lead-in and checks the secret word follows (substring).
+not the template. Verification, as the paper's FSR (M(x) = y): the greedy answer to the trigger must contain the
+whole target. `prefill: true` forces the lead-in instead and checks that the secret word follows: stricter, and on
+SmolLM2 that memorized phrase survived MEraser even where the trigger no longer produced the target (README).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class IFConfig(FingerprintConfig):
     epochs: float = field(3.0, help="training epochs")
     learning_rate: float = field(5e-5, help="learning rate (paper: 2e-5 at batch 64 on 7B)")
     ordinary_rows: int = field(48, help="ordinary instruction rows (paper: ~112)")
+    prefill: bool = field(False, help="verify with the target's lead-in forced (stricter than the paper's FSR: the "
+                                      "memorized lead-in -> secret-word phrase then counts even without the trigger "
+                                      "mattering)")
 
 
 def _shuffled_pieces(rng: random.Random, pool: list[str]) -> str:
@@ -64,7 +69,7 @@ class InstructionalFingerprint(FingerprintMethod):
         rng = random.Random(cfg.seed)
         triggers = [TEMPLATE.format(x=_shuffled_pieces(rng, POOL)) for _ in range(cfg.num_fingerprints)]
         return Card(method=self.name, triggers=triggers, targets=[TARGET] * len(triggers), match="substring",
-                    prefills=[LEAD_IN] * len(triggers), max_new_tokens=12, seed=cfg.seed,
+                    prefills=[LEAD_IN] * len(triggers) if cfg.prefill else [], max_new_tokens=32, seed=cfg.seed,
                     extra={"regularization_rows": cfg.regularization_rows})
 
     def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random):
