@@ -103,9 +103,17 @@ def _use_bf16(precision: str) -> bool:
 
 
 def _last_checkpoint(work: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(work)) if work.is_dir() else None
+    """The newest complete checkpoint. A run killed while writing one leaves a folder without trainer_state.json
+    (the Trainer writes it last); such a folder is removed and the one before it is used."""
+    if not work.is_dir():
+        return None
+    found = sorted((p for p in work.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").exists() and any(ckpt.glob("*.safetensors")):
+            return str(ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def work_dir(out: Path) -> Path:
