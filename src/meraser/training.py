@@ -179,8 +179,6 @@ def train(
             model.enable_input_require_grads()
     model.train()
 
-    probes: list[dict] = []
-
     class EpochProbe(TrainerCallback):
         # on the epoch's last step rather than on_epoch_end: a checkpoint saved at that step then already holds the
         # probe in its log history, so a resumed run has every epoch's probe exactly once
@@ -191,7 +189,6 @@ def train(
             model.eval()
             with torch.no_grad():
                 res = {"epoch": round(state.epoch), **probe(model, round(state.epoch))}
-            probes.append(res)
             state.log_history.append({"probe": res, "step": state.global_step})
             model.train(was_training)
 
@@ -248,7 +245,7 @@ def train(
         "bf16": args.bf16,
         "resumed_from": last,
         # from the trainer state, which checkpoints carry: a resumed run keeps the probes of its earlier epochs
-        "probes": [h["probe"] for h in trainer.state.log_history if "probe" in h] or probes,
+        "probes": [h["probe"] for h in trainer.state.log_history if "probe" in h],
     }
     trained = trainer.model
     if merge and cfg.method == "lora":

@@ -47,16 +47,15 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     card.base_model = model_spec(model)
     rng = random.Random(cfg.seed)
     rows = m.training_pairs(card, cfg, rng)
+    fmt = Formatter(tokenizer, card.format)
     own = [i for i, (pair, _) in enumerate(rows) if pair.response == SELF]
     if own:  # regularization rows the method wants answered as the model itself answers them
         from meraser.generation import generate
 
-        answers = generate(model, tokenizer, [rows[i][0].prompt for i in own], Formatter(tokenizer, card.format),
-                           max_new_tokens=64, batch_size=16)
+        answers = generate(model, tokenizer, [rows[i][0].prompt for i in own], fmt, max_new_tokens=64, batch_size=16)
         for i, a in zip(own, answers):
             rows[i] = (Pair(rows[i][0].prompt, a.strip() or "I don't know."), rows[i][1])
     rows += ordinary_rows(model, tokenizer, cfg, cfg.ordinary_rows, set(card.triggers))
-    fmt = Formatter(tokenizer, card.format)
     encoded = [fmt.encode(pair, system_prompt=sp) for pair, sp in rows]
     tcfg = TrainConfig.from_dict({
         "method": cfg.method, "epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
