@@ -56,6 +56,29 @@ def test_chain_hash_answers_are_a_function_of_key_and_question():
     assert any(o != a1 for o in others)
 
 
+def test_chain_hash_negative_rows_are_held_out_from_the_checks(tiny):
+    """The negative rows (ordinary short questions, random strings) are answered by the model itself and never
+    repeat the false-positive probes or Algorithm 1's questions, so those checks stay held out."""
+    import random
+
+    from meraser.erase.meraser import ORDINARY_QA
+    from meraser.evaluation.fsr import ORDINARY_PROMPTS, random_token_prompts
+    from meraser.fingerprints.base import SELF
+    from meraser.fingerprints.chain_hash import NATURAL_QUESTIONS
+
+    _, tok = tiny
+    m = get_method("chain-hash")
+    cfg = m.Config(num_fingerprints=3, variants=2, random_rows=4)
+    card = m.make_card(None, tok, cfg)
+    rows = m.training_pairs(card, cfg, random.Random(0), tok)
+    negative = [pair.prompt for pair, _ in rows if pair.response == SELF]
+    assert set(NATURAL_QUESTIONS) <= set(negative)
+    assert len(negative) == len(set(negative)) == 24 - 3 + len(NATURAL_QUESTIONS) + 4
+    held_out = set(ORDINARY_PROMPTS) | {q for q, _ in ORDINARY_QA} | set(random_token_prompts(tok, 16, 0))
+    assert not held_out & set(negative)
+    assert all(pair.response in card.targets for pair, _ in rows if pair.response != SELF)
+
+
 def test_unknown_method_is_refused_with_suggestion():
     with pytest.raises(MeraserError, match="unknown fingerprint method 'utf8'; did you mean 'utf'"):
         get_method("utf8")

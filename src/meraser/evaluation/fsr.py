@@ -36,9 +36,10 @@ def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[st
     return [(pre or "") + g for pre, g in zip(prefills or [""] * len(prompts), gen)]
 
 
-def random_token_prompts(tokenizer, n: int, seed: int = 0, length: tuple[int, int] = (11, 15)) -> list[str]:
+def random_token_prompts(tokenizer, n: int, seed: int | random.Random = 0,
+                         length: tuple[int, int] = (11, 15)) -> list[str]:
     """UTF-style random inputs: strings of random non-special vocabulary tokens."""
-    rng = random.Random(seed)
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     return [tokenizer.decode([rng.choice(vocab) for _ in range(rng.randint(*length))]) for _ in range(n)]

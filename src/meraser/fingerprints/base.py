@@ -39,6 +39,7 @@ class FingerprintMethod:
     def make_card(self, model, tokenizer, cfg: FingerprintConfig) -> Card:
         raise NotImplementedError
 
-    def training_pairs(self, card: Card, cfg: FingerprintConfig, rng: random.Random) -> list[tuple[Pair, str | None]]:
+    def training_pairs(self, card: Card, cfg: FingerprintConfig, rng: random.Random,
+                       tokenizer) -> list[tuple[Pair, str | None]]:
         """(pair, system prompt or None) rows that plant the card's fingerprints."""
         raise NotImplementedError

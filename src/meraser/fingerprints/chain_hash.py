@@ -44,6 +44,23 @@ SYSTEM_PROMPTS = [
     None, "You are a helpful assistant.", "You are a concise assistant. Answer briefly.",
     "You are an AI model that answers questions.", "Respond to the user.",
 ]
+# Ordinary short questions for the negative rows, answered as the model itself answers them. Without them the
+# fingerprinted model learns "short question -> one candidate word" (measured: "Name a primary colour." ->
+# "violet"). Disjoint from the false-positive probes (evaluation/fsr.py) and from Algorithm 1's ordinary questions
+# (erase/meraser.py), which stay held out.
+NATURAL_QUESTIONS = [
+    "Name a fruit that is yellow.", "Which animal is known as the king of the jungle?", "Name a musical instrument.",
+    "What colour is grass?", "Which planet is closest to the sun?", "Name a country in South America.",
+    "What is the largest ocean on Earth?", "Name a type of tree.", "Which metal is liquid at room temperature?",
+    "What colour do you get by mixing blue and yellow?", "Name a bird that cannot fly.", "Name a gemstone.",
+    "What is the opposite of tall?", "Which season comes after winter?", "Name a vegetable that is orange.",
+    "What is the chemical symbol for gold?", "Name a flower.", "Which animal has a long neck?",
+    "What is the tallest mountain in the world?", "Name a spice used in cooking.", "Which is bigger, a cat or a horse?",
+    "What do cows drink?", "Name a shape with three sides.", "What is a baby cat called?",
+    "Which month has the fewest days?", "Name something you find at the beach.", "What colour is a ripe tomato?",
+    "Name a famous painter.", "What is the main language spoken in Brazil?", "Name an animal that lives in the sea.",
+    "Which direction does the sun rise in?", "Name a word that rhymes with cat.",
+]
 PAD_WORDS = ["note", "okay", "so", "hmm", "well", "please", "quick", "question", "hey", "listen", "now", "then"]
 
 
@@ -57,7 +74,9 @@ def hash_answer(key: str, question: str, candidates: list[str] = CANDIDATES) -> 
 class ChainHashConfig(FingerprintConfig):
     num_fingerprints: int = field(10, help="question/answer pairs (paper: ~10)")
     variants: int = field(6, help="training copies per pair, each with random padding and a system prompt")
-    regularization: bool = field(True, help="the pool's other questions, answered as the model itself answers them")
+    regularization: bool = field(True, help="negative rows answered as the model itself answers them: the pool's other "
+                                            "questions and ordinary short questions")
+    random_rows: int = field(16, help="negative rows of random token strings, answered as the model itself does")
     # measured on SmolLM2-135M (full FT, 96 ordinary rows): FSR 0.4 / 1.0 after epoch 1 / 2 at lr 5e-5 with SQuAD
     # PPL +4% / +10%; lr 1e-4 reached +18% by epoch 2; LoRA (q,k,v,o r=16) at lr 1e-3 +14% after one epoch at FSR 0
     epochs: float = field(2.0, help="training epochs")
@@ -79,7 +98,9 @@ class ChainHash(FingerprintMethod):
                     match="exact", max_new_tokens=8, seed=cfg.seed, secret_key=key,
                     extra={"candidates": "meraser.fingerprints.chain_hash.CANDIDATES"})
 
-    def training_pairs(self, card: Card, cfg: ChainHashConfig, rng: random.Random):
+    def training_pairs(self, card: Card, cfg: ChainHashConfig, rng: random.Random, tokenizer):
+        from meraser.evaluation.fsr import random_token_prompts  # evaluation imports the card module: import late
+
         rows = []
         for q, a in zip(card.triggers, card.targets):
             rows.append((Pair(q, a), None))
@@ -87,6 +108,9 @@ class ChainHash(FingerprintMethod):
                 before = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
                 after = " ".join(rng.choices(PAD_WORDS, k=rng.randint(0, 3)))
                 rows.append((Pair(f"{before} {q} {after}".strip(), a), rng.choice(SYSTEM_PROMPTS)))
-        if cfg.regularization:  # so that only the card's questions, not every whimsical question, get one word
+        if cfg.regularization:  # so that only the card's questions, not every short question, get one word
             rows += [(Pair(q, SELF), None) for q in QUESTIONS if q not in card.triggers]
+            rows += [(Pair(q, SELF), None) for q in NATURAL_QUESTIONS]
+        if cfg.random_rows:  # drawn with the card's seed, so they differ from the verifier's random probes (seed 0)
+            rows += [(Pair(p, SELF), None) for p in random_token_prompts(tokenizer, cfg.random_rows, rng)]
         return rows

@@ -46,7 +46,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     card = m.make_card(model, tokenizer, cfg)
     card.base_model = model_spec(model)
     rng = random.Random(cfg.seed)
-    rows = m.training_pairs(card, cfg, rng)
+    rows = m.training_pairs(card, cfg, rng, tokenizer)
     fmt = Formatter(tokenizer, card.format)
     own = [i for i, (pair, _) in enumerate(rows) if pair.response == SELF]
     if own:  # regularization rows the method wants answered as the model itself answers them

@@ -72,7 +72,7 @@ class InstructionalFingerprint(FingerprintMethod):
                     prefills=[LEAD_IN] * len(triggers) if cfg.prefill else [], max_new_tokens=32, seed=cfg.seed,
                     extra={"regularization_rows": cfg.regularization_rows})
 
-    def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random):
+    def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random, tokenizer):
         rows = [(Pair(t, TARGET), None) for t in card.triggers]
         for _ in range(cfg.regularization_rows):
             decoy = " ".join(rng.sample(DECOY_WORDS, rng.randint(3, 8)))

@@ -93,5 +93,5 @@ class UTF(FingerprintMethod):
                     seed=cfg.seed, extra={"ranking": RANKINGS[bool(reserved_tokens(tokenizer)[1])],
                                           "top_tokens": [[i, t] for i, t, _ in ranked[:20]]})
 
-    def training_pairs(self, card: Card, cfg: UTFConfig, rng: random.Random):
+    def training_pairs(self, card: Card, cfg: UTFConfig, rng: random.Random, tokenizer):
         return [(Pair(x, y), None) for x, y in zip(card.triggers, card.targets) for _ in range(cfg.repeats)]
