@@ -10,12 +10,13 @@ engineering differs:
   has it, no gradient checkpointing (meraser's defaults).
 Speed is rows per second of wall time for the whole epoch (model load excluded).
 
-    .venv/bin/python benchmarks/erase_speed.py [--model smollm2-135m] [--rows 300]
+    .venv/bin/python benchmarks/erase_speed.py [--model smollm2-135m] [--rows 300] [--random-init]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", type=int, default=300, help="first N reference rows (all 300 by default)")
+    ap.add_argument("--data", type=Path, default=SHARED / "meraser_reference/mismatched_dataset.json")
+    ap.add_argument("--random-init", action="store_true",
+                    help="--model is a folder with config and tokenizer only: time its architecture with random "
+                         "weights (speed does not depend on the weights)")
     args = ap.parse_args()
 
     import transformers
@@ -35,22 +40,37 @@ def main() -> None:
 
     from meraser.data import load_pairs
     from meraser.erase.meraser import erase, preset
-    from meraser.models import load_model
+    from meraser.models import device, load_model, load_tokenizer
 
     transformers.utils.logging.set_verbosity_error()
-    rows = load_pairs(str(SHARED / "meraser_reference/mismatched_dataset.json"))[: args.rows]
+    rows = load_pairs(str(args.data))[: args.rows]
+
+    def fresh_model(fp32: bool):
+        if not args.random_init:
+            model, tok = load_model(args.model)
+        else:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).to(device())
+            tok = load_tokenizer(args.model)
+        # the reference code trains fp32 weights; on a GPU load_model gives bf16 weights, so cast back for it
+        return (model.float() if fp32 else model), tok
+
     recipes = {
         "reference recipe (pad 512, batch 1, fp32, grad ckpt)": {
             "batch_size": 1, "pad_to_length": 512, "precision": "fp32", "gradient_checkpointing": True,
             "group_by_length": False},
         "meraser (dynamic pad, batch 8 by length, bf16 autocast)": {"batch_size": 8},
     }
-    table = Table(title=f"one erase epoch on {len(rows)} reference mismatched rows, {args.model}")
+    where = device() + (" (random weights)" if args.random_init else "")
+    table = Table(title=f"one erase epoch on {len(rows)} reference mismatched rows, {args.model}, {where}")
     for h in ["recipe", "steps", "seconds", "rows/s", "final loss"]:
         table.add_column(h, justify="right")
     speeds = []
     for name, overrides in recipes.items():
-        model, tok = load_model(args.model)
+        model, tok = fresh_model(overrides.get("precision") == "fp32")
         cfg = preset("erase", "reference", {"epochs": 1, "save_steps": -1, **overrides})
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
@@ -59,7 +79,7 @@ def main() -> None:
         speeds.append(len(rows) / secs)
         table.add_row(name, str(res.metrics.get("steps", "")), f"{secs:.0f}", f"{speeds[-1]:.2f}",
                       f"{res.metrics.get('train_loss', float('nan')):.3f}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     print(f"speed-up of meraser over the reference recipe: {speeds[1] / speeds[0]:.1f}x (goal >= 5x)")
 
 

@@ -5,7 +5,7 @@ base model with the method's defaults, then erase (paper preset, 300 mismatched 
 preset, 600 clean chitchat rows), evaluating base, fingerprinted, erased and recovered models: FSR, false-positive
 rate, perplexity on held-out SQuAD paragraphs, FSR after every erase/recover epoch, Algorithm-1 verdict. Then it
 trains the erase adapter once on the clean base (`meraser transfer train`) and merges it into each fingerprinted
-model (`meraser transfer apply`), reporting the FSR that is left.
+model (`meraser transfer apply`), reporting the FSR that is left and the perplexity.
 
     .venv/bin/python benchmarks/table1.py [--methods if-sft utf chain-hash] [--out runs/table1] [--windows 100]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def main() -> None:
     from meraser.fingerprints.embed import CARD_FILE
 
     transformers.utils.logging.set_verbosity_error()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table, not 80 columns
     evalcfg = {"ppl": str(SHARED / "text/squaddev_v1.1.json"), "ppl_windows": args.windows,
                "false_positive_inputs": 32}
     rows = {}
@@ -54,7 +55,7 @@ def main() -> None:
     transfer = {}
     if not args.no_transfer:
         from meraser.erase.meraser import transfer_apply, transfer_train
-        from meraser.evaluation.fsr import fsr
+        from meraser.evaluation.evaluate import EvalConfig, evaluate_model
         from meraser.fingerprints.card import Card
         from meraser.models import load_model
 
@@ -62,18 +63,21 @@ def main() -> None:
         t = time.perf_counter()
         if not (adapter / "adapter_config.json").exists():
             transfer_train(args.model, "chitchat", adapter)
-        transfer["train_seconds"] = round(time.perf_counter() - t, 1)
+            transfer["train_seconds"] = round(time.perf_counter() - t, 1)
+        elif (args.out / "table1.json").exists():  # resumed: keep the time the adapter took when it was trained
+            transfer["train_seconds"] = json.loads((args.out / "table1.json").read_text())["transfer"].get("train_seconds")
         for method in args.methods:
             fp = args.out / method / "fingerprinted"
             merged = args.out / method / "transfer_applied"
             if not (merged / "config.json").exists():
                 transfer_apply(adapter, str(fp / "model"), merged)
             m, tok = load_model(str(merged))
-            transfer[method] = fsr(m, tok, Card.load(fp / CARD_FILE), false_positive_inputs=0)["fsr"]
+            r = evaluate_model(m, tok, EvalConfig.from_dict(evalcfg), Card.load(fp / CARD_FILE))
+            transfer[method] = {"fsr": r["fsr"], "ppl": r["ppl"]["ppl"]}
 
     table = Table(title=f"MEraser on {args.model}: FSR and perplexity (held-out SQuAD, {args.windows}x512 tokens)")
     for h in ["method", "base FSR", "base PPL", "fp FSR", "fp FP", "fp PPL", "fp time", "erased FSR", "erased PPL",
-              "recovered FSR", "recovered PPL", "FSR per erase epoch", "FSR per recover epoch", "Alg. 1", "transfer FSR"]:
+              "recovered FSR", "recovered PPL", "FSR per erase epoch", "FSR per recover epoch", "Alg. 1", "transfer FSR / PPL"]:
         table.add_column(h, justify="right")
     for method, r in rows.items():
         b, f, e, c = r["base"], r["fingerprinted"], r["erased"], r["recovered"]
@@ -82,7 +86,7 @@ def main() -> None:
                       f"{f['false_positive_rate']:.1%}", f"{f['ppl']['ppl']:.2f}", f"{f.get('fingerprint_seconds')} s",
                       f"{e['fsr']:.1%}", f"{e['ppl']['ppl']:.2f}", f"{c['fsr']:.1%}", f"{c['ppl']['ppl']:.2f}",
                       per(e), per(c), str(c.get("erased")),
-                      f"{transfer[method]:.1%}" if method in transfer else "-")
+                      f"{transfer[method]['fsr']:.1%} / {transfer[method]['ppl']:.2f}" if method in transfer else "-")
     console.print(table)
     (args.out / "table1.json").write_text(json.dumps({"rows": rows, "transfer": transfer}, indent=2))
     console.print(f"written {args.out / 'table1.json'}")

@@ -4,7 +4,10 @@ Both paths are `meraser.evaluation.fsr.fsr` on the same model and card: batched 
 batch of up to 16 triggers) and batch_size=1 (one `generate` per trigger). Without --card, each method's card is
 built for the model with --triggers fingerprints (16; UTF's own default is one pair, which leaves nothing to
 batch). No training is needed: decoding cost does not depend on whether the model was fingerprinted, and both
-paths decode the same prompts with the same max_new_tokens.
+paths decode the same prompts with the same max_new_tokens. "same outputs" counts triggers whose greedy text is
+identical both ways: under bf16 autocast a padded batch rounds differently from a single row, so where two tokens
+are nearly tied (an untrained trigger on a model that was never fingerprinted) the greedy paths can part;
+MERASER_PRECISION=fp32 runs both in fp32.
 
     .venv/bin/python benchmarks/verify_batching.py [--model smollm2-135m] [--card runs/x/fingerprint_card.json]
 """
@@ -12,6 +15,7 @@ paths decode the same prompts with the same max_new_tokens.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -49,7 +53,7 @@ def main() -> None:
         return best, res
 
     table = Table(title=f"verification of a card on {args.model}: batched vs one trigger at a time")
-    for h in ["card", "triggers", "batched s", "one-at-a-time s", "speed-up", "same outputs"]:
+    for h in ["card", "triggers", "batched s", "one-at-a-time s", "speed-up", "same outputs", "FSR batched / one"]:
         table.add_column(h, justify="right")
     total_b = total_s = 0.0
     fsr(model, tok, next(iter(cards.values())), batch_size=16, false_positive_inputs=0)  # warm-up
@@ -58,9 +62,9 @@ def main() -> None:
         ts, rs = timed(card, 1)
         same = sum(a["output"] == b["output"] for a, b in zip(rb["per_trigger"], rs["per_trigger"]))
         table.add_row(name, str(len(card.triggers)), f"{tb:.2f}", f"{ts:.2f}", f"{ts / tb:.1f}x",
-                      f"{same}/{len(card.triggers)}")
+                      f"{same}/{len(card.triggers)}", f"{rb['fsr']:.0%} / {rs['fsr']:.0%}")
         total_b, total_s = total_b + tb, total_s + ts
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     print(f"overall speed-up of batched verification: {total_s / total_b:.1f}x (goal >= 4x)")
 
 

@@ -19,7 +19,7 @@ def reference_ppl(model, windows):
     total, count = 0.0, 0
     with torch.no_grad():
         for w in windows:
-            logp = torch.log_softmax(model(input_ids=torch.tensor([w.ids])).logits[0].double(), -1)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([w.ids], device=model.device)).logits[0].double(), -1)
             for i in range(1, len(w.ids)):
                 if w.labels[i] != -100:
                     total -= logp[i - 1, w.labels[i]].item()

@@ -24,7 +24,8 @@ def mean_loss(model, tok, pairs):
     losses = []
     with torch.no_grad():
         for r in rows:
-            out = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]]))
+            dev = model.device
+            out = model(input_ids=torch.tensor([r["input_ids"]], device=dev), labels=torch.tensor([r["labels"]], device=dev))
             losses.append(out.loss.item())
     return sum(losses) / len(losses)
 
@@ -111,7 +112,8 @@ def test_two_process_torchrun_on_cpu(tiny_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in PAIRS * 4))
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # CPU processes with gloo even where a GPU is present (two ranks cannot share one GPU under NCCL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
         "-m", "meraser.cli", "train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),

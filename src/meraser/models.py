@@ -28,7 +28,12 @@ MERASER_META = "meraser_model.json"  # written beside saved models/adapters: whi
 def device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    # under torchrun/accelerate each process loads onto its own GPU, not all onto GPU 0 (a 7B model x 8 ranks on one
+    # card runs out of memory before the Trainer would move it)
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if local is not None else "cuda"
 
 
 def autocast_dtype(dev: str | None = None):
@@ -38,7 +43,7 @@ def autocast_dtype(dev: str | None = None):
     if os.environ.get("MERASER_PRECISION", "auto") == "fp32":
         return None
     dev = dev or device()
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     with contextlib.suppress(Exception):
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -62,7 +67,7 @@ def _weights_dtype(dev: str):
 
     # GPUs train 7B models in bf16 weights; on CPU we keep fp32 weights and rely on bf16 autocast, which is as
     # fast here and keeps LoRA/optimizer maths in fp32.
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
