@@ -16,7 +16,6 @@ Speed is rows per second of wall time for the whole epoch (model load excluded).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import transformers
-    from rich.console import Console
+    from meraser.utils import console as log_console
     from rich.table import Table
 
     from meraser.data import load_pairs
@@ -79,7 +78,7 @@ def main() -> None:
         speeds.append(len(rows) / secs)
         table.add_row(name, str(res.metrics.get("steps", "")), f"{secs:.0f}", f"{speeds[-1]:.2f}",
                       f"{res.metrics.get('train_loss', float('nan')):.3f}")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    log_console(160).print(table)
     print(f"speed-up of meraser over the reference recipe: {speeds[1] / speeds[0]:.1f}x (goal >= 5x)")
 
 

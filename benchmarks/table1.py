@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,14 +32,14 @@ def main() -> None:
     args = ap.parse_args()
 
     import transformers
-    from rich.console import Console
+    from meraser.utils import console as log_console
     from rich.table import Table
 
     from meraser.erase.pipeline import Experiment, run_experiment
     from meraser.fingerprints.embed import CARD_FILE
 
     transformers.utils.logging.set_verbosity_error()
-    console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table, not 80 columns
+    console = log_console(220)  # a log file gets the whole table, not 80 columns
     evalcfg = {"ppl": str(SHARED / "text/squaddev_v1.1.json"), "ppl_windows": args.windows,
                "false_positive_inputs": 32}
     rows = {}

@@ -15,7 +15,6 @@ MERASER_PRECISION=fp32 runs both in fp32.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 
@@ -28,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import transformers
-    from rich.console import Console
+    from meraser.utils import console as log_console
     from rich.table import Table
 
     from meraser.evaluation.fsr import fsr
@@ -64,7 +63,7 @@ def main() -> None:
         table.add_row(name, str(len(card.triggers)), f"{tb:.2f}", f"{ts:.2f}", f"{ts / tb:.1f}x",
                       f"{same}/{len(card.triggers)}", f"{rb['fsr']:.0%} / {rs['fsr']:.0%}")
         total_b, total_s = total_b + tb, total_s + ts
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    log_console(160).print(table)
     print(f"overall speed-up of batched verification: {total_s / total_b:.1f}x (goal >= 4x)")
 
 

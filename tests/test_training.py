@@ -21,11 +21,11 @@ PAIRS = [
 
 def mean_loss(model, tok, pairs):
     rows = Formatter(tok).encode_all(pairs)
-    losses = []
+    losses, dev = [], model.device
     with torch.no_grad():
         for r in rows:
-            dev = model.device
-            out = model(input_ids=torch.tensor([r["input_ids"]], device=dev), labels=torch.tensor([r["labels"]], device=dev))
+            out = model(input_ids=torch.tensor([r["input_ids"]], device=dev),
+                        labels=torch.tensor([r["labels"]], device=dev))
             losses.append(out.loss.item())
     return sum(losses) / len(losses)
 

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from meraser.utils import MeraserError
+from meraser.utils import console as _console
 
 app = typer.Typer(
     help="MEraser: erase backdoor fingerprints from LLMs, embed fingerprints to test it, and evaluate both.",
@@ -22,12 +23,6 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Hugging Face id, local model or adapter folder, or the embedded default 'smollm2-135m'"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
 
 
 def _quiet_libraries() -> None:

@@ -140,3 +140,13 @@ def cache_dir() -> Path:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def console(log_width: int | None = None):
+    """A rich Console. With `log_width`, output that is not a terminal (a log file) gets that many columns instead
+    of rich's 80, so wide tables arrive whole."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=log_width if log_width and not sys.stdout.isatty() else None)
