@@ -125,3 +125,60 @@ def test_two_process_torchrun_on_cpu(tiny_dir, tmp_path):
     # 12 rows, 2 processes x batch 2 -> 3 steps per epoch
     assert log["metrics"]["steps"] == 6
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_shortcuts_give_the_models_own_loss_and_gradients(tiny, method):
+    """lm_loss.causal_lm_loss_sum (chunked head + cross-entropy on labelled positions) and dropping the attention
+    mask of right-padded rows each give the loss and gradients of the model's own loss with its mask, for a LoRA
+    adapter and for full fine-tuning of the tied head."""
+    from peft import get_peft_model
+
+    from meraser.data.formatting import collate
+    from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm, is_right_padded
+    from meraser.training import LoraSettings
+
+    model, tok = tiny
+    if method == "lora":
+        model = get_peft_model(model, LoraSettings(r=4, alpha=8).to_peft())
+    assert is_plain_causal_lm(model)
+    batch = collate(Formatter(tok).encode_all(PAIRS), tok.pad_token_id)  # response-only labels, padded rows
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()
+    assert is_right_padded(batch["attention_mask"]) and not is_right_padded(batch["attention_mask"].flip(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fused: bool, mask: bool):
+        model.zero_grad()
+        attention_mask = batch["attention_mask"] if mask else None
+        if fused:
+            # chunk 5 < labelled positions: several chunks, one of them partial
+            total, count = causal_lm_loss_sum(model, batch["input_ids"], attention_mask, batch["labels"], chunk=5)
+            loss = total / count
+        else:
+            loss = model(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["labels"]).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    model.train()
+    own_loss, own_grads = loss_and_grads(fused=False, mask=True)
+    assert len(own_grads) > 0
+    for fused, mask in [(True, True), (False, False), (True, False)]:
+        loss, grads = loss_and_grads(fused, mask)
+        assert loss == pytest.approx(own_loss, rel=1e-5), (fused, mask)
+        for a, b in zip(own_grads, grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_shortcuts_are_only_used_on_plain_causal_lms(tiny):
+    from peft import get_peft_model
+
+    from meraser.lm_loss import is_plain_causal_lm
+    from meraser.training import LoraSettings
+
+    model, _ = tiny
+    assert is_plain_causal_lm(model)
+    # a LoRA adapter on the head must run, so the model's own loss is kept
+    with_head = get_peft_model(model, LoraSettings(target_modules=["q_proj", "lm_head"]).to_peft())
+    assert not is_plain_causal_lm(with_head)
+    model.config.model_type = "gemma2"  # soft-capped logits
+    assert not is_plain_causal_lm(model)

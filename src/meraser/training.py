@@ -64,6 +64,10 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = field(False, help="trade compute for memory (slower)")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bf16 autocast where the hardware has it")
     pad_to_length: int = field(0, help="pad every row to this length (reference-code behaviour; benchmarks only)")
+    fused_loss: bool = field(True, help="LM head and cross-entropy in chunks, on labelled positions only (same loss, "
+                                        "less time and memory; used where the architecture allows, see lm_loss.py)")
+    mask_free: bool = field(True, help="no attention mask for right-padded rows: causal attention already keeps "
+                                       "real tokens off the padding, and the kernel can then skip the masked half")
     logging_steps: int = field(10, help="log the loss every N steps")
     format: FormatConfig = field(None, help="how pairs become tokens: template, loss mask, truncation")
 
@@ -100,6 +104,33 @@ def _use_bf16(precision: str) -> bool:
     import torch
 
     return autocast_dtype(device()) == torch.bfloat16
+
+
+def _trainer_class(fused_loss: bool, mask_free: bool):
+    """transformers.Trainer with meraser's two exact shortcuts for plain causal LMs (see lm_loss.py)."""
+    from transformers import Trainer
+
+    from meraser.lm_loss import causal_lm_loss_sum, is_right_padded
+
+    class MeraserTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if mask_free and is_right_padded(inputs.get("attention_mask")):
+                inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            if not fused_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            total, count = causal_lm_loss_sum(model, inputs["input_ids"], inputs.get("attention_mask"),
+                                              inputs["labels"])
+            # normalised as Trainer.compute_loss normalises the model's own loss (the Trainer then treats it as
+            # scaled for gradient accumulation exactly when num_items_in_batch is given): the count spans the
+            # accumulated batch and, when averaged across devices, all ranks, whose gradients DDP then averages
+            if num_items_in_batch is None:
+                return total / count.clamp(min=1)
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return MeraserTrainer
 
 
 def _last_checkpoint(work: Path) -> str | None:
@@ -144,7 +175,9 @@ def train(
     interrupted run that wrote the same `out`.
     """
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
+
+    from meraser.lm_loss import is_plain_causal_lm
 
     cfg = cfg or TrainConfig()
     out = Path(out)
@@ -220,7 +253,8 @@ def train(
         dataloader_num_workers=0,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(
+    plain = is_plain_causal_lm(model)
+    trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain)(
         model=model,
         args=args,
         train_dataset=rows,
