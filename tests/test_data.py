@@ -106,3 +106,32 @@ def test_collate_pads_dynamically():
     batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1] * 10, "labels": [1] * 10}], 0)
     assert batch["input_ids"].shape == (2, 16)  # longest row (10) rounded up to a multiple of 8, not 512
     assert batch["labels"][0, 3:].eq(-100).all() and batch["attention_mask"][0].sum() == 3
+
+
+def test_length_batched_sampler_groups_rows_and_pads_less_than_transformers():
+    import random
+
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from meraser.data.sampling import JITTER_TOKENS, LengthBatchedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 500) for _ in range(60)]  # 60 = 7 batches of 8 and a ragged 4
+    sampler = LengthBatchedSampler(lengths, batch_size=8, seed=3)
+
+    def padded(order):
+        return sum(max(lengths[i] for i in order[s:s + 8]) * len(order[s:s + 8]) for s in range(0, len(order), 8))
+
+    order = list(sampler)
+    assert sorted(order) == list(range(60))
+    # the ragged last batch holds the 4 longest rows (up to the jitter); the first batch is the longest full one
+    assert min(lengths[i] for i in order[-4:]) >= sorted(lengths)[-4] - JITTER_TOKENS
+    assert max(lengths[i] for i in order[:8]) >= max(lengths[i] for i in order[:-4]) - JITTER_TOKENS
+    hf = get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(3))
+    assert padded(order) < 0.9 * padded(hf)
+    assert padded(order) < 1.1 * padded(sorted(range(60), key=lambda i: lengths[i]))
+    # the order is a function of (seed, epoch): a resumed run sees the same batches, a new epoch new ones
+    assert list(LengthBatchedSampler(lengths, 8, seed=3)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order

@@ -6,7 +6,9 @@ fine-tuning baselines) calls `train`. Because it is a plain Trainer, `torchrun -
 
 Speed choices, measured on a 2-core CPU with SmolLM2-135M (see benchmarks/train_throughput.py): dynamic padding to
 the longest row of a batch, batches grouped by length, bf16 autocast over fp32 weights where the CPU has native
-bf16, no gradient checkpointing (it costs ~25-40% and memory is not the limit at this size).
+bf16, no gradient checkpointing (it costs ~25-40% and memory is not the limit at this size), and on plain causal
+LMs the LM head and loss computed in chunks on labelled positions only, with no attention mask on right-padded rows
+(both exact; lm_loss.py says why they help).
 """
 
 from __future__ import annotations
@@ -106,13 +108,21 @@ def _use_bf16(precision: str) -> bool:
     return autocast_dtype(device()) == torch.bfloat16
 
 
-def _trainer_class(fused_loss: bool, mask_free: bool):
-    """transformers.Trainer with meraser's two exact shortcuts for plain causal LMs (see lm_loss.py)."""
+def _trainer_class(fused_loss: bool, mask_free: bool, group_by_length: bool, seed: int):
+    """transformers.Trainer with meraser's length-grouped batches (data/sampling.py) and its two exact shortcuts for
+    plain causal LMs (lm_loss.py)."""
     from transformers import Trainer
 
+    from meraser.data.sampling import LengthBatchedSampler
     from meraser.lm_loss import causal_lm_loss_sum, is_right_padded
 
     class MeraserTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            rows = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthBatchedSampler([len(r["input_ids"]) for r in rows], self.args.per_device_train_batch_size, seed)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if mask_free and is_right_padded(inputs.get("attention_mask")):
                 inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
@@ -245,7 +255,7 @@ def train(
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
         report_to="none",
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.pad_to_length else "random",
+        train_sampling_strategy="random",  # or meraser's LengthBatchedSampler, see _trainer_class
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -254,7 +264,8 @@ def train(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plain = is_plain_causal_lm(model)
-    trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain)(
+    trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
+                             cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
         model=model,
         args=args,
         train_dataset=rows,
