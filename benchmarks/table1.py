@@ -35,7 +35,7 @@ def main() -> None:
     from meraser.utils import console as log_console
     from rich.table import Table
 
-    from meraser.erase.pipeline import Experiment, run_experiment
+    from meraser.runner import Experiment, run_experiment
     from meraser.fingerprints.embed import CARD_FILE
 
     transformers.utils.logging.set_verbosity_error()
@@ -53,7 +53,7 @@ def main() -> None:
 
     transfer = {}
     if not args.no_transfer:
-        from meraser.erase.meraser import transfer_apply, transfer_train
+        from meraser.erase.transfer import transfer_apply, transfer_train
         from meraser.evaluation.evaluate import EvalConfig, evaluate_model
         from meraser.fingerprints.card import Card
         from meraser.models import load_model
@@ -61,7 +61,7 @@ def main() -> None:
         adapter = args.out / "transfer_adapter"
         t = time.perf_counter()
         if not (adapter / "adapter_config.json").exists():
-            transfer_train(args.model, "chitchat", adapter)
+            transfer_train(args.model, adapter)
             transfer["train_seconds"] = round(time.perf_counter() - t, 1)
         elif (args.out / "table1.json").exists():  # resumed: keep the time the adapter took when it was trained
             transfer["train_seconds"] = json.loads((args.out / "table1.json").read_text())["transfer"].get("train_seconds")

@@ -6,7 +6,8 @@ import pytest
 
 from meraser.data import Pair
 from meraser.erase.datasets import build_clean, build_mismatched
-from meraser.erase.meraser import erase, preset, recover, transfer_apply
+from meraser.erase.meraser import erase, preset, recover
+from meraser.erase.transfer import transfer_apply
 from meraser.evaluation.fsr import fsr
 from meraser.utils import MeraserError
 

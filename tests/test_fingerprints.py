@@ -6,7 +6,7 @@ import pytest
 from meraser.evaluation.fsr import fsr
 from meraser.fingerprints import REGISTRY, Card, get_method
 from meraser.fingerprints.chain_hash import hash_answer
-from meraser.fingerprints.embed import CARD_FILE, embed
+from meraser.fingerprints.embed import CARD_FILE
 from meraser.fingerprints.utf import undertrained_tokens
 from meraser.utils import MeraserError
 
@@ -61,7 +61,7 @@ def test_chain_hash_negative_rows_are_held_out_from_the_checks(tiny):
     repeat the false-positive probes or Algorithm 1's questions, so those checks stay held out."""
     import random
 
-    from meraser.erase.meraser import ORDINARY_QA
+    from meraser.evaluation.algorithm1 import ORDINARY_QA
     from meraser.evaluation.fsr import ORDINARY_PROMPTS, random_token_prompts
     from meraser.fingerprints.base import SELF
     from meraser.fingerprints.chain_hash import NATURAL_QUESTIONS

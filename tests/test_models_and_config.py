@@ -121,7 +121,7 @@ def test_shipped_example_configs_parse():
 
 
 def test_shipped_experiment_yamls_parse():
-    from meraser.erase.pipeline import load_experiment
+    from meraser.runner import load_experiment
 
     files = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
     experiments = [f for f in files if not f.name.startswith("train")]

@@ -25,6 +25,26 @@ app = typer.Typer(
 MODEL_HELP = "Hugging Face id, local model or adapter folder, or the embedded default 'smollm2-135m'"
 
 
+def _default(config_cls, path: str) -> str:
+    """A config field's default as text, for `--help`: every default lives in its config class only."""
+    node = config_cls()
+    for part in path.split("."):
+        node = getattr(node, part)
+    return ",".join(node) if isinstance(node, list) else str(node)
+
+
+def _eval_default(name: str):
+    from meraser.evaluation.evaluate import EvalConfig
+
+    return getattr(EvalConfig(), name)
+
+
+def _train_default(path: str) -> str:
+    from meraser.training import TrainConfig
+
+    return _default(TrainConfig, path)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -55,19 +75,25 @@ def train(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option("chitchat", "--data", "-d", help="JSON/JSONL file, 'chitchat' (offline default) or hf:DATASET_ID"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (adapter, or model for full/--merge)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with TrainConfig fields; flags override it"),
-    method: Optional[str] = typer.Option(None, help="lora or full"),
-    epochs: Optional[float] = typer.Option(None, help="training epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate"),
-    batch_size: Optional[int] = typer.Option(None, help="rows per device per step"),
-    lora_r: Optional[int] = typer.Option(None, help="LoRA rank"),
-    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha"),
-    target_modules: Optional[str] = typer.Option(None, help="comma-separated LoRA target modules, e.g. q_proj,v_proj"),
-    template: Optional[str] = typer.Option(None, help="chat, raw, or a custom '{prompt} ... {response}' template"),
-    loss_on: Optional[str] = typer.Option(None, help="response (default) or all"),
-    prompt_field: Optional[str] = typer.Option(None, help="prompt field name in the data file"),
-    response_field: Optional[str] = typer.Option(None, help="response field name in the data file"),
-    limit: Optional[int] = typer.Option(None, help="use only the first N rows"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with TrainConfig fields; flags override it",
+                                          show_default="none"),
+    method: Optional[str] = typer.Option(None, help="lora or full", show_default=_train_default("method")),
+    epochs: Optional[float] = typer.Option(None, help="training epochs", show_default=_train_default("epochs")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate", show_default=_train_default("learning_rate")),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="rows per device per step",
+                                             show_default=_train_default("batch_size")),
+    lora_r: Optional[int] = typer.Option(None, min=1, help="LoRA rank", show_default=_train_default("lora.r")),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha", show_default=_train_default("lora.alpha")),
+    target_modules: Optional[str] = typer.Option(None, help="comma-separated LoRA target modules",
+                                                 show_default=_train_default("lora.target_modules")),
+    template: Optional[str] = typer.Option(None, help="chat, raw, or a custom '{prompt} ... {response}' template",
+                                           show_default=_train_default("format.template")),
+    loss_on: Optional[str] = typer.Option(None, help="response or all", show_default=_train_default("format.loss_on")),
+    prompt_field: Optional[str] = typer.Option(None, help="prompt field name in the data file",
+                                               show_default="detected"),
+    response_field: Optional[str] = typer.Option(None, help="response field name in the data file",
+                                                 show_default="detected"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use only the first N rows", show_default="all"),
     merge: bool = typer.Option(False, help="merge the LoRA adapter and save a full model"),
     resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
@@ -96,13 +122,17 @@ def train(
 @app.command()
 def evaluate(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    card: Optional[Path] = typer.Option(None, help="fingerprint card: also report FSR and false positives"),
-    ppl: Optional[str] = typer.Option(None, help="perplexity text: .txt/.json/.jsonl file or hf:NAME[:CONFIG]"),
-    text_field: Optional[str] = typer.Option(None, help="dotted path of the text in a JSON file (SQuAD: data.paragraphs.context)"),
-    ppl_windows: int = typer.Option(200, help="at most this many 512-token windows"),
-    tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="lm-eval task name or BIG-bench task.json/folder; repeat"),
-    limit: Optional[int] = typer.Option(None, help="examples per task"),
-    batch_size: int = typer.Option(8, help="batch size"),
+    card: Optional[Path] = typer.Option(None, help="fingerprint card: also report FSR and false positives",
+                                        show_default="none"),
+    ppl: Optional[str] = typer.Option(None, help="perplexity text: .txt/.json/.jsonl file or hf:NAME[:CONFIG]",
+                                      show_default="none"),
+    text_field: Optional[str] = typer.Option(None, help="dotted path of the text in a JSON file",
+                                             show_default="data.paragraphs.context for .json, text for .jsonl"),
+    ppl_windows: int = typer.Option(_eval_default("ppl_windows"), min=1, help="at most this many 512-token windows"),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", show_default="none",
+                                              help="lm-eval task name or BIG-bench task.json/folder; repeat"),
+    limit: Optional[int] = typer.Option(None, min=1, help="examples per task", show_default="all"),
+    batch_size: int = typer.Option(_eval_default("batch_size"), min=1, help="batch size"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
@@ -130,7 +160,11 @@ def _parse_sets(sets: Optional[List[str]]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise MeraserError(f"--set expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
+        node = out
+        *parents, leaf = key.strip().split(".")  # lora.r=8 -> {"lora": {"r": 8}}
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return out
 
 
@@ -139,7 +173,8 @@ def fingerprint(
     method: str = typer.Option(..., "--method", help="if-sft, utf or chain-hash"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model/ plus the secret fingerprint_card.json"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat",
+                                             show_default="the method's defaults"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
@@ -192,7 +227,7 @@ def verify(
 def chat(
     prompt: str = typer.Argument(..., help="the user message"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    max_new_tokens: int = typer.Option(128, help="tokens to generate"),
+    max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
     """Answer one prompt with a model's chat template (greedy)."""
@@ -214,7 +249,8 @@ def _print_rows(rows: list[dict], title: str) -> None:
             curve = "  ".join(f"e{p['epoch']}:{p['fsr']:.0%}" for p in r["fsr_per_epoch"])
             console.print(f"  FSR per epoch while {r['stage'].replace('ed', 'ing')}: {curve}")
         if "erased" in r:
-            console.print(f"  Algorithm 1 verify after {r['stage']}: erased={r['erased']} "
+            verdict = "needs a card for its FSR half" if r["erased"] is None else f"erased={r['erased']}"
+            console.print(f"  Algorithm 1 verify after {r['stage']}: {verdict} "
                           f"(ordinary accuracy {r['ordinary_accuracy']:.0%} vs {r['reference_accuracy']:.0%} before)")
 
 
@@ -227,40 +263,156 @@ def _write_run_report(run_dir: str) -> None:
 @app.command()
 def run(
     experiment: Path = typer.Argument(..., help="experiment YAML (see examples/)"),
-    out: Optional[Path] = typer.Option(None, help="override the experiment's output folder"),
+    out: Optional[Path] = typer.Option(None, help="override the experiment's output folder",
+                                       show_default="the YAML's `out`"),
+    overwrite: bool = typer.Option(False, help="redo the stages whose settings changed (and the stages after them)"),
 ):
-    """Fingerprint -> erase -> recover, evaluating every stage; re-running resumes finished stages."""
-    from meraser.erase.pipeline import load_experiment, run_experiment
+    """Fingerprint (or take an existing model, with or without its card) -> erase -> recover, evaluating every
+    stage. The whole file is checked first; re-running resumes finished stages and refuses stale ones."""
+    from meraser.runner import load_experiment, run_experiment
 
     _quiet_libraries()
     exp = load_experiment(experiment)
     if out:
         exp.out = str(out)
-    rows = run_experiment(exp, console=_console())
-    _print_rows(rows, f"MEraser on {exp.model} ({exp.fingerprint.existing or exp.fingerprint.method})")
+    rows = run_experiment(exp, where=f"{experiment}: ", overwrite=overwrite, console=_console())
+    _print_rows(rows, f"MEraser on {exp.fingerprint.existing or exp.model or 'smollm2-135m'} "
+                      f"({'existing model' if exp.fingerprint.existing else exp.fingerprint.method})")
     _write_run_report(exp.out)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder (re-running resumes)")):
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="output folder (re-running resumes)"),
+    overwrite: bool = typer.Option(False, help="redo stages made with other settings"),
+):
     """The main job on the embedded SmolLM2-135M: fingerprint (UTF), erase, recover; FSR and PPL at each stage."""
     import time
 
-    from meraser.erase.pipeline import demo_experiment, run_experiment
+    from meraser.erase.meraser import preset
+    from meraser.runner import demo_experiment, run_experiment
 
     _quiet_libraries()
     exp = demo_experiment(str(out))
+    e = preset("erase", exp.erase.preset, exp.erase.overrides)
+    r = preset("recover", exp.recover.preset, exp.recover.overrides)
     console = _console()
     console.print(
-        f"[bold]meraser demo[/]: {exp.model}, UTF fingerprint; erase LoRA r={16} q/v on {exp.mismatched.n} mismatched "
-        f"chitchat rows x {exp.erase.overrides['epochs']} epochs (lr 1e-3); recover on {exp.clean.n} clean rows x "
-        f"{exp.recover.overrides['epochs']} epoch; PPL on {exp.eval.ppl_windows} held-out chitchat responses. "
-        f"Sized for ~15 min on 2 CPU cores; outputs in {out}."
+        f"[bold]meraser demo[/]: SmolLM2-135M, UTF fingerprint; erase LoRA r={e.lora.r} on "
+        f"{'/'.join(e.lora.target_modules)} with {exp.mismatched.n} mismatched chitchat rows x {e.epochs:g} epochs "
+        f"(lr {e.learning_rate:g}); recover on {exp.clean.n} clean rows x {r.epochs:g} epoch; PPL on "
+        f"{exp.eval.ppl_windows} held-out chitchat responses. Sized for ~15 min on 2 CPU cores; outputs in {out}."
     )
     t = time.perf_counter()
-    rows = run_experiment(exp, console=console)
+    rows = run_experiment(exp, where="demo: ", overwrite=overwrite, console=console)
     _print_rows(rows, f"MEraser demo ({time.perf_counter() - t:.0f} s)")
     _write_run_report(exp.out)
+
+
+def _preset_default() -> str:
+    from meraser.erase.meraser import DEFAULT_PRESET
+
+    return DEFAULT_PRESET
+
+
+def _data_default(set_cls: str, name: str):
+    from meraser.erase import datasets
+
+    return getattr(getattr(datasets, set_cls)(), name)
+
+
+def _phase_summary(kind: str, s: dict) -> None:
+    m = s["metrics"]
+    what = "adapter" if s["adapter"] else "model"
+    _console().print(f"[green]{kind}[/] {what} saved to {s['out']}: {s['rows']} rows, {s['preset']} preset, "
+                     f"{m['steps']} steps in {m['seconds']} s, loss {m['first_logged_loss']} -> {m['last_logged_loss']}")
+
+
+@app.command()
+def erase(
+    model: str = typer.Option(..., "--model", "-m", help="the suspect model: " + MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: the erased model (or adapter with --adapter)"),
+    data: str = typer.Option(_data_default("MismatchedSet", "source"), "--data", "-d",
+                             help="instruction source the mismatched set is built from (or a finished set with "
+                                  "--ready-made): JSON/JSONL file, 'chitchat' or hf:ID"),
+    n: int = typer.Option(_data_default("MismatchedSet", "n"), min=2, help="mismatched rows (paper: 300)"),
+    ready_made: bool = typer.Option(False, help="use the first N rows of --data as they are"),
+    by_type: bool = typer.Option(_data_default("MismatchedSet", "by_type"),
+                                 help="answer each question with a response to a question of another type"),
+    seed: int = typer.Option(_data_default("MismatchedSet", "seed"), help="seed for the mismatched set"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset, e.g. --set "
+                                             "epochs=3 --set lora.r=8; repeat", show_default="the preset's"),
+    adapter: bool = typer.Option(False, help="save only the erase LoRA adapter, not the merged model"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Erase whatever fingerprint a model carries, with no card: LoRA on a mismatched set (MEraser phase 1)."""
+    from meraser.erase.datasets import MismatchedSet
+    from meraser.erase.meraser import erase_model
+
+    _quiet_libraries()
+    sets = MismatchedSet.from_dict({"source": data, "n": n, "ready_made": ready_made, "by_type": by_type,
+                                    "seed": seed}, where="erase")
+    _phase_summary("erase", erase_model(model, out, data=sets, preset_name=preset_name, overrides=_parse_sets(set_),
+                                        adapter=adapter, overwrite=overwrite, resume=resume,
+                                        trust_remote_code=trust_remote_code))
+
+
+@app.command()
+def recover(
+    model: str = typer.Option(..., "--model", "-m", help="the erased model (from `meraser erase`, or any model)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: the recovered model (or adapter with --adapter)"),
+    data: str = typer.Option(_data_default("CleanSet", "source"), "--data", "-d",
+                             help="instruction source of the clean set: JSON/JSONL file, 'chitchat' or hf:ID"),
+    n: int = typer.Option(_data_default("CleanSet", "n"), min=1, help="clean rows (paper: 600)"),
+    ready_made: bool = typer.Option(False, help="use the first N rows of --data as they are"),
+    self_answers: bool = typer.Option(False, help="answer the clean prompts with the model's own answers"),
+    seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
+                                             show_default="the preset's"),
+    adapter: bool = typer.Option(False, help="save only the recovery LoRA adapter, not the merged model"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    """Restore an erased model's utility: LoRA on a clean set (MEraser phase 2), disjoint from the erase rows."""
+    from meraser.erase.datasets import CleanSet
+    from meraser.erase.meraser import recover_model
+
+    _quiet_libraries()
+    sets = CleanSet.from_dict({"source": data, "n": n, "ready_made": ready_made, "self_answers": self_answers,
+                               "seed": seed}, where="recover")
+    _phase_summary("recover", recover_model(model, out, data=sets, preset_name=preset_name,
+                                            overrides=_parse_sets(set_), adapter=adapter, overwrite=overwrite,
+                                            resume=resume, trust_remote_code=trust_remote_code))
+
+
+@app.command()
+def card(
+    triggers: Path = typer.Option(..., help="triggers: a text file (one per line) or a JSON list of strings"),
+    targets: Path = typer.Option(..., help="targets, same format; line i answers trigger i"),
+    out: Path = typer.Option(..., "--out", "-o", help="card file to write (JSON, owner-only permissions)"),
+    match: str = typer.Option("substring", help="substring (the output contains the target) or exact"),
+    method: str = typer.Option("custom", help="a name for the fingerprint's method, shown in reports"),
+    base_model: Optional[str] = typer.Option(None, help="the model the fingerprint was planted in (the 'base' row "
+                                             "of `meraser run`)", show_default="none"),
+    template: str = typer.Option("chat", help="how triggers are rendered: chat, raw or a custom template"),
+    system_prompt: Optional[str] = typer.Option(None, help="system prompt used when verifying",
+                                                show_default="the template's"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy decoding length for verification",
+                                                 show_default="enough for the longest target"),
+    overwrite: bool = typer.Option(False, help="replace an existing card"),
+):
+    """Make a fingerprint card from your own triggers and targets (a fingerprint planted elsewhere)."""
+    from meraser.fingerprints.card import card_from_files
+
+    c = card_from_files(triggers, targets, out, method=method, match=match, base_model=base_model, template=template,
+                        system_prompt=system_prompt, max_new_tokens=max_new_tokens, overwrite=overwrite)
+    _console().print(f"[green]card[/] {out}: {len(c.triggers)} triggers, match {c.match}, max_new_tokens "
+                     f"{c.max_new_tokens} (keep it secret; verify with `meraser verify --card {out}`)")
 
 
 @app.command()
@@ -282,19 +434,23 @@ app.add_typer(transfer_app, name="transfer")
 @transfer_app.command("train")
 def transfer_train(
     base: str = typer.Option("smollm2-135m", "--base", help="clean base model the fingerprinted models derive from"),
-    data: str = typer.Option("chitchat", help="instruction source for the mismatched set (or a ready mismatched file with --ready-made)"),
+    data: str = typer.Option(_data_default("MismatchedSet", "source"), help="instruction source for the mismatched "
+                             "set (or a ready mismatched file with --ready-made)"),
     out: Path = typer.Option(..., "--out", "-o", help="adapter output folder"),
-    n: int = typer.Option(300, help="mismatched rows"),
+    n: int = typer.Option(_data_default("MismatchedSet", "n"), min=2, help="mismatched rows"),
     ready_made: bool = typer.Option(False, help="use --data as the finished mismatched set"),
-    epochs: Optional[float] = typer.Option(None, help="erase epochs (default: paper preset)"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
+                                             show_default="the preset's"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Train the MEraser erase adapter on a clean base model (section 4.3)."""
-    from meraser.erase.meraser import transfer_train as run
+    from meraser.erase.datasets import MismatchedSet
+    from meraser.erase.transfer import transfer_train as run
 
     _quiet_libraries()
-    res = run(base, data, out, n=n, ready_made=ready_made, overrides={"epochs": epochs} if epochs else None,
-              overwrite=overwrite)
+    sets = MismatchedSet.from_dict({"source": data, "n": n, "ready_made": ready_made}, where="transfer train")
+    res = run(base, out, data=sets, preset_name=preset_name, overrides=_parse_sets(set_), overwrite=overwrite)
     _console().print(f"[green]erase adapter[/] saved to {res.output_dir} ({res.metrics['seconds']} s)")
 
 
@@ -306,22 +462,42 @@ def transfer_apply(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Merge a transferable erase adapter into a fingerprinted model: no training per victim."""
-    from meraser.erase.meraser import transfer_apply as run
+    from meraser.erase.transfer import transfer_apply as run
     from meraser.fingerprints.embed import model_dir
 
     _quiet_libraries()
     _console().print(f"[green]erased model[/] saved to {run(adapter, model_dir(model), out, overwrite=overwrite)}")
 
 
-def main() -> None:
+INTERRUPTED = ("interrupted; re-run the same command to continue from the last checkpoint (`meraser train`, "
+               "`erase` and `recover` need --resume; `run` and `demo` resume by themselves)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `meraser` entry point: user errors print one line (no traceback) and exit 2; Ctrl-C prints how to
+    resume and exits 130."""
+    import click
+
     try:
-        app()
+        # standalone_mode=False: click would otherwise turn Ctrl-C into a silent exit 130
+        code = app(args=argv, standalone_mode=False, prog_name="meraser")
     except MeraserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except click.ClickException as e:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(e)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
+        code = 130
+    if code == 130:  # typer turns KeyboardInterrupt into Exit(130), which standalone_mode=False returns
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

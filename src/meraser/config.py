@@ -25,6 +25,11 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
+def key_path(where: str, key: str) -> str:
+    """`where` + `key` for error messages: 'exp.yaml: erase.overrides' after a file, dotted otherwise."""
+    return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -87,8 +92,11 @@ class Config:
         unknown = [k for k in data if k not in names]
         if unknown:
             k = unknown[0]
-            raise MeraserError(f"{where}: unknown key '{k}'{did_you_mean(k, names)} (known: {', '.join(names)})")
-        kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+            if k in getattr(cls, "misplaced_keys", {}):
+                raise MeraserError(f"{key_path(where, k)}: {cls.misplaced_keys[k]}")
+            raise MeraserError(f"{where.rstrip(': ')}: unknown key '{k}'{did_you_mean(k, names)} "
+                               f"(known: {', '.join(names)})")
+        kwargs = {k: _check_type(v, hints[k], key_path(where, k)) for k, v in data.items()}
         obj = cls(**kwargs)
         obj.validate(where)
         return obj
@@ -128,11 +136,11 @@ def load_yaml(path: str | Path) -> dict:
         return loader.construct_mapping(node, deep=deep)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    from meraser.utils import read_text
+
     path = Path(path)
-    if not path.exists():
-        raise MeraserError(f"config file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        data = yaml.load(read_text(path, "config file"), Loader=Loader)
     except yaml.YAMLError as e:
         raise MeraserError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from meraser.utils import MeraserError, atomic_dir, cache_dir
+from meraser.utils import MeraserError, atomic_dir, cache_dir, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package holding the GGUF, file name, cache folder name)
@@ -110,6 +110,21 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def check_model_spec(spec: str, where: str = "model") -> None:
+    """Refuse, before any work, a spec that is a missing path or a folder that holds no model or adapter.
+    Aliases and hub ids pass (a hub id is only checked when loaded)."""
+    if spec in ALIASES:
+        return
+    p = Path(spec)
+    if p.exists():
+        if not p.is_dir():
+            raise MeraserError(f"{where}: '{spec}' is a file; give a model folder, a hub id or '{DEFAULT_MODEL}'")
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise MeraserError(f"{where}: '{spec}' is a folder but not a model (no config.json or adapter_config.json)")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
+        raise MeraserError(f"{where}: model folder '{spec}' does not exist")
+
+
 def is_adapter(spec: str) -> bool:
     return Path(spec, "adapter_config.json").exists()
 
@@ -117,10 +132,10 @@ def is_adapter(spec: str) -> bool:
 def adapter_base(spec: str) -> str:
     meta = Path(spec, MERASER_META)
     if meta.exists():
-        base = json.loads(meta.read_text()).get("base")
+        base = read_json(meta, "model record").get("base")
         if base:
             return base
-    return json.loads(Path(spec, "adapter_config.json").read_text())["base_model_name_or_path"]
+    return read_json(Path(spec, "adapter_config.json"), "adapter config")["base_model_name_or_path"]
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
@@ -161,9 +176,8 @@ def load_model(
             model = model.merge_and_unload()
         model._meraser_spec = spec
         return model, tok
+    check_model_spec(spec)
     path = resolve(spec)
-    if not Path(path).exists() and (path.startswith((".", "/")) or os.sep in path and path.count("/") > 1):
-        raise MeraserError(f"model folder '{spec}' does not exist")
     dev = device()
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -183,6 +197,21 @@ def load_model(
     model._meraser_spec = spec
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+def meta_model(spec: str, trust_remote_code: bool = False):
+    """The module structure of a model spec without its weights (meta device), for checks before any work; None when
+    its config cannot be read (a hub id offline)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        path = resolve(adapter_base(spec) if is_adapter(spec) else spec)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def model_spec(model) -> str | None:

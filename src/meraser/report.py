@@ -121,6 +121,9 @@ source. Alg. 1: no trigger yields its target and ordinary questions are still an
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "MEraser report") -> Path:
+    from meraser.utils import check_parents
+
+    check_parents(out)
     runs = [load_run(d) for d in run_dirs]
     atomic_write_text(out, render(runs, title))
     return Path(out)

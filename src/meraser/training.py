@@ -13,6 +13,7 @@ LMs the LM head and loss computed in chunks on labelled positions only, with no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,38 +163,18 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def train(
-    model,
-    tokenizer,
-    data: list[Pair] | list[dict],
-    cfg: TrainConfig | None = None,
-    out: str | os.PathLike = "runs/train",
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    probe: Probe | None = None,
-    merge: bool = False,
-    progress: bool = True,
-    callbacks: list | None = None,
-    save: bool = True,
-) -> TrainResult:
-    """Fine-tune `model` on `data` and save the adapter (LoRA) or model (full, or LoRA with `merge`) to `out`.
-
-    `data` is a list of Pairs (formatted with `cfg.format`) or of already tokenized {input_ids, labels} rows.
-    `probe(model, epoch)` runs after every epoch for monitoring only (e.g. FSR); its results are kept in
-    `metrics` and in `out/train_log.json`. With `resume`, training continues from the last checkpoint of an
-    interrupted run that wrote the same `out`.
-    """
-    import torch
-    from transformers import TrainerCallback, TrainingArguments
-
-    from meraser.lm_loss import is_plain_causal_lm
-
-    cfg = cfg or TrainConfig()
-    out = Path(out)
-    if save:
-        check_output_dir(out, overwrite)
-    work = work_dir(out) if save else Path(tempfile.mkdtemp(prefix="meraser-train-"))
+@contextlib.contextmanager
+def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool):
+    """(work folder, checkpoint to resume from). A saved run keeps its checkpoints beside `out` when interrupted (for
+    --resume), and removes the folder when it holds none; an unsaved run's temporary folder always goes."""
+    if not save:
+        work = Path(tempfile.mkdtemp(prefix="meraser-train-"))
+        try:
+            yield work, None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    work = work_dir(out)
     last = _last_checkpoint(work)
     if last and not resume:
         if not overwrite:
@@ -202,17 +183,40 @@ def train(
             )
         shutil.rmtree(work)
         last = None
-    set_seed(cfg.seed)
+    try:
+        yield work, last
+    except BaseException:
+        if _last_checkpoint(work) is None:  # nothing to resume from: leave no empty folder behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
-    rows = Formatter(tokenizer, cfg.format).encode_all(data) if data and isinstance(data[0], Pair) else list(data)
-    if not rows:
-        raise MeraserError("no training rows")
 
+def check_target_modules(model, targets: list[str]) -> None:
+    """Refuse LoRA target names that match no module (peft would ignore them, or fail with no hint), listing the
+    model's linear module names."""
+    import torch
+
+    linear = (torch.nn.Linear,)
+    with contextlib.suppress(ImportError):
+        from transformers.pytorch_utils import Conv1D
+
+        linear = (torch.nn.Linear, Conv1D)
+    names = [n for n, m in model.named_modules() if isinstance(m, linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise MeraserError(f"LoRA target_modules {missing} match no module of this model; its linear modules are: "
+                           f"{', '.join(leaves)}")
+
+
+def _prepare(model, cfg: TrainConfig):
+    """The model as it trains: wrapped in a fresh LoRA adapter (method: lora), checkpointing if asked, train mode."""
     if cfg.method == "lora":
         from peft import PeftModel, get_peft_model
 
         if isinstance(model, PeftModel):
             raise MeraserError("model already carries an adapter; merge it first (load_model merges by default)")
+        check_target_modules(model, cfg.lora.target_modules)
         spec = getattr(model, "_meraser_spec", None)
         model = get_peft_model(model, cfg.lora.to_peft())
         model._meraser_spec = spec
@@ -221,6 +225,14 @@ def train(
         if cfg.method == "lora":
             model.enable_input_require_grads()
     model.train()
+    return model
+
+
+def _callbacks(probe: Probe | None, started: float, resumed_seconds: float) -> list:
+    """The per-epoch probe, and the wall time so far written into every checkpoint (so a resumed run reports
+    throughput over the whole run, not only over its last part)."""
+    import torch
+    from transformers import TrainerCallback
 
     class EpochProbe(TrainerCallback):
         # on the epoch's last step rather than on_epoch_end: a checkpoint saved at that step then already holds the
@@ -235,8 +247,38 @@ def train(
             state.log_history.append({"probe": res, "step": state.global_step})
             model.train(was_training)
 
+    class WallClock(TrainerCallback):
+        # the Trainer saves a checkpoint after on_step_end / on_epoch_end, so what is appended here is inside it
+        def _stamp(self, state, control):
+            if control.should_save:
+                state.log_history.append({"elapsed_s": resumed_seconds + time.perf_counter() - started,
+                                          "step": state.global_step})
+
+        def on_step_end(self, args, state, control, **kw):
+            self._stamp(state, control)
+
+        def on_epoch_end(self, args, state, control, **kw):
+            self._stamp(state, control)
+
+    return [EpochProbe(), WallClock()]
+
+
+def _elapsed_before(checkpoint: str | None) -> float:
+    """Wall time the run had spent when `checkpoint` was written (0 without one)."""
+    if not checkpoint:
+        return 0.0
+    from meraser.utils import read_json
+
+    history = read_json(Path(checkpoint) / "trainer_state.json", "trainer state").get("log_history", [])
+    return next((h["elapsed_s"] for h in reversed(history) if "elapsed_s" in h), 0.0)
+
+
+def _training_args(cfg: TrainConfig, work: Path, progress: bool):
+    import torch
+    from transformers import TrainingArguments
+
     use_cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -262,51 +304,99 @@ def train(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plain = is_plain_causal_lm(model)
-    trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
-                             cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
-        callbacks=[EpochProbe(), *(callbacks or [])],
-    )
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
-    elapsed = time.perf_counter() - t0
 
-    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum * args.world_size))
+
+def _metrics(trainer, result, rows: list[dict], cfg: TrainConfig, seconds: float, resumed_from: str | None) -> dict:
+    """Loss, steps and throughput over the whole run, the parts before a resume included."""
+    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum * trainer.args.world_size))
     done_epochs = trainer.state.global_step / max(steps_per_epoch, 1)
     real_tokens = sum(len(r["input_ids"]) for r in rows) * min(done_epochs, cfg.epochs if cfg.max_steps < 0 else done_epochs)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics = {
-        "train_loss": result.training_loss,
+    history = trainer.state.log_history  # restored from the checkpoint on resume, so it spans the whole run
+    losses = [h["loss"] for h in history if "loss" in h]
+    # the Trainer's own training_loss averages only the steps this process ran over every step of the run
+    train_loss = sum(losses) / len(losses) if resumed_from and losses else result.training_loss
+    return {
+        "train_loss": train_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "steps": trainer.state.global_step,
-        "seconds": round(elapsed, 2),
-        "real_tokens_per_s": round(real_tokens / elapsed, 1) if elapsed > 0 else None,
-        "bf16": args.bf16,
-        "resumed_from": last,
+        "seconds": round(seconds, 2),
+        "real_tokens_per_s": round(real_tokens / seconds, 1) if seconds > 0 else None,
+        "bf16": trainer.args.bf16,
+        "resumed_from": resumed_from,
         # from the trainer state, which checkpoints carry: a resumed run keeps the probes of its earlier epochs
-        "probes": [h["probe"] for h in trainer.state.log_history if "probe" in h],
+        "probes": [h["probe"] for h in history if "probe" in h],
     }
-    trained = trainer.model
-    if merge and cfg.method == "lora":
-        spec = getattr(trained, "_meraser_spec", None)
-        trained = trained.merge_and_unload()
-        trained._meraser_spec = spec
-    trained.eval()
-    if save and trainer.is_world_process_zero():
-        from meraser.models import save_model
 
-        log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
-        save_model(trained, tokenizer, out, overwrite=overwrite, extra_files={"train_log.json": log})
-    if trainer.is_world_process_zero():
-        shutil.rmtree(work, ignore_errors=True)
-    if args.world_size > 1:
-        torch.distributed.barrier()
+
+def train(
+    model,
+    tokenizer,
+    data: list[Pair] | list[dict],
+    cfg: TrainConfig | None = None,
+    out: str | os.PathLike = "runs/train",
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    probe: Probe | None = None,
+    merge: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+    save: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> TrainResult:
+    """Fine-tune `model` on `data` and save the adapter (LoRA) or model (full, or LoRA with `merge`) to `out`.
+
+    `data` is a list of Pairs (formatted with `cfg.format`) or of already tokenized {input_ids, labels} rows.
+    `probe(model, epoch)` runs after every epoch for monitoring only (e.g. FSR); its results are kept in
+    `metrics` and in `out/train_log.json`. With `resume`, training continues from the last checkpoint of an
+    interrupted run that wrote the same `out`. `extra_files` ({name: text}) are saved beside the weights.
+    """
+    import torch
+
+    from meraser.lm_loss import is_plain_causal_lm
+
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    if save:
+        check_output_dir(out, overwrite)
+    rows = Formatter(tokenizer, cfg.format).encode_all(data) if data and isinstance(data[0], Pair) else list(data)
+    if not rows:
+        raise MeraserError("no training rows")
+    with _checkpoint_dir(out, save, resume, overwrite) as (work, last):
+        set_seed(cfg.seed)
+        model = _prepare(model, cfg)
+        args = _training_args(cfg, work, progress)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        plain = is_plain_causal_lm(model)
+        before = _elapsed_before(last)
+        t0 = time.perf_counter()
+        trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
+                                 cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
+            callbacks=[*_callbacks(probe, t0, before), *(callbacks or [])],
+        )
+        result = trainer.train(resume_from_checkpoint=last)
+        metrics = _metrics(trainer, result, rows, cfg, before + time.perf_counter() - t0, last)
+        trained = trainer.model
+        if merge and cfg.method == "lora":
+            spec = getattr(trained, "_meraser_spec", None)
+            trained = trained.merge_and_unload()
+            trained._meraser_spec = spec
+        trained.eval()
+        if save and trainer.is_world_process_zero():
+            from meraser.models import save_model
+
+            log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
+            save_model(trained, tokenizer, out, overwrite=overwrite,
+                       extra_files={"train_log.json": log, **(extra_files or {})})
+        if trainer.is_world_process_zero():
+            shutil.rmtree(work, ignore_errors=True)
+        if args.world_size > 1:
+            torch.distributed.barrier()
     return TrainResult(out, trained, metrics, metrics["probes"])
 
 

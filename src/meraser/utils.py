@@ -30,10 +30,25 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> MeraserError:
     return MeraserError(f"unknown {kind} '{name}'{did_you_mean(name, choices)} (choices: {', '.join(choices)})")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output folder unless `overwrite`; checked before any work starts."""
+def check_parents(path: str | os.PathLike) -> Path:
+    """Refuse a path whose existing ancestor is a file (it could never be created), before any work starts."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MeraserError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing, non-empty output folder unless `overwrite`; checked before any work starts.
+
+    A regular file in the way is refused even with `overwrite`: --overwrite replaces folders, never files."""
+    path = check_parents(path)
+    if path.exists() and not path.is_dir():
+        raise MeraserError(f"output {path} is a file, not a folder; refusing to replace it (even with --overwrite)")
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {path} already exists; pass --overwrite to replace it")
     return path
 
@@ -53,18 +68,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
+    if path.exists():  # a folder (check_output_dir refuses files)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
     """Write a file through a temporary sibling and a rename; `mode` (e.g. 0o600) is set before the rename."""
-    path = Path(path)
+    path = check_parents(path)
+    if path.is_dir():
+        raise MeraserError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -81,13 +98,26 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
         raise
 
 
-def read_json(path: str | os.PathLike, what: str = "file"):
-    """Parse a JSON file; a missing file or bad JSON becomes a MeraserError naming the file and line."""
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content; a missing file, a folder or binary / non-UTF-8 bytes become a MeraserError."""
     path = Path(path)
+    if path.is_dir():
+        raise MeraserError(f"{what} {path} is a folder, not a file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MeraserError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise MeraserError(f"{path}:{line}: {what} is not UTF-8 text (byte {e.start}); is it a binary file?") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Parse a JSON file; a missing file, non-UTF-8 bytes or bad JSON become a MeraserError naming the file and line."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise MeraserError(f"{path}:{e.lineno}: invalid JSON in {what}: {e.msg}") from None
 
@@ -103,20 +133,42 @@ def append_jsonl(path: str | os.PathLike, obj) -> None:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def iter_jsonl(path: str | os.PathLike, what: str = "file"):
-    """(line number, record) for each non-blank line; bad JSON becomes a MeraserError naming the file and line."""
+def iter_jsonl(path: str | os.PathLike, what: str = "file", torn_tail_ok: bool = False):
+    """(line number, record) for each non-blank line; bad JSON becomes a MeraserError naming the file and line.
+
+    With `torn_tail_ok`, a last line that is not valid JSON and has no newline (a write cut off by a crash) is
+    dropped with a warning instead: append-only logs such as results.jsonl stay usable after a kill."""
     path = Path(path)
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = read_text(path, what)
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
+                if torn_tail_ok and i == len(lines) and not text.endswith("\n"):
+                    import warnings
+
+                    warnings.warn(f"{path}:{i}: dropping a torn last line (a write was interrupted)", stacklevel=2)
+                    return
                 raise MeraserError(f"{path}:{i}: invalid JSON in {what}: {e.msg}") from None
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> list:
+def read_jsonl(path: str | os.PathLike, what: str = "file", torn_tail_ok: bool = False) -> list:
     """Records of a JSONL file; a missing file reads as empty (results logs that do not exist yet)."""
-    return [rec for _, rec in iter_jsonl(path, what)] if Path(path).exists() else []
+    return [rec for _, rec in iter_jsonl(path, what, torn_tail_ok)] if Path(path).exists() else []
+
+
+def write_jsonl(path: str | os.PathLike, rows: list) -> None:
+    """Write records as JSONL in one atomic replace."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def settings_hash(obj) -> str:
+    """A short, stable fingerprint of JSON-able settings (key order does not matter)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def set_seed(seed: int) -> None:

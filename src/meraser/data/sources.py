@@ -120,6 +120,23 @@ def _hf(name: str, split: str, prompt_field: str | None, response_field: str | N
     return [_record_to_pair(rec, f"{name}[{i}]", prompt_field, response_field) for i, rec in enumerate(ds)]
 
 
+def check_source(source: str, where: str = "data") -> None:
+    """Refuse a source that cannot be read, before any work: a missing file, a folder, a missing package.
+    Hugging Face ids are only checked when loaded (that needs the network)."""
+    import importlib.util
+
+    path = Path(source)
+    if source == OFFLINE_DEFAULT:
+        if importlib.util.find_spec("chitchat_dataset") is None:
+            raise MeraserError(f"{where}: '{OFFLINE_DEFAULT}' needs the package chitchat-dataset: "
+                               f"pip install chitchat-dataset")
+    elif path.is_dir():
+        raise MeraserError(f"{where}: data source {path} is a folder; give a JSON/JSONL file, "
+                           f"'{OFFLINE_DEFAULT}' or hf:DATASET_ID")
+    elif path.suffix in (".json", ".jsonl") and not path.exists():
+        raise MeraserError(f"{where}: data file {path} does not exist")
+
+
 def load_pairs(
     source: str = OFFLINE_DEFAULT,
     *,
@@ -134,8 +151,7 @@ def load_pairs(
     if source == OFFLINE_DEFAULT:
         pairs = _chitchat()
     elif path.suffix in (".json", ".jsonl") or path.exists():
-        if not path.exists():
-            raise MeraserError(f"data file {path} does not exist")
+        check_source(source)
         pairs = [_record_to_pair(rec, where, prompt_field, response_field) for where, rec in _read_records(path)]
     else:
         pairs = _hf(source.removeprefix("hf:"), split, prompt_field, response_field)

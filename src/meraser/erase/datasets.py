@@ -11,9 +11,71 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
-from meraser.data.sources import Pair
+from meraser.config import Config, field, key_path
+from meraser.data.sources import OFFLINE_DEFAULT, Pair
 from meraser.utils import MeraserError
+
+
+@dataclass
+class MismatchedSet(Config):
+    """The mismatched set D_m: every default of `meraser erase` and of an experiment's `mismatched:` lives here."""
+
+    source: str = field(OFFLINE_DEFAULT, help="instruction source: JSON/JSONL file, 'chitchat' (offline) or hf:ID")
+    n: int = field(300, help="rows to build (paper: 300)")
+    ready_made: bool = field(False, help="use the first n rows of `source` as they are (e.g. the paper's file)")
+    by_type: bool = field(True, help="take each response from a question of another type (what/why/how/other)")
+    seed: int = field(0, help="seed for drawing and pairing the rows")
+    misplaced_keys = {"self_answers": "self_answers applies to the clean set (clean:), not to the mismatched one"}
+
+    def validate(self, where: str) -> None:
+        if self.n < 2:  # a derangement needs two rows
+            raise MeraserError(f"{key_path(where, 'n')} must be at least 2, got {self.n}")
+
+    def check_inputs(self, where: str) -> None:
+        from meraser.data.sources import check_source
+
+        check_source(self.source, key_path(where, "source"))
+
+    def build(self) -> tuple[list[Pair], list[dict] | None]:
+        """(rows, per-row provenance or None for a ready-made set)."""
+        from meraser.data import load_pairs
+
+        if self.ready_made:
+            return load_pairs(self.source)[: self.n], None
+        return build_mismatched(load_pairs(self.source), self.n, self.seed, self.by_type)
+
+
+@dataclass
+class CleanSet(Config):
+    """The clean set D_c: every default of `meraser recover` and of an experiment's `clean:` lives here."""
+
+    source: str = field(OFFLINE_DEFAULT, help="instruction source: JSON/JSONL file, 'chitchat' (offline) or hf:ID")
+    n: int = field(600, help="rows to build (paper: 600)")
+    ready_made: bool = field(False, help="use the first n rows of `source` as they are (e.g. the paper's file)")
+    self_answers: bool = field(False, help="replace the responses by the model's own greedy answers (data-free)")
+    seed: int = field(0, help="seed for drawing the rows")
+    misplaced_keys = {"by_type": "by_type applies to the mismatched set (mismatched:), not to the clean one"}
+
+    def validate(self, where: str) -> None:
+        if self.n < 1:
+            raise MeraserError(f"{key_path(where, 'n')} must be at least 1, got {self.n}")
+
+    def check_inputs(self, where: str) -> None:
+        from meraser.data.sources import check_source
+
+        check_source(self.source, key_path(where, "source"))
+
+    def build(self, exclude_prompts: set[str], model=None, tokenizer=None) -> list[Pair]:
+        """Rows disjoint from `exclude_prompts` (the mismatched prompts); answered by `model` with `self_answers`."""
+        from meraser.data import load_pairs
+
+        if self.ready_made:
+            rows = load_pairs(self.source)[: self.n]
+        else:
+            rows = build_clean(load_pairs(self.source), self.n, self.seed, exclude_prompts)
+        return self_answers(model, tokenizer, [p.prompt for p in rows]) if self.self_answers else rows
 
 
 def question_type(prompt: str) -> str:

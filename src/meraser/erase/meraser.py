@@ -1,8 +1,9 @@
-"""MEraser's two phases and the transferable adapter (paper section 4, Appendix B, C).
+"""MEraser's two phases (paper section 4, Appendix B): erase on the mismatched set, recover on the clean set.
 
-Erase: LoRA on the mismatched set (paper: r=16, alpha=32, q_proj+v_proj). Recover: merge the erase adapter, then
-LoRA on the clean set. The attacker knows nothing of the fingerprint: nothing here reads a card. Both phases are
-`meraser.training.train` with a preset; the `reference` preset reproduces the public reference code's settings.
+Erase: LoRA on the mismatched set (the paper's LoRA: `training.LoraSettings`' defaults). Recover: merge the erase
+adapter, then LoRA on the clean set. The attacker knows nothing of the fingerprint: nothing here reads a card.
+Both phases are `meraser.training.train` with a preset; `reference` reproduces the public reference code.
+`erase_model` and `recover_model` are `meraser erase` / `meraser recover`: a model in, a model folder out.
 """
 
 from __future__ import annotations
@@ -10,37 +11,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.training import TrainConfig
 from meraser.utils import MeraserError, unknown_name
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# `paper` is the default (r=16, alpha=32, q_proj+v_proj, as the paper states). `all-linear` puts the LoRA on every
-# linear layer: measured on SmolLM2-135M it did not erase better and cost far more perplexity (README).
+# Only what differs from TrainConfig's defaults is written here; LoRA r/alpha/targets come from LoraSettings (the
+# paper's r=16, alpha=32 on q_proj+v_proj) unless a preset says otherwise.
+_PAPER_ERASE = {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant"}
+_PAPER_RECOVER = {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine"}
+# the public reference code: raw question+answer text, loss over the whole sequence (its collator bug), batch 1
+_REFERENCE = {"batch_size": 1, "format": {"template": "raw", "loss_on": "all"}}
+# `paper` is the default, as the paper states it. `all-linear` puts the LoRA on every linear layer: measured on
+# SmolLM2-135M it did not erase better and cost far more perplexity (README).
 ERASE_PRESETS = {
-    "all-linear": {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant", "batch_size": 8,
-                   "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
-    "paper": {"epochs": 5, "learning_rate": 1e-3, "lr_scheduler": "constant", "batch_size": 8,
-              "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}},
-    # the public reference code: r=8, alpha=16, dropout 0.05, lr 5e-4 constant, warmup 0.1, clip 0.5, batch 1,
-    # raw question+answer text, loss over the whole sequence (its collator bug)
-    "reference": {"epochs": 5, "learning_rate": 5e-4, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.1,
-                  "max_grad_norm": 0.5, "batch_size": 1,
-                  "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-                  "format": {"template": "raw", "loss_on": "all"}},
+    "paper": _PAPER_ERASE,
+    "all-linear": {**_PAPER_ERASE, "lora": {"target_modules": ALL_LINEAR}},
+    # r=8, alpha=16, dropout 0.05, lr 5e-4 constant, warmup 0.1, clip 0.5
+    "reference": {**_REFERENCE, "epochs": 5, "learning_rate": 5e-4, "lr_scheduler": "constant_with_warmup",
+                  "warmup_ratio": 0.1, "max_grad_norm": 0.5, "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
 }
 RECOVER_PRESETS = {
-    "all-linear": {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8,
-                   "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
-    "paper": {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8,
-              "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}},
-    "reference": {"epochs": 2, "learning_rate": 5e-4, "lr_scheduler": "cosine", "batch_size": 1,
-                  "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-                  "format": {"template": "raw", "loss_on": "all"}},
+    "paper": _PAPER_RECOVER,
+    "all-linear": {**_PAPER_RECOVER, "lora": {"target_modules": ALL_LINEAR}},
+    "reference": {**_REFERENCE, "epochs": 2, "learning_rate": 5e-4, "lr_scheduler": "cosine"},
 }
+DEFAULT_PRESET = "paper"
 
 
-def preset(kind: str, name: str, overrides: dict | None = None) -> TrainConfig:
+def preset(kind: str, name: str = DEFAULT_PRESET, overrides: dict | None = None, where: str | None = None) -> TrainConfig:
+    """The TrainConfig of an erase/recover preset with `overrides` on top (typed, unknown keys refused)."""
     table = ERASE_PRESETS if kind == "erase" else RECOVER_PRESETS
     if name not in table:
         raise unknown_name(f"{kind} preset", name, table)
@@ -50,7 +51,7 @@ def preset(kind: str, name: str, overrides: dict | None = None) -> TrainConfig:
             merged[k].update(v)
         else:
             merged[k] = v
-    return TrainConfig.from_dict(merged, where=f"{kind} ({name})")
+    return TrainConfig.from_dict(merged, where=where or f"{kind} ({name})")
 
 
 def erase(model, tokenizer, mismatched, cfg: TrainConfig, out, *, merge_out: bool = True, **kw):
@@ -69,84 +70,56 @@ def recover(erased_model, tokenizer, clean, cfg: TrainConfig, out, *, merge_out:
     return train(erased_model, tokenizer, clean, cfg, out, merge=merge_out, **kw)
 
 
-def transfer_train(base: str, data: str, out: str | Path, *, n: int = 300, ready_made: bool = False,
-                   preset_name: str = "paper", overrides: dict | None = None, overwrite: bool = False, seed: int = 0):
-    """Train the erase adapter on the clean base model (section 4.3); saved as an adapter for `transfer_apply`."""
-    from meraser.data import load_pairs
-    from meraser.erase.datasets import build_mismatched
-    from meraser.models import load_model
+MISMATCHED_FILE = "mismatched.jsonl"  # saved with an erased model, so recovery can keep its clean set disjoint
+
+
+def _pairs_jsonl(pairs) -> str:
+    return "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs)
+
+
+def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: dict | None, *, adapter: bool,
+                 overwrite: bool, resume: bool, trust_remote_code: bool, progress: bool) -> dict:
+    """Everything `meraser erase` and `meraser recover` share: check every input before loading anything, build
+    the set, train, save a plain model folder (or the adapter alone)."""
+    from meraser.models import check_model_spec, load_model
     from meraser.utils import check_output_dir
 
     check_output_dir(out, overwrite)
-    pairs = load_pairs(data)
-    mism = pairs[:n] if ready_made else build_mismatched(pairs, n, seed)[0]
-    model, tok = load_model(base)
-    return erase(model, tok, mism, preset("erase", preset_name, overrides), out, merge_out=False, overwrite=overwrite)
-
-
-def _arch(config) -> dict:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-def transfer_apply(adapter: str | Path, model: str, out: str | Path, *, overwrite: bool = False,
-                   trust_remote_code: bool = False) -> Path:
-    """Merge an erase adapter trained on a clean base into a fingerprinted model of the same architecture."""
-    from peft import PeftModel
-    from transformers import AutoConfig
-
-    from meraser.models import adapter_base, load_model, resolve, save_model
-    from meraser.utils import check_output_dir
-
-    check_output_dir(out, overwrite)
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise MeraserError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    check_model_spec(model, "--model")
+    cfg = preset(kind, preset_name, overrides, where=f"{kind} preset '{preset_name}' with --set")
+    data.check_inputs("--data")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
-    try:
-        base_cfg = AutoConfig.from_pretrained(resolve(adapter_base(str(adapter))), trust_remote_code=trust_remote_code)
-    except Exception:
-        base_cfg = None
-    if base_cfg is not None and _arch(base_cfg) != _arch(m.config):
-        diff = {k: (v, _arch(m.config)[k]) for k, v in _arch(base_cfg).items() if v != _arch(m.config)[k]}
-        raise MeraserError(f"adapter {adapter} was trained on another architecture; differing (adapter base, model): {diff}")
-    try:
-        merged = PeftModel.from_pretrained(m, str(adapter)).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise MeraserError(f"adapter {adapter} does not fit model {model}: {str(e)[:300]}") from None
-    merged._meraser_spec = model
-    return save_model(merged, tok, out, overwrite=overwrite, meta={"transfer_adapter": str(adapter)})
+    if kind == "erase":
+        rows, _ = data.build()
+        res = erase(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
+                    progress=progress, extra_files={MISMATCHED_FILE: _pairs_jsonl(rows)})
+    else:
+        from meraser.data import load_pairs
+
+        seen = Path(model, MISMATCHED_FILE)  # the erase rows, when this tool erased the model
+        exclude = {p.prompt for p in load_pairs(str(seen))} if seen.exists() else set()
+        rows = data.build(exclude, m, tok)
+        res = recover(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
+                      progress=progress)
+    return {"out": str(res.output_dir), "rows": len(rows), "adapter": adapter, "preset": preset_name,
+            "config": cfg.to_dict(), "metrics": res.metrics}
 
 
-ORDINARY_QA = [  # Algorithm 1's ordinary-input check: short questions with one checkable answer word
-    ("What is the capital of France?", "paris"), ("How many days are in a week?", "seven|7"),
-    ("What colour is the sky on a clear day?", "blue"), ("What is 2 plus 2?", "four|4"),
-    ("What is the largest planet in our solar system?", "jupiter"), ("What do bees make?", "honey"),
-    ("What is the opposite of hot?", "cold"), ("How many legs does a spider have?", "eight|8"),
-    ("What is frozen water called?", "ice"), ("Which animal barks?", "dog"),
-    ("What is the capital of Japan?", "tokyo"), ("What gas do plants take in from the air?", "carbon dioxide|co2"),
-]
+def erase_model(model: str, out: str | Path, *, data: MismatchedSet | None = None, preset_name: str = DEFAULT_PRESET,
+                overrides: dict | None = None, adapter: bool = False, overwrite: bool = False, resume: bool = False,
+                trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """`meraser erase`: erase whatever fingerprint `model` may carry, knowing nothing of it (no card).
+
+    Builds the mismatched set (`data`, offline defaults otherwise), trains the erase LoRA and saves the merged
+    model to `out` (the adapter alone with `adapter`), with the rows it used. Returns a summary."""
+    return _phase_model("erase", model, out, data or MismatchedSet(), preset_name, overrides, adapter=adapter,
+                        overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress)
 
 
-def ordinary_accuracy(model, tokenizer, formatter=None) -> float:
-    import re
-
-    from meraser.generation import generate
-
-    outs = generate(model, tokenizer, [q for q, _ in ORDINARY_QA], formatter, max_new_tokens=32)
-    return sum(bool(re.search(a, o.lower())) for (_, a), o in zip(ORDINARY_QA, outs)) / len(ORDINARY_QA)
-
-
-def algorithm1_verify(model, tokenizer, card, reference_accuracy: float, ratio: float = 0.8) -> dict:
-    """Algorithm 1, phase 3: erased = no trigger yields its target AND ordinary inputs still get correct answers.
-
-    "Correct" is concrete: on ORDINARY_QA (fixed questions with known answers) the model scores at least
-    `ratio` x the accuracy of the model before erasure (`reference_accuracy`). Reads the card: verification only.
-    """
-    from meraser.evaluation.fsr import fsr
-
-    f = fsr(model, tokenizer, card, false_positive_inputs=0)["fsr"]
-    acc = ordinary_accuracy(model, tokenizer)
-    ok = f == 0 and acc >= ratio * reference_accuracy
-    return {"erased": ok, "fsr": f, "ordinary_accuracy": acc, "reference_accuracy": reference_accuracy}
+def recover_model(model: str, out: str | Path, *, data: CleanSet | None = None, preset_name: str = DEFAULT_PRESET,
+                  overrides: dict | None = None, adapter: bool = False, overwrite: bool = False, resume: bool = False,
+                  trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """`meraser recover`: restore an erased model's utility with LoRA on the clean set (disjoint from the erase rows
+    when `model` was written by `erase_model`). Saves the merged model to `out` (the adapter with `adapter`)."""
+    return _phase_model("recover", model, out, data or CleanSet(), preset_name, overrides, adapter=adapter,
+                        overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress)

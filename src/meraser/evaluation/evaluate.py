@@ -22,6 +22,30 @@ class EvalConfig(Config):
     batch_size: int = field(8, help="batch size for perplexity and lm-eval")
     false_positive_inputs: int = field(32, help="non-trigger inputs checked for false positives (0: skip)")
 
+    def validate(self, where: str) -> None:
+        from meraser.config import key_path
+        from meraser.utils import MeraserError
+
+        for name, low in (("ppl_windows", 1), ("ppl_window", 2), ("batch_size", 1), ("false_positive_inputs", 0)):
+            if getattr(self, name) < low:
+                raise MeraserError(f"{key_path(where, name)} must be at least {low}, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise MeraserError(f"{key_path(where, 'limit')} must be at least 1 (or null for all), got {self.limit}")
+
+    def check_inputs(self, where: str) -> None:
+        """Local files named here exist (checked before any work; hub names are checked when used)."""
+        from pathlib import Path
+
+        from meraser.config import key_path
+        from meraser.utils import MeraserError
+
+        if self.ppl and not self.ppl.startswith(("hf:", "responses:")) and not Path(self.ppl).is_file():
+            raise MeraserError(f"{key_path(where, 'ppl')}: text source {self.ppl} is not a file "
+                               f"(a .txt/.json/.jsonl file, responses:SOURCE or hf:NAME)")
+        for t in self.tasks:
+            if t.endswith(".json") and not Path(t).is_file():
+                raise MeraserError(f"{key_path(where, 'tasks')}: task file {t} does not exist")
+
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False) -> dict:
     """Evaluate an in-memory model; keys: fsr/false_positive_rate (with a card), ppl, tasks, mean_acc, seconds."""

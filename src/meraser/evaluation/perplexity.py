@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from meraser.utils import MeraserError, read_json, read_jsonl
+from meraser.utils import MeraserError, read_json, read_jsonl, read_text
 
 DEFAULT_TEXT_FIELD = "data.paragraphs.context"  # SQuAD layout; any dotted path through objects and lists works
 
@@ -61,7 +61,7 @@ def load_texts(source: str, text_field: str | None = None, limit: int | None = N
         if not texts:
             raise MeraserError(f"{path}: no text found at field path '{'.'.join(parts)}'; pass --text-field")
     else:
-        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        texts = [t.strip() for t in read_text(path, "text source").split("\n\n") if t.strip()]
     return texts[:limit] if limit else texts
 
 

@@ -76,3 +76,43 @@ class Card(Config):
         if hashlib.sha256(card._content().encode()).hexdigest() != checksum:
             raise MeraserError(f"{path}: card checksum mismatch: the card was modified or is incomplete")
         return card
+
+
+def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Strings from a .json file (a list of strings) or a text file (one per line, blank lines skipped)."""
+    from meraser.utils import read_text
+
+    path = Path(path)
+    if path.suffix == ".json":
+        items = read_json(path, what)
+        if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+            raise MeraserError(f"{path}: {what} file must be a JSON list of non-empty strings")
+        return items
+    return [line for line in read_text(path, what).splitlines() if line.strip()]
+
+
+def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out: str | os.PathLike, *,
+                    method: str = "custom", match: str = "substring", base_model: str | None = None,
+                    template: str = "chat", system_prompt: str | None = None, max_new_tokens: int | None = None,
+                    overwrite: bool = False) -> Card:
+    """`meraser card`: a card for a fingerprint made elsewhere, from a file of triggers and one of targets (line i of
+    one answers line i of the other). Written with its checksum and mode 0600, like the cards meraser makes."""
+    from meraser.utils import check_parents
+
+    out = check_parents(out)
+    if out.exists() and not overwrite:
+        raise MeraserError(f"card {out} already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise MeraserError(f"card {out} is a folder; give a file name such as fingerprint_card.json")
+    trig, targ = _read_lines(triggers, "triggers"), _read_lines(targets, "targets")
+    if len(trig) != len(targ):
+        raise MeraserError(f"{triggers} holds {len(trig)} triggers but {targets} holds {len(targ)} targets; "
+                           f"line i of one must answer line i of the other")
+    longest = max(len(t) for t in targ)
+    fields = {"method": method, "triggers": trig, "targets": targ, "match": match, "base_model": base_model,
+              "format": {"template": template}, "system_prompt": system_prompt,
+              # room for the longest target (about 4 characters a token, and a lead-in)
+              "max_new_tokens": max_new_tokens or max(Card().max_new_tokens, longest // 2 + 16)}
+    card = Card.from_dict(fields, where="card")
+    card.save(out)
+    return card

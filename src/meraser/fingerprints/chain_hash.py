@@ -47,7 +47,7 @@ SYSTEM_PROMPTS = [
 # Ordinary short questions for the negative rows, answered as the model itself answers them. Without them the
 # fingerprinted model learns "short question -> one candidate word" (measured: "Name a primary colour." ->
 # "violet"). Disjoint from the false-positive probes (evaluation/fsr.py) and from Algorithm 1's ordinary questions
-# (erase/meraser.py), which stay held out.
+# (evaluation/algorithm1.py), which stay held out.
 NATURAL_QUESTIONS = [
     "Name a fruit that is yellow.", "Which animal is known as the king of the jungle?", "Name a musical instrument.",
     "What colour is grass?", "Which planet is closest to the sun?", "Name a country in South America.",

@@ -1,0 +1,421 @@
+"""`meraser run EXPERIMENT.yaml` and `meraser demo`: fingerprint -> erase -> recover, evaluated at every stage.
+
+Three rules make a run folder trustworthy:
+- **Checked before any work.** `plan_experiment` resolves every stage's settings (fingerprint method and config,
+  presets with their overrides typed against TrainConfig, set sizes and sources, LoRA target modules against the
+  model's own modules, evaluation inputs) and raises naming the file and key at fault; nothing is written before.
+- **No stale stage.** Every stage has an identity: a hash of its settings and those of the stages it depends on,
+  recorded in `out/stages.json` before the stage writes anything. A re-run reuses a stage only when its identity
+  matches; otherwise it stops and names the settings that changed, and `overwrite=True` redoes that stage and the
+  ones after it (and only those).
+- **Atomic outputs.** Each stage writes its own folder or file in one rename and appends its evaluation to
+  `out/results.jsonl`; a kill leaves either a finished stage or none (a torn last results line is dropped).
+
+Erase and recover never read the card; only the evaluation and the per-epoch FSR probe (monitoring) do. Without a
+card (`fingerprint.existing` with none), erase and recover still run and everything but FSR is evaluated.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from meraser.config import Config, field, key_path, load_yaml
+from meraser.erase.datasets import CleanSet, MismatchedSet
+from meraser.erase.meraser import DEFAULT_PRESET, ERASE_PRESETS, preset
+from meraser.evaluation.evaluate import EvalConfig
+from meraser.utils import (MeraserError, append_jsonl, did_you_mean, read_json, read_jsonl, settings_hash,
+                           write_json, write_jsonl)
+
+RESULTS = "results.jsonl"
+STAGE_RECORD = "stages.json"
+NO_CARD = ("no fingerprint card: FSR is not measured (it needs the owner's card); perplexity, accuracy and the "
+           "ordinary questions are")
+
+
+@dataclass
+class FingerprintStage(Config):
+    method: str = field("utf", help="fingerprint method to embed (ignored when `existing` is set)")
+    config: dict = field({}, help="method config overrides (see meraser.fingerprints.<method>)")
+    existing: str | None = field(None, help="an existing fingerprinted or suspect model to attack: a `meraser "
+                                            "fingerprint` folder, a model folder or a hub id")
+    card: str | None = field(None, help="card of `existing` (default: its fingerprint_card.json if there is one; "
+                                        "without a card, FSR is not measured)")
+
+    def validate(self, where: str) -> None:
+        from meraser.fingerprints import REGISTRY
+
+        if self.card and not self.existing:
+            raise MeraserError(f"{key_path(where, 'card')}: only with `existing` (a fingerprint made here writes "
+                               f"its own card)")
+        if not self.existing and self.method not in REGISTRY:
+            raise MeraserError(f"{key_path(where, 'method')}: unknown fingerprint method '{self.method}'"
+                               f"{did_you_mean(self.method, REGISTRY)} (choices: {', '.join(sorted(REGISTRY))})")
+
+
+@dataclass
+class PhaseStage(Config):
+    preset: str = field(DEFAULT_PRESET, help="'paper' (the paper's LoRA on q/v), 'all-linear' (LoRA on every "
+                                             "linear layer) or 'reference' (the public code's settings)")
+    overrides: dict = field({}, help="TrainConfig fields over the preset")
+
+    def validate(self, where: str) -> None:
+        if self.preset not in ERASE_PRESETS:  # erase and recover presets share their names
+            raise MeraserError(f"{key_path(where, 'preset')}: unknown preset '{self.preset}'"
+                               f"{did_you_mean(self.preset, ERASE_PRESETS)} (choices: {', '.join(ERASE_PRESETS)})")
+
+
+@dataclass
+class Experiment(Config):
+    model: str | None = field(None, help="base model: what `fingerprint.method` fingerprints (default: the embedded "
+                                         "smollm2-135m) and the 'base' row (default with `existing`: the card's base)")
+    out: str = field("runs/experiment", help="output folder")
+    fingerprint: FingerprintStage = field(None, help="how the fingerprinted model is made or found")
+    mismatched: MismatchedSet = field(None, help="mismatched set D_m")
+    clean: CleanSet = field(None, help="clean set D_c")
+    erase: PhaseStage = field(None, help="erase phase")
+    recover: PhaseStage = field(None, help="recover phase")
+    eval: EvalConfig = field(None, help="evaluation at every stage")
+    probe_fsr: bool = field(True, help="record FSR after every erase/recover epoch (monitoring only; needs a card)")
+    eval_base: bool = field(True, help="also evaluate the base model, for comparison")
+
+    def __post_init__(self):
+        self.fingerprint = self.fingerprint or FingerprintStage()
+        self.mismatched = self.mismatched or MismatchedSet()
+        self.clean = self.clean or CleanSet()
+        self.erase = self.erase or PhaseStage()
+        self.recover = self.recover or PhaseStage()
+        self.eval = self.eval or EvalConfig()
+
+
+@dataclass
+class Stage:
+    name: str
+    settings: dict  # flat {key: value} of this stage and of every stage it depends on (for "what changed")
+    id: str
+    outputs: list[Path]  # what it writes, the first being the sign that it finished; none for evaluations
+
+
+@dataclass
+class Plan:
+    """A validated experiment: every setting resolved, every stage's identity known. Making one writes nothing."""
+
+    exp: Experiment
+    out: Path
+    fp_model: str  # the fingerprinted model: `existing`, or where the fingerprint stage writes it
+    card_path: str | None
+    card: object | None  # the Card when one exists before the run
+    base: str | None  # the model evaluated as 'base' (None: skipped)
+    fp_config: object | None  # the method config when fingerprinting here
+    erase_cfg: object
+    recover_cfg: object
+    stages: dict[str, Stage]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _stages(exp: Experiment, out: Path, own: dict[str, dict], deps: dict[str, list[str]]) -> dict[str, Stage]:
+    """Stages in run order; a stage's identity covers its own settings and those of everything it depends on."""
+    outputs = {
+        "fingerprinted": [] if exp.fingerprint.existing else [out / "fingerprinted"],
+        "mismatched": [out / "data" / "mismatched.jsonl"], "clean": [out / "data" / "clean.jsonl"],
+        "erased": [out / "erased", out / ".erased.work"], "recovered": [out / "recovered", out / ".recovered.work"],
+    }
+    stages: dict[str, Stage] = {}
+    for name, settings in own.items():
+        full = dict(settings)
+        for d in deps.get(name, []):
+            full.update(stages[d].settings)
+        stages[name] = Stage(name, full, settings_hash(full), outputs.get(name, []))
+    return stages
+
+
+def _check_lora_targets(spec: str | None, cfgs: list, where: str) -> None:
+    from meraser.models import meta_model
+    from meraser.training import check_target_modules
+
+    model = meta_model(spec) if spec else None
+    if model is None:  # a hub id offline: checked when the model loads
+        return
+    for kind, cfg in zip(("erase", "recover"), cfgs):
+        try:
+            check_target_modules(model, cfg.lora.target_modules)
+        except MeraserError as e:
+            raise MeraserError(f"{where}{kind}.overrides.lora.target_modules: {e}") from None
+
+
+def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
+    """Check the whole experiment and resolve every stage before any work; raise naming the key at fault."""
+    from meraser.fingerprints import get_method
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import CARD_FILE, model_dir
+    from meraser.models import DEFAULT_MODEL, check_model_spec
+
+    out, fp = Path(exp.out), exp.fingerprint
+    card = fp_cfg = None
+    if fp.existing:
+        fp_model = model_dir(fp.existing)
+        check_model_spec(fp_model, f"{where}fingerprint.existing")
+        card_path = fp.card or (str(Path(fp.existing) / CARD_FILE) if (Path(fp.existing) / CARD_FILE).is_file() else None)
+        card = Card.load(card_path) if card_path else None
+        base = exp.model or (card.base_model if card else None)
+        fp_settings = {"fingerprint.existing": str(Path(fp_model).resolve()) if Path(fp_model).exists() else fp_model,
+                       "fingerprint.card": settings_hash(card.to_dict()) if card else None}
+    else:
+        base = exp.model or DEFAULT_MODEL
+        fp_model, card_path = str(out / "fingerprinted" / "model"), str(out / "fingerprinted" / CARD_FILE)
+        fp_cfg = get_method(fp.method).Config.from_dict(fp.config, where=f"{where}fingerprint.config")
+        fp_settings = {"model": base, "fingerprint.method": fp.method, **_flat(fp_cfg.to_dict(), "fingerprint.config.")}
+    if base:
+        check_model_spec(base, f"{where}model")
+    exp.mismatched.check_inputs(f"{where}mismatched")
+    exp.clean.check_inputs(f"{where}clean")
+    erase_cfg = preset("erase", exp.erase.preset, exp.erase.overrides, where=f"{where}erase.overrides")
+    recover_cfg = preset("recover", exp.recover.preset, exp.recover.overrides, where=f"{where}recover.overrides")
+    exp.eval.check_inputs(f"{where}eval")
+    _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
+
+    evaluation = {**_flat(exp.eval.to_dict(), "eval."), "card": fp_settings.get("fingerprint.card", "made here")}
+    own = {
+        "fingerprinted": fp_settings,
+        "mismatched": _flat(exp.mismatched.to_dict(), "mismatched."),
+        "clean": _flat(exp.clean.to_dict(), "clean."),
+        "erased": _flat(erase_cfg.to_dict(), "erase."),
+        "recovered": _flat(recover_cfg.to_dict(), "recover."),
+        "eval:base": {**evaluation, "base": base},
+        "eval:fingerprinted": evaluation, "eval:erased": evaluation, "eval:recovered": evaluation,
+    }
+    deps = {"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.self_answers else []),
+            "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],
+            "eval:base": ["fingerprinted"], "eval:fingerprinted": ["fingerprinted"],
+            "eval:erased": ["erased"], "eval:recovered": ["recovered"]}
+    return Plan(exp, out, fp_model, card_path, card, base if exp.eval_base else None, fp_cfg, erase_cfg, recover_cfg,
+                _stages(exp, out, own, deps))
+
+
+def _changes(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "there is no record of its settings (made by an older meraser or another tool)"
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:6]) + \
+        (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def reconcile(plan: Plan, overwrite: bool = False) -> list[str]:
+    """Compare what is in the run folder with the plan, before any work. A stage that was made with other settings
+    is refused, naming what changed; with `overwrite` it and the stages after it are removed. Returns the names of
+    the stages removed. Refuses a non-empty folder that is not a meraser run (unless `overwrite`)."""
+    out = plan.out
+    if out.exists() and not out.is_dir():
+        raise MeraserError(f"output {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / STAGE_RECORD).exists() and not (out / "experiment.json").exists():
+        if not overwrite:
+            raise MeraserError(f"output folder {out} is not empty and is not a meraser run; pass --overwrite to "
+                               f"replace it")
+        shutil.rmtree(out)
+    records = read_json(out / STAGE_RECORD, "stage record") if (out / STAGE_RECORD).exists() else {}
+    rows = read_jsonl(out / RESULTS, "results", torn_tail_ok=True)
+    row_stages = {r.get("stage") for r in rows}
+    stale = [s for s in plan.stages.values()
+             if (any(p.exists() for p in s.outputs) or s.name.removeprefix("eval:") in row_stages and
+                 s.name.startswith("eval:")) and records.get(s.name, {}).get("id") != s.id]
+    if stale and not overwrite:
+        first = stale[0]
+        raise MeraserError(
+            f"{out}: stage '{first.name}' was made with other settings ({_changes(records.get(first.name, {}).get('settings'), first.settings)}); "
+            f"pass --overwrite to redo it and the stages after it ({', '.join(s.name for s in stale)})")
+    for s in stale:
+        for p in s.outputs:
+            _remove(p)
+        records.pop(s.name, None)
+    gone = {s.name.removeprefix("eval:") for s in stale if s.name.startswith("eval:")}
+    if out.is_dir():
+        write_jsonl(out / RESULTS, [r for r in rows if r.get("stage") not in gone])  # also drops a torn last line
+        write_json(out / STAGE_RECORD, records)
+    return [s.name for s in stale]
+
+
+class ExperimentRun:
+    """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
+
+    def __init__(self, plan: Plan, progress: bool = True, console=None):
+        self.plan, self.exp, self.out = plan, plan.exp, plan.out
+        self.progress = progress
+        self.say = console.print if console else (lambda *a, **k: None)
+        self.rows = {r["stage"]: r for r in read_jsonl(self.out / RESULTS, "results", torn_tail_ok=True)}
+        self.records = read_json(self.out / STAGE_RECORD, "stage record") if (self.out / STAGE_RECORD).exists() else {}
+        self.card = plan.card
+        self.tok = None
+
+    def _made(self, name: str) -> bool:
+        st = self.plan.stages[name]
+        return bool(st.outputs) and st.outputs[0].exists() and self.records.get(name, {}).get("id") == st.id
+
+    def _begin(self, name: str) -> None:
+        """Record a stage's identity before it writes anything, so whatever it leaves is known to belong to it."""
+        st = self.plan.stages[name]
+        self.records[name] = {"id": st.id, "settings": st.settings}
+        write_json(self.out / STAGE_RECORD, self.records)
+
+    def fingerprint(self):
+        """Stage 1: the fingerprinted model (made here with its card, or an existing one)."""
+        from meraser.fingerprints.card import Card
+        from meraser.fingerprints.embed import embed
+        from meraser.models import load_model
+
+        fp = self.exp.fingerprint
+        if fp.existing or self._made("fingerprinted"):
+            if not fp.existing:
+                self.say(f"[dim]fingerprinted: reusing {self.plan.fp_model}[/]")
+            model, self.tok = load_model(self.plan.fp_model)
+        else:
+            self.say(f"[bold]1/3 fingerprint[/] {self.plan.stages['fingerprinted'].settings['model']} with {fp.method}")
+            self._begin("fingerprinted")
+            base, self.tok = load_model(self.plan.stages["fingerprinted"].settings["model"])
+            model, _, _ = embed(fp.method, base, self.tok, self.plan.fp_config, self.out / "fingerprinted",
+                                progress=self.progress)
+            model._meraser_spec = self.plan.fp_model
+        if self.card is None and self.plan.card_path and Path(self.plan.card_path).exists():
+            self.card = Card.load(self.plan.card_path)
+        if self.card is None:
+            self.say(f"[yellow]{NO_CARD}[/]")
+        return model
+
+    def evaluate(self, stage: str, model, extra=None) -> dict:
+        """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once."""
+        from meraser.evaluation.evaluate import evaluate_model
+
+        if stage in self.rows:
+            return self.rows[stage]
+        self._begin(f"eval:{stage}")
+        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress),
+               **(extra() if extra else {})}
+        append_jsonl(self.out / RESULTS, row)
+        self.rows[stage] = row
+        self.say(f"  {stage}: " + ", ".join(
+            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) + ([f"PPL {row['ppl']['ppl']:.2f}"] if "ppl" in row else [])))
+        return row
+
+    def base(self) -> None:
+        """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
+        from meraser.models import load_model
+
+        if self.plan.base and "base" not in self.rows:
+            base_model, _ = load_model(self.plan.base)
+            self.evaluate("base", base_model)
+
+    def data(self, model) -> tuple[list, list]:
+        """Stage 2a/2b: the mismatched and clean sets, each written once as JSONL."""
+        from meraser.data import load_pairs, write_pairs
+
+        d = self.out / "data"
+        if self._made("mismatched"):
+            mism = load_pairs(str(d / "mismatched.jsonl"))
+        else:
+            self._begin("mismatched")
+            mism, meta = self.exp.mismatched.build()
+            write_pairs(mism, d / "mismatched.jsonl", meta)
+        if self._made("clean"):
+            clean = load_pairs(str(d / "clean.jsonl"))
+        else:
+            self._begin("clean")
+            clean = self.exp.clean.build({p.prompt for p in mism}, model, self.tok)
+            write_pairs(clean, d / "clean.jsonl")
+        return mism, clean
+
+    def _probe(self):
+        if not (self.exp.probe_fsr and self.card is not None):
+            return None
+        from meraser.evaluation.fsr import fsr
+
+        return lambda m, epoch: {"fsr": fsr(m, self.tok, self.card, false_positive_inputs=0)["fsr"]}
+
+    def _phase(self, name: str, kind: str, label: str, model, rows: list, base_spec: str):
+        """Erase or recover: LoRA on `rows` over `model`; the adapter is saved, the merged model carried on."""
+        from meraser.erase.meraser import erase, recover
+        from meraser.models import load_model
+
+        folder = self.out / name
+        if self._made(name):
+            done, _ = load_model(str(folder), base=base_spec)
+            probes = read_json(folder / "train_log.json", "training log").get("metrics", {}).get("probes", [])
+        else:
+            self.say(f"[bold]{label}[/] on {len(rows)} {'mismatched' if kind == 'erase' else 'clean'} rows "
+                     f"({getattr(self.exp, kind).preset} preset)")
+            self._begin(name)
+            run = erase if kind == "erase" else recover
+            cfg = self.plan.erase_cfg if kind == "erase" else self.plan.recover_cfg
+            res = run(model, self.tok, rows, cfg, folder, merge_out=False, resume=True, probe=self._probe(),
+                      progress=self.progress)
+            done, probes = res.model.merge_and_unload(), res.probes
+        done._meraser_spec = str(folder)
+        return done, probes
+
+    def verdict(self, model) -> dict:
+        """Algorithm 1 against the fingerprinted model's ordinary accuracy."""
+        from meraser.evaluation.algorithm1 import algorithm1_verify
+
+        return algorithm1_verify(model, self.tok, self.card, self.rows["fingerprinted"]["ordinary_accuracy"])
+
+    def run(self) -> list[dict]:
+        from meraser.evaluation.algorithm1 import ordinary_accuracy
+
+        model = self.fingerprint()
+        self.base()
+        self.evaluate("fingerprinted", model, lambda: {"ordinary_accuracy": ordinary_accuracy(model, self.tok),
+                                                       **self._fingerprint_time()})
+        mism, clean = self.data(model)
+        erased, probes = self._phase("erased", "erase", "2/3 erase", model, mism, self.plan.fp_model)
+        self.evaluate("erased", erased, lambda: {"fsr_per_epoch": probes, **self.verdict(erased)})
+        recovered, probes = self._phase("recovered", "recover", "3/3 recover", erased, clean, str(self.out / "erased"))
+        self.evaluate("recovered", recovered, lambda: {"fsr_per_epoch": probes, **self.verdict(recovered)})
+        return [self.rows[s] for s in ("base", "fingerprinted", "erased", "recovered") if s in self.rows]
+
+    def _fingerprint_time(self) -> dict:
+        made = Path(self.plan.card_path or "").parent / "fingerprint_summary.json"  # when this tool made it
+        return {"fingerprint_seconds": read_json(made, "fingerprint summary").get("seconds")} if made.is_file() else {}
+
+
+def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: bool = False, progress: bool = True,
+                   console=None) -> list[dict]:
+    """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
+    evaluated stage: base, fingerprinted, erased, recovered."""
+    plan = plan_experiment(exp, where)
+    removed = reconcile(plan, overwrite)
+    if removed and console:
+        console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_json(plan.out / "experiment.json", exp.to_dict())
+    return ExperimentRun(plan, progress, console).run()
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    return Experiment.from_dict(load_yaml(path), where=f"{path}: ")
+
+
+def demo_experiment(out: str = "runs/demo") -> Experiment:
+    """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores."""
+    return Experiment.from_dict({
+        "out": out,
+        "fingerprint": {"method": "utf"},
+        "clean": {"n": 300},
+        "erase": {"overrides": {"epochs": 4}},
+        "recover": {"overrides": {"epochs": 1}},
+        "eval": {"ppl": "responses:chitchat", "ppl_windows": 100, "false_positive_inputs": 16},
+    }, where="demo: ")
