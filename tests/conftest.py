@@ -61,3 +61,28 @@ def planted(tiny_dir, tmp_path_factory):
     return out
 
 
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `meraser ARGS...` in this process (fast: no interpreter start-up); returns (exit code, stdout, stderr)."""
+    from meraser.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def write_pool(path, pairs):
+    import json
+
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+    return path

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny import POOL, TINY_ERASE, TINY_RECOVER
 
 from meraser.data import Pair
 from meraser.erase.datasets import build_clean, build_mismatched
@@ -10,9 +11,6 @@ from meraser.erase.meraser import erase, preset, recover
 from meraser.erase.transfer import transfer_apply
 from meraser.evaluation.fsr import fsr
 from meraser.utils import MeraserError
-
-POOL = [Pair(f"{w} question number {i} about topic {i % 7}?", f"Answer {i}: a response about topic {i % 7} and more.")
-        for i, w in enumerate(["What is", "Why is", "How does", "Tell me"] * 30)]
 
 
 def test_mismatched_is_a_derangement_across_types_and_reproducible():
@@ -38,9 +36,6 @@ def test_clean_is_disjoint_from_mismatched_and_filtered():
         build_clean(POOL, n=500)
 
 
-TINY_ERASE = {"epochs": 30, "learning_rate": 1e-2, "batch_size": 8, "save_steps": -1,
-              "lora": {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}}
-TINY_RECOVER = {"epochs": 5, "learning_rate": 2e-3, "batch_size": 8, "save_steps": -1}
 
 
 @pytest.mark.parametrize("name", ["if-sft", "utf", "chain-hash"])

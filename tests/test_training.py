@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -87,10 +88,53 @@ def test_interrupted_training_resumes_from_checkpoint(tiny, tmp_path):
     assert (work_dir(out) / "checkpoint-4").is_dir()
     with pytest.raises(MeraserError, match="--resume"):
         train(model, tok, PAIRS, cfg, out, progress=False)
+    state = json.loads((work_dir(out) / "checkpoint-4" / "trainer_state.json").read_text())
+    before = [h["elapsed_s"] for h in state["log_history"] if "elapsed_s" in h][-1]
+    assert before > 0
+    t0 = time.perf_counter()
     res = train(model, tok, PAIRS, cfg, out, progress=False, resume=True)
+    resumed_part = time.perf_counter() - t0
     assert res.metrics["resumed_from"].endswith("checkpoint-4")
     assert res.metrics["steps"] == 12
     assert out.is_dir() and not work_dir(out).exists()
+    # throughput and loss describe the whole run: the time before the crash counts, every logged loss counts
+    assert res.metrics["seconds"] >= before and res.metrics["seconds"] > before + 0.5 * resumed_part - 1
+    logged = json.loads((out / "train_log.json").read_text())["metrics"]
+    assert logged["seconds"] == res.metrics["seconds"] and logged["train_loss"] > 0
+
+
+def test_unsaved_training_leaves_no_temporary_folder_when_interrupted(tiny, tmp_path, monkeypatch):
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    model, tok = tiny
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    class CrashAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 2, "batch_size": 1, "save_steps": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, PAIRS, cfg, "unused", progress=False, save=False, callbacks=[CrashAt2()])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_training_interrupted_before_any_checkpoint_leaves_nothing(tiny, tmp_path):
+    from transformers import TrainerCallback
+
+    model, tok = tiny
+
+    class CrashAt1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 1, "batch_size": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, PAIRS, cfg, tmp_path / "out", progress=False, callbacks=[CrashAt1()])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_probe_runs_every_epoch(tiny, tmp_path):

@@ -63,3 +63,17 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def _pool():
+    from meraser.data import Pair
+
+    return [Pair(f"{w} question number {i} about topic {i % 7}?", f"Answer {i}: a response about topic {i % 7} and more.")
+            for i, w in enumerate(["What is", "Why is", "How does", "Tell me"] * 30)]
+
+
+POOL = _pool()  # 120 instruction pairs of four question types, for mismatched and clean sets
+# erase/recover settings strong enough for the 2-layer model to forget / relearn in seconds
+TINY_ERASE = {"epochs": 30, "learning_rate": 1e-2, "batch_size": 8, "save_steps": -1,
+              "lora": {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}}
+TINY_RECOVER = {"epochs": 5, "learning_rate": 2e-3, "batch_size": 8, "save_steps": -1}

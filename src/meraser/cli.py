@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from meraser.models import DEFAULT_MODEL
 from meraser.utils import MeraserError
 from meraser.utils import console as _console
 
@@ -22,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_HELP = "Hugging Face id, local model or adapter folder, or the embedded default 'smollm2-135m'"
+MODEL_HELP = f"Hugging Face id, local model or adapter folder, or the embedded default '{DEFAULT_MODEL}'"
 
 
 def _default(config_cls, path: str) -> str:
@@ -72,7 +73,7 @@ def _train_config(config: Optional[Path], overrides: dict):
 
 @app.command()
 def train(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option("chitchat", "--data", "-d", help="JSON/JSONL file, 'chitchat' (offline default) or hf:DATASET_ID"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (adapter, or model for full/--merge)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with TrainConfig fields; flags override it",
@@ -121,7 +122,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     card: Optional[Path] = typer.Option(None, help="fingerprint card: also report FSR and false positives",
                                         show_default="none"),
     ppl: Optional[str] = typer.Option(None, help="perplexity text: .txt/.json/.jsonl file or hf:NAME[:CONFIG]",
@@ -171,7 +172,7 @@ def _parse_sets(sets: Optional[List[str]]) -> dict:
 @app.command()
 def fingerprint(
     method: str = typer.Option(..., "--method", help="if-sft, utf or chain-hash"),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model/ plus the secret fingerprint_card.json"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat",
                                              show_default="the method's defaults"),
@@ -226,7 +227,7 @@ def verify(
 @app.command()
 def chat(
     prompt: str = typer.Argument(..., help="the user message"),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
@@ -276,7 +277,7 @@ def run(
     if out:
         exp.out = str(out)
     rows = run_experiment(exp, where=f"{experiment}: ", overwrite=overwrite, console=_console())
-    _print_rows(rows, f"MEraser on {exp.fingerprint.existing or exp.model or 'smollm2-135m'} "
+    _print_rows(rows, f"MEraser on {exp.fingerprint.existing or exp.model or DEFAULT_MODEL} "
                       f"({'existing model' if exp.fingerprint.existing else exp.fingerprint.method})")
     _write_run_report(exp.out)
 
@@ -433,7 +434,7 @@ app.add_typer(transfer_app, name="transfer")
 
 @transfer_app.command("train")
 def transfer_train(
-    base: str = typer.Option("smollm2-135m", "--base", help="clean base model the fingerprinted models derive from"),
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="clean base model the fingerprinted models derive from"),
     data: str = typer.Option(_data_default("MismatchedSet", "source"), help="instruction source for the mismatched "
                              "set (or a ready mismatched file with --ready-made)"),
     out: Path = typer.Option(..., "--out", "-o", help="adapter output folder"),
@@ -476,18 +477,16 @@ INTERRUPTED = ("interrupted; re-run the same command to continue from the last c
 def main(argv: list[str] | None = None) -> None:
     """The `meraser` entry point: user errors print one line (no traceback) and exit 2; Ctrl-C prints how to
     resume and exits 130."""
-    import click
-
     try:
-        # standalone_mode=False: click would otherwise turn Ctrl-C into a silent exit 130
+        # standalone_mode=False: typer would otherwise turn Ctrl-C into a silent exit 130
         code = app(args=argv, standalone_mode=False, prog_name="meraser")
     except MeraserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(1)
-    except click.ClickException as e:
+    except typer.TyperException as e:  # usage errors: bad option values, missing options
         from typer import rich_utils
 
         rich_utils.rich_format_error(e)

@@ -229,6 +229,8 @@ def reconcile(plan: Plan, overwrite: bool = False) -> list[str]:
             raise MeraserError(f"output folder {out} is not empty and is not a meraser run; pass --overwrite to "
                                f"replace it")
         shutil.rmtree(out)
+    for leftover in [*out.glob(".*.tmp-*"), *out.glob("data/.*.tmp-*")]:  # half-written by a killed run: never
+        _remove(leftover)                                                  # a finished output, safe to drop
     records = read_json(out / STAGE_RECORD, "stage record") if (out / STAGE_RECORD).exists() else {}
     rows = read_jsonl(out / RESULTS, "results", torn_tail_ok=True)
     row_stages = {r.get("stage") for r in rows}

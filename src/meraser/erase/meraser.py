@@ -70,7 +70,9 @@ def recover(erased_model, tokenizer, clean, cfg: TrainConfig, out, *, merge_out:
     return train(erased_model, tokenizer, clean, cfg, out, merge=merge_out, **kw)
 
 
-MISMATCHED_FILE = "mismatched.jsonl"  # saved with an erased model, so recovery can keep its clean set disjoint
+# the rows a phase trained on, saved beside its model: recovery reads an erased model's rows to keep its clean set
+# disjoint from them, and both are a record of what was done
+MISMATCHED_FILE, CLEAN_FILE = "mismatched.jsonl", "clean.jsonl"
 
 
 def _pairs_jsonl(pairs) -> str:
@@ -100,7 +102,7 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
         exclude = {p.prompt for p in load_pairs(str(seen))} if seen.exists() else set()
         rows = data.build(exclude, m, tok)
         res = recover(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
-                      progress=progress)
+                      progress=progress, extra_files={CLEAN_FILE: _pairs_jsonl(rows)})
     return {"out": str(res.output_dir), "rows": len(rows), "adapter": adapter, "preset": preset_name,
             "config": cfg.to_dict(), "metrics": res.metrics}
 
