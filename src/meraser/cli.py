@@ -326,7 +326,7 @@ def _phase_summary(kind: str, s: dict) -> None:
     m = s["metrics"]
     what = "adapter" if s["adapter"] else "model"
     _console().print(f"[green]{kind}[/] {what} saved to {s['out']}: {s['rows']} rows, {s['preset']} preset, "
-                     f"{m['steps']} steps in {m['seconds']} s, loss {m['first_logged_loss']} -> {m['last_logged_loss']}")
+                     f"{m['steps']} steps in {m['seconds']} s, mean loss {m['train_loss']:.3f}")
 
 
 @app.command()
@@ -414,6 +414,44 @@ def card(
                         system_prompt=system_prompt, max_new_tokens=max_new_tokens, overwrite=overwrite)
     _console().print(f"[green]card[/] {out}: {len(c.triggers)} triggers, match {c.match}, max_new_tokens "
                      f"{c.max_new_tokens} (keep it secret; verify with `meraser verify --card {out}`)")
+
+
+def _attack_help() -> str:
+    from meraser.attacks import REGISTRY
+
+    lines = "\n\n".join(f"[bold]{name}[/]: {a.summary}" for name, a in REGISTRY.items())
+    return ("Run one erasure attack on a (fingerprinted) model and save the attacked model, which `verify`, "
+            "`evaluate` and `chat` load unchanged. Settings: --set KEY=VALUE (the attack's config fields).\n\n"
+            + lines)
+
+
+@app.command(help=_attack_help())
+def attack(
+    method: str = typer.Option(..., "--method", help="registered attack name (listed above)"),
+    model: str = typer.Option(..., "--model", "-m", help="the model to attack: " + MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder for the attacked model"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set sparsity=0.3; repeat",
+                                             show_default="the attack's defaults"),
+    base: Optional[str] = typer.Option(None, help="the base model the attacked model derives from (merging, "
+                                       "transfer)", show_default="the base recorded with the model"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+):
+    import json
+
+    from meraser.attacks import run_attack
+    from meraser.fingerprints.embed import model_dir
+
+    _quiet_libraries()
+    s = run_attack(method, model_dir(model), out, _parse_sets(set_), base=base, overwrite=overwrite,
+                   progress=not json_out, trust_remote_code=trust_remote_code)
+    if json_out:
+        print(json.dumps(s, indent=2, ensure_ascii=False, default=str))
+        return
+    details = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("attack", "config", "out", "seconds", "base"))
+    _console().print(f"[green]{method}[/] model saved to {s['out']} in {s['seconds']} s" +
+                     (f" ({details})" if details else ""))
 
 
 @app.command()

@@ -214,6 +214,18 @@ def meta_model(spec: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "vocab_size")
+
+
+def check_same_architecture(a, b, a_name: str, b_name: str) -> None:
+    """Refuse two model configs whose shapes differ (merging, adapters), naming the differing fields."""
+    diff = {k: (getattr(a, k, None), getattr(b, k, None)) for k in ARCH_FIELDS if getattr(a, k, None) != getattr(b, k, None)}
+    if diff:
+        raise MeraserError(f"{a_name} has another architecture than {b_name}; differing fields ({a_name}, {b_name}): "
+                           f"{diff}")
+
+
 def model_spec(model) -> str | None:
     """The spec a model was loaded from (an alias, hub id or folder), if meraser loaded it."""
     return getattr(model, "_meraser_spec", None) or getattr(getattr(model, "base_model", None), "_meraser_spec", None)

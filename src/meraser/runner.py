@@ -23,7 +23,7 @@ from pathlib import Path
 
 from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
-from meraser.erase.meraser import DEFAULT_PRESET, ERASE_PRESETS, preset
+from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
 from meraser.utils import (MeraserError, append_jsonl, did_you_mean, read_json, read_jsonl, settings_hash,
                            write_json, write_jsonl)
@@ -55,18 +55,6 @@ class FingerprintStage(Config):
 
 
 @dataclass
-class PhaseStage(Config):
-    preset: str = field(DEFAULT_PRESET, help="'paper' (the paper's LoRA on q/v), 'all-linear' (LoRA on every "
-                                             "linear layer) or 'reference' (the public code's settings)")
-    overrides: dict = field({}, help="TrainConfig fields over the preset")
-
-    def validate(self, where: str) -> None:
-        if self.preset not in ERASE_PRESETS:  # erase and recover presets share their names
-            raise MeraserError(f"{key_path(where, 'preset')}: unknown preset '{self.preset}'"
-                               f"{did_you_mean(self.preset, ERASE_PRESETS)} (choices: {', '.join(ERASE_PRESETS)})")
-
-
-@dataclass
 class Experiment(Config):
     model: str | None = field(None, help="base model: what `fingerprint.method` fingerprints (default: the embedded "
                                          "smollm2-135m) and the 'base' row (default with `existing`: the card's base)")
@@ -74,8 +62,8 @@ class Experiment(Config):
     fingerprint: FingerprintStage = field(None, help="how the fingerprinted model is made or found")
     mismatched: MismatchedSet = field(None, help="mismatched set D_m")
     clean: CleanSet = field(None, help="clean set D_c")
-    erase: PhaseStage = field(None, help="erase phase")
-    recover: PhaseStage = field(None, help="recover phase")
+    erase: Phase = field(None, help="erase phase")
+    recover: Phase = field(None, help="recover phase")
     eval: EvalConfig = field(None, help="evaluation at every stage")
     probe_fsr: bool = field(True, help="record FSR after every erase/recover epoch (monitoring only; needs a card)")
     eval_base: bool = field(True, help="also evaluate the base model, for comparison")
@@ -84,8 +72,8 @@ class Experiment(Config):
         self.fingerprint = self.fingerprint or FingerprintStage()
         self.mismatched = self.mismatched or MismatchedSet()
         self.clean = self.clean or CleanSet()
-        self.erase = self.erase or PhaseStage()
-        self.recover = self.recover or PhaseStage()
+        self.erase = self.erase or Phase()
+        self.recover = self.recover or Phase()
         self.eval = self.eval or EvalConfig()
 
 
@@ -179,8 +167,8 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
         check_model_spec(base, f"{where}model")
     exp.mismatched.check_inputs(f"{where}mismatched")
     exp.clean.check_inputs(f"{where}clean")
-    erase_cfg = preset("erase", exp.erase.preset, exp.erase.overrides, where=f"{where}erase.overrides")
-    recover_cfg = preset("recover", exp.recover.preset, exp.recover.overrides, where=f"{where}recover.overrides")
+    erase_cfg = exp.erase.train_config("erase", f"{where}erase")
+    recover_cfg = exp.recover.train_config("recover", f"{where}recover")
     exp.eval.check_inputs(f"{where}eval")
     _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
 

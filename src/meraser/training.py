@@ -379,6 +379,10 @@ def train(
             data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
             callbacks=[*_callbacks(probe, t0, before), *(callbacks or [])],
         )
+        if not progress:  # without progress bars the Trainer prints every log dict to stdout instead
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train(resume_from_checkpoint=last)
         metrics = _metrics(trainer, result, rows, cfg, before + time.perf_counter() - t0, last)
         trained = trainer.model

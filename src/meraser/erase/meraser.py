@@ -9,11 +9,13 @@ Both phases are `meraser.training.train` with a preset; `reference` reproduces t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from meraser.config import Config, field, key_path
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.training import TrainConfig
-from meraser.utils import MeraserError, unknown_name
+from meraser.utils import MeraserError, did_you_mean, unknown_name
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,6 +54,23 @@ def preset(kind: str, name: str = DEFAULT_PRESET, overrides: dict | None = None,
         else:
             merged[k] = v
     return TrainConfig.from_dict(merged, where=where or f"{kind} ({name})")
+
+
+@dataclass
+class Phase(Config):
+    """One MEraser phase as an experiment or attack names it: a preset and TrainConfig fields over it."""
+
+    preset: str = field(DEFAULT_PRESET, help="'paper' (the paper's LoRA on q/v), 'all-linear' (LoRA on every "
+                                             "linear layer) or 'reference' (the public code's settings)")
+    overrides: dict = field({}, help="TrainConfig fields over the preset")
+
+    def validate(self, where: str) -> None:
+        if self.preset not in ERASE_PRESETS:  # erase and recover presets share their names
+            raise MeraserError(f"{key_path(where, 'preset')}: unknown preset '{self.preset}'"
+                               f"{did_you_mean(self.preset, ERASE_PRESETS)} (choices: {', '.join(ERASE_PRESETS)})")
+
+    def train_config(self, kind: str, where: str) -> TrainConfig:
+        return preset(kind, self.preset, self.overrides, where=f"{key_path(where, 'overrides')}")
 
 
 def erase(model, tokenizer, mismatched, cfg: TrainConfig, out, *, merge_out: bool = True, **kw):

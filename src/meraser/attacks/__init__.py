@@ -1,0 +1,28 @@
+"""Erasure attacks against fingerprinted models: one file per family, one explicit registry.
+
+Weight-space attacks return a changed model: incremental fine-tuning (finetune.py), unstructured pruning
+(sparsity.py), model merging (merge.py), and MEraser itself (meraser.py), so a comparison treats it like any other.
+"""
+
+from __future__ import annotations
+
+from meraser.attacks.base import Attack, AttackConfig, AttackContext, run_attack
+from meraser.attacks.finetune import FineTune
+from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
+from meraser.attacks.merge import Dare, TaskArithmetic, Ties
+from meraser.attacks.sparsity import MagnitudePruning, WandaPruning
+from meraser.utils import unknown_name
+
+REGISTRY: dict[str, Attack] = {a.name: a for a in [
+    MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), MagnitudePruning(), WandaPruning(), TaskArithmetic(),
+    Ties(), Dare(),
+]}
+
+
+def get_attack(name: str) -> Attack:
+    if name not in REGISTRY:
+        raise unknown_name("attack", name, REGISTRY)
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "Attack", "AttackConfig", "AttackContext", "get_attack", "run_attack"]

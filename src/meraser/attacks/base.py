@@ -1,0 +1,99 @@
+"""The attack interface: a typed config and `apply(model, tokenizer, cfg, ctx) -> model`.
+
+Every attack, MEraser included, takes a fingerprinted model and returns the attacked one, in memory. What an attack
+needs beyond the model (the base it derives from, data, an expert, a folder for intermediate work) comes in the
+context, and what it wants reported (heads removed, sparsity reached, rows used) goes into `ctx.info`.
+`run_attack` is `meraser attack`: check every input, load, apply, save a normal model folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import ClassVar
+
+from meraser.config import Config
+
+
+@dataclass
+class AttackConfig(Config):
+    """Base class of every attack's config (a dataclass; fields carry a default and a help line)."""
+
+
+@dataclass
+class AttackContext:
+    model_spec: str  # the attacked model, as given
+    base: str | None  # the base model it derives from (merging, transfer), if known
+    work: Path  # a private folder for intermediate results (experts, adapters); removed after success
+    progress: bool = True
+    info: dict = dc_field(default_factory=dict)  # what the attack reports about itself
+
+    def need_base(self, attack: str) -> str:
+        from meraser.utils import MeraserError
+
+        if not self.base:
+            raise MeraserError(f"{attack} needs the base model the attacked model derives from: pass --base (or "
+                               f"`base` in the experiment); none is recorded with the model")
+        return self.base
+
+
+class Attack:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `meraser attack --help`
+    paper: ClassVar[str]  # where the method comes from
+    Config: ClassVar[type[AttackConfig]]
+
+    def check(self, cfg, ctx: AttackContext) -> None:
+        """Refuse bad inputs before the model loads (sources, expert specs); the config itself is typed already."""
+
+    def apply(self, model, tokenizer, cfg, ctx: AttackContext):
+        raise NotImplementedError
+
+
+def recorded_base(model_spec: str) -> str | None:
+    """The base a model folder records (meraser writes it when fingerprinting or training), else None."""
+    from meraser.models import MERASER_META
+    from meraser.utils import read_json
+
+    meta = Path(model_spec, MERASER_META)
+    if not meta.is_file():
+        return None
+    rec = read_json(meta, "model record")
+    return rec.get("base") or rec.get("source")
+
+
+def run_attack(method: str, model: str, out: str | Path, overrides: dict | None = None, *, base: str | None = None,
+               overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """`meraser attack`: apply a registered attack to `model` and save the result to `out` as a model folder that
+    `verify`, `evaluate` and `chat` load unchanged. Returns a summary (settings, what the attack reports, time)."""
+    import shutil
+
+    from meraser.attacks import get_attack
+    from meraser.models import check_model_spec, load_model, save_model
+    from meraser.utils import check_output_dir
+
+    attack = get_attack(method)
+    cfg = attack.Config.from_dict(overrides or {}, where=f"{method} settings")
+    out = check_output_dir(out, overwrite)
+    check_model_spec(model, "--model")
+    ctx = AttackContext(model, base or recorded_base(model), out.parent / f".{out.name}.attack", progress)
+    attack.check(cfg, ctx)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    t0 = time.perf_counter()
+    attacked = apply_attack(attack, m, tok, cfg, ctx)
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {"attack": method, "config": cfg.to_dict(), "base": ctx.base, "seconds": seconds, **ctx.info}
+    attacked._meraser_spec = model
+    save_model(attacked, tok, out, overwrite=overwrite, meta=summary)
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return {**summary, "out": str(out)}
+
+
+def apply_attack(attack: Attack, model, tokenizer, cfg, ctx: AttackContext):
+    """Apply in memory (the experiment runner's stage calls this too)."""
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    model = attack.apply(model, tokenizer, cfg, ctx)
+    model.eval()
+    return model

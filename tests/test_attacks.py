@@ -1,0 +1,165 @@
+"""The attack registry: every attack runs on the tiny fingerprinted model and writes a folder `verify` accepts;
+merging is exact where it must be and agrees with mergekit; bad input is refused before any work."""
+
+import json
+
+import pytest
+import torch
+from conftest import write_pool
+from tiny import POOL, TINY_ERASE, save_tiny, tiny_model, tiny_tokenizer
+
+from meraser.attacks import REGISTRY, get_attack
+from meraser.attacks.base import AttackContext, apply_attack
+from meraser.models import load_model
+from meraser.utils import MeraserError
+
+
+def tiny_settings(pool):
+    quick = {"epochs": 1, "save_steps": -1}
+    expert = {"expert_data": str(pool), "expert_rows": 16, "expert_train": quick}
+    erase = {"mismatched": {"source": str(pool), "n": 24}, "erase": {"overrides": {**TINY_ERASE, "epochs": 2}}}
+    return {
+        "meraser": {**erase, "clean": {"source": str(pool), "n": 24}, "recover": {"overrides": quick}},
+        "meraser-erase": erase, "meraser-transfer": erase,
+        "finetune": {"source": str(pool), "n": 16, "train": quick},
+        "prune-magnitude": {"sparsity": 0.3},
+        "prune-wanda": {"calibration": str(pool), "calibration_rows": 4, "sparsity": 0.3},
+        "merge-task-arithmetic": expert, "merge-ties": expert, "merge-dare": expert,
+    }
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_attack_writes_a_model_that_verify_accepts(planted, tmp_path, cli, name):
+    folder = planted["utf"][4]
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in tiny_settings(pool)[name].items()]
+    code, out, err = cli("attack", "--method", name, "--model", folder, "--out", tmp_path / "attacked", "--json", *sets)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["attack"] == name and summary["seconds"] >= 0
+    meta = json.loads((tmp_path / "attacked" / "meraser_model.json").read_text())
+    assert meta["attack"] == name
+    assert not list(tmp_path.glob(".attacked.attack*"))  # the work folder is gone
+    code, out, err = cli("verify", "--model", tmp_path / "attacked", "--card", folder, "--json")
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["fsr"] <= 1.0
+
+
+def _merge(tmp_path, method, weights, **extra):
+    """Merge a tiny 'fingerprinted' model with a tiny 'expert', both random perturbations of one tiny base."""
+    base_dir = save_tiny(tmp_path / "base", seed=0)
+    tok = tiny_tokenizer()
+    for name, seed in (("fp", 1), ("expert", 2)):
+        m = tiny_model(tok, seed=0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    model, tok = load_model(str(tmp_path / "fp"))
+    attack = get_attack(method)
+    cfg = attack.Config.from_dict({"weights": list(weights), "expert": str(tmp_path / "expert"), **extra})
+    ctx = AttackContext(str(tmp_path / "fp"), str(base_dir), tmp_path / "work", progress=False)
+    merged = apply_attack(attack, model, tok, cfg, ctx)
+    states = {n: load_model(str(tmp_path / n))[0].state_dict() for n in ("base", "fp", "expert")}
+    return merged.state_dict(), states
+
+
+def test_task_arithmetic_with_weights_1_0_returns_the_fingerprinted_model(tmp_path):
+    merged, s = _merge(tmp_path, "merge-task-arithmetic", (1.0, 0.0))
+    assert all(torch.allclose(merged[k], s["fp"][k], atol=1e-6) for k in merged)
+    mixed, _ = _merge(tmp_path / "b", "merge-task-arithmetic", (0.4, 0.6))
+    k = "model.layers.0.mlp.up_proj.weight"
+    expected = s["base"][k] + 0.4 * (s["fp"][k] - s["base"][k]) + 0.6 * (s["expert"][k] - s["base"][k])
+    assert torch.allclose(mixed[k], expected, atol=1e-6)
+
+
+def test_dare_with_p0_equals_task_arithmetic_and_keeps_the_expected_delta(tmp_path):
+    ta, s = _merge(tmp_path / "ta", "merge-task-arithmetic", (0.5, 0.5))
+    dare0, _ = _merge(tmp_path / "d0", "merge-dare", (0.5, 0.5), p=0.0)
+    assert all(torch.allclose(ta[k], dare0[k], atol=1e-6) for k in ta)
+    dare, _ = _merge(tmp_path / "d", "merge-dare", (1.0, 0.0), p=0.5, seed=3)
+    again, _ = _merge(tmp_path / "d2", "merge-dare", (1.0, 0.0), p=0.5, seed=3)
+    k = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(dare[k], again[k])  # seeded
+    delta, kept = s["fp"][k] - s["base"][k], dare[k] - s["base"][k]
+    dropped = (kept.abs() < 1e-9).float().mean().item()
+    assert 0.45 < dropped < 0.55  # half the entries dropped...
+    survivors = kept.abs() > 1e-9
+    assert torch.allclose(kept[survivors], 2 * delta[survivors], atol=1e-5)  # ...the rest rescaled by 1/(1-p)
+    # the delta is kept in expectation: E[kept] = delta, so the projection of kept on delta is about |delta|^2
+    assert abs((kept * delta).sum().item() / (delta * delta).sum().item() - 1) < 0.1
+
+
+def test_our_merges_agree_with_mergekit(tmp_path):
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.torch import load_file
+
+    ours, _ = _merge(tmp_path, "merge-task-arithmetic", (0.4, 0.6))
+    # TIES takes the disjoint mean of the agreeing entries (the TIES paper, peft); mergekit divides by their summed
+    # weights instead, which is the same at equal weights
+    ties, _ = _merge(tmp_path / "t", "merge-ties", (1.0, 1.0), density=0.5)
+    for method, mine, w, params in (("task_arithmetic", ours, (0.4, 0.6), {}),
+                                    ("ties", ties, (1.0, 1.0), {"density": 0.5})):
+        cfg = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": "float32",
+               "parameters": {"normalize": method == "ties"},
+               "models": [{"model": str(tmp_path / "fp"), "parameters": {"weight": w[0], **params}},
+                          {"model": str(tmp_path / "expert"), "parameters": {"weight": w[1], **params}}]}
+        out = tmp_path / f"mk-{method}"
+        run_merge(MergeConfiguration.model_validate(cfg), str(out), options=MergeOptions(copy_tokenizer=False))
+        theirs = {}
+        for f in out.glob("*.safetensors"):
+            theirs.update(load_file(str(f)))
+        shared = [k for k in mine if k in theirs]
+        assert len(shared) >= len(mine) - 1  # the tied LM head is stored once
+        assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in shared), method
+
+
+def test_sparsity_attacks_reach_their_sparsity_and_wanda_differs_from_magnitude(planted, tmp_path):
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    import copy
+
+    fp_model, tok = planted["utf"][0], planted["utf"][1]
+    masks = {}
+    for name, extra in (("prune-magnitude", {}), ("prune-wanda", {"calibration": str(pool), "calibration_rows": 4})):
+        attack = get_attack(name)
+        ctx = AttackContext("fp", None, tmp_path / name, progress=False)
+        model = apply_attack(attack, copy.deepcopy(fp_model), tok, attack.Config.from_dict({"sparsity": 0.4, **extra}),
+                             ctx)
+        assert abs(ctx.info["sparsity"] - 0.4) < 0.01
+        masks[name] = model.model.layers[0].mlp.up_proj.weight == 0
+        assert model.lm_head.weight.eq(0).float().mean() < 0.01  # the head is kept
+    assert not torch.equal(masks["prune-magnitude"], masks["prune-wanda"])
+
+
+BAD = [
+    (["--method", "prune-magnitud"], "unknown attack 'prune-magnitud'; did you mean 'prune-magnitude'?"),
+    (["--method", "prune-magnitude", "--set", "sparsity=1.5"], "sparsity must be in (0, 1), got 1.5"),
+    (["--method", "merge-dare", "--set", "p=1"], "p must be in [0, 1), got 1"),
+    (["--method", "merge-ties", "--set", "weights=[0.5]"], "two weights"),
+    (["--method", "finetune", "--set", "train={epoch: 2}"], "unknown key 'epoch'; did you mean 'epochs'?"),
+    (["--method", "merge-task-arithmetic", "--set", "expert={tmp}/nowhere/expert"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_attack_input_is_refused_and_writes_nothing(planted, tmp_path, cli, argv, fragment):
+    folder = planted["utf"][4]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, _, err = cli("attack", "--model", folder, "--out", tmp_path / "out", *argv)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_expert_of_another_architecture_is_refused_naming_the_fields(planted, tmp_path, cli):
+    tok = tiny_tokenizer()
+    wide = tiny_model(tok, hidden=128)
+    wide.save_pretrained(tmp_path / "wide")
+    tok.save_pretrained(tmp_path / "wide")
+    code, _, err = cli("attack", "--method", "merge-task-arithmetic", "--model", planted["utf"][4], "--out",
+                       tmp_path / "out", "--set", f"expert={tmp_path / 'wide'}")
+    assert code == 2 and "another architecture" in err and "hidden_size" in err
+    assert not (tmp_path / "out").exists()
