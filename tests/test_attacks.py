@@ -148,7 +148,7 @@ BAD = [
 @pytest.mark.parametrize("argv,fragment", BAD, ids=[b[1][:30] for b in BAD])
 def test_bad_attack_input_is_refused_and_writes_nothing(planted, tmp_path, cli, argv, fragment):
     folder = planted["utf"][4]
-    argv = [a.format(tmp=tmp_path) for a in argv]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, _, err = cli("attack", "--model", folder, "--out", tmp_path / "out", *argv)
     assert code == 2 and fragment in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
