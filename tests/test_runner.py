@@ -31,6 +31,9 @@ BAD = [
     ({"eval": {"ppl": "missing.txt"}}, "eval.ppl: text source missing.txt is not a file"),
     ({"eval": {"ppl_windows": 0}}, "eval.ppl_windows must be at least 1"),
     ({"epochs": 3}, "exp.yaml: unknown key 'epochs'"),
+    ({"attack": {"method": "prune-magnitud"}}, "attack.method: unknown attack 'prune-magnitud'; did you mean"),
+    ({"attack": {"method": "prune-magnitude", "config": {"sparsity": 2}}}, "attack.config.sparsity must be in (0, 1)"),
+    ({"attack": {"method": "finetune", "config": {"source": "gone.jsonl"}}}, "attack: finetune source: data file"),
 ]
 
 
@@ -179,3 +182,18 @@ def test_erase_recover_and_card_commands_without_a_card(planted, tmp_path, cli):
     code, _, err = cli("card", "--triggers", tmp_path / "triggers.txt", "--targets", tmp_path / "targets.json",
                        "--out", tmp_path / "my_card.json")
     assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_attack_stage_runs_any_attack_in_place_of_erase_and_recover(planted, tmp_path):
+    folder = planted["utf"][4]
+    exp = _experiment(tmp_path, folder, attack={"method": "prune-magnitude", "config": {"sparsity": 0.3}})
+    rows = run_experiment(load_experiment(_write(tmp_path, exp)), progress=False)
+    assert [r["stage"] for r in rows] == ["base", "fingerprinted", "attacked"]
+    attacked = rows[-1]
+    assert attacked["attack"] == "prune-magnitude" and abs(attacked["sparsity"] - 0.3) < 0.01
+    assert "fsr" in attacked and "erased" in attacked and 0 <= attacked["ordinary_accuracy"] <= 1
+    assert (tmp_path / "run" / "attacked" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "erased").exists()
+    changed = _experiment(tmp_path, folder, attack={"method": "prune-magnitude", "config": {"sparsity": 0.5}})
+    with pytest.raises(MeraserError, match=r"stage 'attacked' .*attack.config.sparsity: 0.3 -> 0.5"):
+        run_experiment(load_experiment(_write(tmp_path, changed, "changed.yaml")), progress=False)

@@ -277,7 +277,8 @@ def run(
     if out:
         exp.out = str(out)
     rows = run_experiment(exp, where=f"{experiment}: ", overwrite=overwrite, console=_console())
-    _print_rows(rows, f"MEraser on {exp.fingerprint.existing or exp.model or DEFAULT_MODEL} "
+    _print_rows(rows, f"{exp.attack.method if exp.attack else 'MEraser'} on "
+                      f"{exp.fingerprint.existing or exp.model or DEFAULT_MODEL} "
                       f"({'existing model' if exp.fingerprint.existing else exp.fingerprint.method})")
     _write_run_report(exp.out)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from meraser.utils import MeraserError, atomic_write_text, read_json, read_jsonl
 
-STAGES = ("base", "fingerprinted", "erased", "recovered")
+STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
 
 
 def load_run(path: str | Path) -> dict:
@@ -83,7 +83,7 @@ def _table(runs: list[dict]) -> str:
         for s in STAGES:
             r = st.get(s, {})
             cells += [_pct(r.get("fsr")), f"{r['ppl']['ppl']:.2f}" if "ppl" in r else ""]
-        cells.append(str(st.get("recovered", {}).get("erased", "")))
+        cells.append(str(st.get("recovered", st.get("attacked", {})).get("erased", "")))
         out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(out + ["</table>"])
 
@@ -92,7 +92,7 @@ def _outputs(runs: list[dict]) -> str:
     parts = []
     for run in runs:
         st = run["stages"]
-        for stage in ("fingerprinted", "recovered"):
+        for stage in ("fingerprinted", "recovered", "attacked"):
             trig = st.get(stage, {}).get("per_trigger", [])
             if not trig:
                 continue

@@ -25,7 +25,7 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (MeraserError, append_jsonl, did_you_mean, read_json, read_jsonl, settings_hash,
+from meraser.utils import (MeraserError, append_jsonl, unknown_name, read_json, read_jsonl, settings_hash,
                            write_json, write_jsonl)
 
 RESULTS = "results.jsonl"
@@ -50,8 +50,22 @@ class FingerprintStage(Config):
             raise MeraserError(f"{key_path(where, 'card')}: only with `existing` (a fingerprint made here writes "
                                f"its own card)")
         if not self.existing and self.method not in REGISTRY:
-            raise MeraserError(f"{key_path(where, 'method')}: unknown fingerprint method '{self.method}'"
-                               f"{did_you_mean(self.method, REGISTRY)} (choices: {', '.join(sorted(REGISTRY))})")
+            raise unknown_name("fingerprint method", self.method, REGISTRY, key_path(where, "method"))
+
+
+@dataclass
+class AttackStage(Config):
+    method: str = field("meraser", help="a registered attack (meraser attack --help lists them)")
+    config: dict = field({}, help="the attack's settings (its config fields)")
+    base: str | None = field(None, help="the base the fingerprinted model derives from (merging, transfer; default: "
+                                        "the experiment's model or the card's base)")
+
+    def validate(self, where: str) -> None:
+        from meraser.attacks import REGISTRY
+
+        if self.method not in REGISTRY:
+            raise unknown_name("attack", self.method, REGISTRY, key_path(where, "method"))
+        REGISTRY[self.method].Config.from_dict(self.config, where=key_path(where, "config"))
 
 
 @dataclass
@@ -67,6 +81,8 @@ class Experiment(Config):
     eval: EvalConfig = field(None, help="evaluation at every stage")
     probe_fsr: bool = field(True, help="record FSR after every erase/recover epoch (monitoring only; needs a card)")
     eval_base: bool = field(True, help="also evaluate the base model, for comparison")
+    attack: AttackStage | None = field(None, help="run this attack on the fingerprinted model instead of the "
+                                                  "erase and recover stages (same evaluation and results)")
 
     def __post_init__(self):
         self.fingerprint = self.fingerprint or FingerprintStage()
@@ -96,8 +112,9 @@ class Plan:
     card: object | None  # the Card when one exists before the run
     base: str | None  # the model evaluated as 'base' (None: skipped)
     fp_config: object | None  # the method config when fingerprinting here
-    erase_cfg: object
-    recover_cfg: object
+    erase_cfg: object | None  # erase/recover TrainConfigs (None when an attack replaces them)
+    recover_cfg: object | None
+    attack_cfg: object | None
     stages: dict[str, Stage]
 
 
@@ -117,6 +134,7 @@ def _stages(exp: Experiment, out: Path, own: dict[str, dict], deps: dict[str, li
         "fingerprinted": [] if exp.fingerprint.existing else [out / "fingerprinted"],
         "mismatched": [out / "data" / "mismatched.jsonl"], "clean": [out / "data" / "clean.jsonl"],
         "erased": [out / "erased", out / ".erased.work"], "recovered": [out / "recovered", out / ".recovered.work"],
+        "attacked": [out / "attacked", out / ".attacked.attack"],
     }
     stages: dict[str, Stage] = {}
     for name, settings in own.items():
@@ -165,29 +183,48 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
         fp_settings = {"model": base, "fingerprint.method": fp.method, **_flat(fp_cfg.to_dict(), "fingerprint.config.")}
     if base:
         check_model_spec(base, f"{where}model")
-    exp.mismatched.check_inputs(f"{where}mismatched")
-    exp.clean.check_inputs(f"{where}clean")
-    erase_cfg = exp.erase.train_config("erase", f"{where}erase")
-    recover_cfg = exp.recover.train_config("recover", f"{where}recover")
     exp.eval.check_inputs(f"{where}eval")
-    _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
-
     evaluation = {**_flat(exp.eval.to_dict(), "eval."), "card": fp_settings.get("fingerprint.card", "made here")}
-    own = {
-        "fingerprinted": fp_settings,
-        "mismatched": _flat(exp.mismatched.to_dict(), "mismatched."),
-        "clean": _flat(exp.clean.to_dict(), "clean."),
-        "erased": _flat(erase_cfg.to_dict(), "erase."),
-        "recovered": _flat(recover_cfg.to_dict(), "recover."),
-        "eval:base": {**evaluation, "base": base},
-        "eval:fingerprinted": evaluation, "eval:erased": evaluation, "eval:recovered": evaluation,
-    }
-    deps = {"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.self_answers else []),
-            "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],
-            "eval:base": ["fingerprinted"], "eval:fingerprinted": ["fingerprinted"],
-            "eval:erased": ["erased"], "eval:recovered": ["recovered"]}
+    own = {"fingerprinted": fp_settings, "eval:base": {**evaluation, "base": base}, "eval:fingerprinted": evaluation}
+    deps = {"eval:base": ["fingerprinted"], "eval:fingerprinted": ["fingerprinted"]}
+    erase_cfg = recover_cfg = attack_cfg = None
+    if exp.attack:
+        attack_cfg = _plan_attack(exp, fp_model, base, where)
+        own.update({"attacked": {"attack.method": exp.attack.method, **_flat(attack_cfg.to_dict(), "attack.config.")},
+                    "eval:attacked": evaluation})
+        deps.update({"attacked": ["fingerprinted"], "eval:attacked": ["attacked"]})
+    else:
+        exp.mismatched.check_inputs(f"{where}mismatched")
+        exp.clean.check_inputs(f"{where}clean")
+        erase_cfg = exp.erase.train_config("erase", f"{where}erase")
+        recover_cfg = exp.recover.train_config("recover", f"{where}recover")
+        _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
+        own.update({"mismatched": _flat(exp.mismatched.to_dict(), "mismatched."),
+                    "clean": _flat(exp.clean.to_dict(), "clean."),
+                    "erased": _flat(erase_cfg.to_dict(), "erase."), "recovered": _flat(recover_cfg.to_dict(), "recover."),
+                    "eval:erased": evaluation, "eval:recovered": evaluation})
+        deps.update({"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.self_answers else []),
+                     "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],
+                     "eval:erased": ["erased"], "eval:recovered": ["recovered"]})
     return Plan(exp, out, fp_model, card_path, card, base if exp.eval_base else None, fp_cfg, erase_cfg, recover_cfg,
-                _stages(exp, out, own, deps))
+                attack_cfg, _stages(exp, out, own, deps))
+
+
+def _plan_attack(exp: Experiment, fp_model: str, base: str | None, where: str):
+    """The attack's typed config, its inputs checked (with the base it will be given) before any work."""
+    from meraser.attacks import get_attack
+    from meraser.attacks.base import AttackContext
+
+    attack = get_attack(exp.attack.method)
+    cfg = attack.Config.from_dict(exp.attack.config, where=f"{where}attack.config")
+    from meraser.attacks.base import recorded_base
+
+    ctx = AttackContext(fp_model, exp.attack.base or base or recorded_base(fp_model), Path(exp.out) / ".attacked.attack")
+    try:
+        attack.check(cfg, ctx)
+    except MeraserError as e:
+        raise MeraserError(f"{where}attack: {e}") from None
+    return cfg
 
 
 def _changes(old: dict | None, new: dict) -> str:
@@ -363,6 +400,30 @@ class ExperimentRun:
 
         return algorithm1_verify(model, self.tok, self.card, self.rows["fingerprinted"]["ordinary_accuracy"])
 
+    def attack(self, model):
+        """The `attack:` stage: any registered attack in place of erase and recover, saved as a model folder."""
+        import shutil
+        import time
+
+        from meraser.attacks import get_attack
+        from meraser.attacks.base import AttackContext, apply_attack, recorded_base
+        from meraser.models import load_model, save_model
+
+        folder, a = self.out / "attacked", self.exp.attack
+        if self._made("attacked"):
+            return load_model(str(folder))[0], read_json(folder / "meraser_model.json", "model record")
+        self.say(f"[bold]2/2 attack[/] {a.method}")
+        self._begin("attacked")
+        ctx = AttackContext(self.plan.fp_model, a.base or self.plan.stages["eval:base"].settings["base"]
+                            or recorded_base(self.plan.fp_model), folder.parent / ".attacked.attack", self.progress)
+        t0 = time.perf_counter()
+        attacked = apply_attack(get_attack(a.method), model, self.tok, self.plan.attack_cfg, ctx)
+        info = {"attack": a.method, "attack_seconds": round(time.perf_counter() - t0, 1), **ctx.info}
+        attacked._meraser_spec = self.plan.fp_model
+        save_model(attacked, self.tok, folder, meta=info)
+        shutil.rmtree(ctx.work, ignore_errors=True)
+        return attacked, info
+
     def run(self) -> list[dict]:
         from meraser.evaluation.algorithm1 import ordinary_accuracy
 
@@ -370,6 +431,10 @@ class ExperimentRun:
         self.base()
         self.evaluate("fingerprinted", model, lambda: {"ordinary_accuracy": ordinary_accuracy(model, self.tok),
                                                        **self._fingerprint_time()})
+        if self.exp.attack:
+            attacked, info = self.attack(model)
+            self.evaluate("attacked", attacked, lambda: {**info, **self.verdict(attacked)})
+            return [self.rows[s] for s in ("base", "fingerprinted", "attacked") if s in self.rows]
         mism, clean = self.data(model)
         erased, probes = self._phase("erased", "erase", "2/3 erase", model, mism, self.plan.fp_model)
         self.evaluate("erased", erased, lambda: {"fsr_per_epoch": probes, **self.verdict(erased)})

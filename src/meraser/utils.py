@@ -25,9 +25,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> MeraserError:
+def unknown_name(kind: str, name: str, choices: Iterable[str], where: str | None = None) -> MeraserError:
+    """'[where: ]unknown KIND 'name'; did you mean ...? (choices: ...)', for a name missing from a registry."""
     choices = sorted(choices)
-    return MeraserError(f"unknown {kind} '{name}'{did_you_mean(name, choices)} (choices: {', '.join(choices)})")
+    return MeraserError(f"{where + ': ' if where else ''}unknown {kind} '{name}'{did_you_mean(name, choices)} "
+                        f"(choices: {', '.join(choices)})")
 
 
 def check_parents(path: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from meraser.config import Config, field, key_path
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.training import TrainConfig
-from meraser.utils import MeraserError, did_you_mean, unknown_name
+from meraser.utils import MeraserError, unknown_name
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,8 +66,7 @@ class Phase(Config):
 
     def validate(self, where: str) -> None:
         if self.preset not in ERASE_PRESETS:  # erase and recover presets share their names
-            raise MeraserError(f"{key_path(where, 'preset')}: unknown preset '{self.preset}'"
-                               f"{did_you_mean(self.preset, ERASE_PRESETS)} (choices: {', '.join(ERASE_PRESETS)})")
+            raise unknown_name("preset", self.preset, ERASE_PRESETS, key_path(where, "preset"))
 
     def train_config(self, kind: str, where: str) -> TrainConfig:
         return preset(kind, self.preset, self.overrides, where=f"{key_path(where, 'overrides')}")
