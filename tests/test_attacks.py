@@ -11,7 +11,6 @@ from tiny import POOL, TINY_ERASE, save_tiny, tiny_model, tiny_tokenizer
 from meraser.attacks import REGISTRY, get_attack
 from meraser.attacks.base import AttackContext, apply_attack
 from meraser.models import load_model
-from meraser.utils import MeraserError
 
 
 def tiny_settings(pool):

@@ -55,19 +55,22 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _set_path(tree: dict, key: str, value) -> None:
+    """Set a dotted key in nested dicts: lora.r=8 -> {"lora": {"r": 8}}."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
 def _train_config(config: Optional[Path], overrides: dict):
     from meraser.config import load_yaml
     from meraser.training import TrainConfig
 
     base = load_yaml(config) if config else {}
     for key, value in overrides.items():
-        if value is None:
-            continue
-        node = base
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        if value is not None:
+            _set_path(base, key, value)
     return TrainConfig.from_dict(base, where=str(config) if config else "train")
 
 
@@ -161,11 +164,7 @@ def _parse_sets(sets: Optional[List[str]]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise MeraserError(f"--set expects KEY=VALUE, got '{item}'")
-        node = out
-        *parents, leaf = key.strip().split(".")  # lora.r=8 -> {"lora": {"r": 8}}
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        _set_path(out, key.strip(), yaml.safe_load(value))
     return out
 
 

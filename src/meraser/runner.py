@@ -242,10 +242,11 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def reconcile(plan: Plan, overwrite: bool = False) -> list[str]:
+def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, list[dict]]:
     """Compare what is in the run folder with the plan, before any work. A stage that was made with other settings
     is refused, naming what changed; with `overwrite` it and the stages after it are removed. Returns the names of
-    the stages removed. Refuses a non-empty folder that is not a meraser run (unless `overwrite`)."""
+    the stages removed, and the stage records and result rows that remain (the run carries on from them). Refuses a
+    non-empty folder that is not a meraser run (unless `overwrite`)."""
     out = plan.out
     if out.exists() and not out.is_dir():
         raise MeraserError(f"output {out} is a file, not a folder")
@@ -258,10 +259,12 @@ def reconcile(plan: Plan, overwrite: bool = False) -> list[str]:
         _remove(leftover)                                                  # a finished output, safe to drop
     records = read_json(out / STAGE_RECORD, "stage record") if (out / STAGE_RECORD).exists() else {}
     rows = read_jsonl(out / RESULTS, "results", torn_tail_ok=True)
-    row_stages = {r.get("stage") for r in rows}
-    stale = [s for s in plan.stages.values()
-             if (any(p.exists() for p in s.outputs) or s.name.removeprefix("eval:") in row_stages and
-                 s.name.startswith("eval:")) and records.get(s.name, {}).get("id") != s.id]
+    row_stages = {f"eval:{r.get('stage')}" for r in rows}  # an evaluation's output is its results row
+
+    def present(s: Stage) -> bool:
+        return s.name in row_stages or any(p.exists() for p in s.outputs)
+
+    stale = [s for s in plan.stages.values() if present(s) and records.get(s.name, {}).get("id") != s.id]
     if stale and not overwrite:
         first = stale[0]
         raise MeraserError(
@@ -271,22 +274,23 @@ def reconcile(plan: Plan, overwrite: bool = False) -> list[str]:
         for p in s.outputs:
             _remove(p)
         records.pop(s.name, None)
-    gone = {s.name.removeprefix("eval:") for s in stale if s.name.startswith("eval:")}
+    gone = {s.name for s in stale}
+    rows = [r for r in rows if f"eval:{r.get('stage')}" not in gone]
     if out.is_dir():
-        write_jsonl(out / RESULTS, [r for r in rows if r.get("stage") not in gone])  # also drops a torn last line
+        write_jsonl(out / RESULTS, rows)  # also drops a torn last line
         write_json(out / STAGE_RECORD, records)
-    return [s.name for s in stale]
+    return [s.name for s in stale], records, rows
 
 
 class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
-    def __init__(self, plan: Plan, progress: bool = True, console=None):
+    def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None):
         self.plan, self.exp, self.out = plan, plan.exp, plan.out
         self.progress = progress
         self.say = console.print if console else (lambda *a, **k: None)
-        self.rows = {r["stage"]: r for r in read_jsonl(self.out / RESULTS, "results", torn_tail_ok=True)}
-        self.records = read_json(self.out / STAGE_RECORD, "stage record") if (self.out / STAGE_RECORD).exists() else {}
+        self.rows = {r["stage"]: r for r in rows}
+        self.records = records
         self.card = plan.card
         self.tok = None
 
@@ -452,12 +456,12 @@ def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: b
     """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
     evaluated stage: base, fingerprinted, erased, recovered."""
     plan = plan_experiment(exp, where)
-    removed = reconcile(plan, overwrite)
+    removed, records, rows = reconcile(plan, overwrite)
     if removed and console:
         console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
     plan.out.mkdir(parents=True, exist_ok=True)
     write_json(plan.out / "experiment.json", exp.to_dict())
-    return ExperimentRun(plan, progress, console).run()
+    return ExperimentRun(plan, records, rows, progress, console).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:

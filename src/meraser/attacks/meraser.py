@@ -100,12 +100,10 @@ class MEraserTransfer(Attack):
     Config = TransferConfig
 
     def check(self, cfg, ctx):
-        from pathlib import Path
+        from meraser.erase.transfer import check_adapter
 
-        from meraser.utils import MeraserError
-
-        if cfg.adapter and not Path(cfg.adapter, "adapter_config.json").is_file():
-            raise MeraserError(f"meraser-transfer adapter: {cfg.adapter} is not a peft adapter folder")
+        if cfg.adapter:
+            check_adapter(cfg.adapter, "meraser-transfer adapter")
         if not cfg.adapter:
             ctx.need_base(self.name)
             cfg.mismatched.check_inputs("meraser-transfer mismatched")

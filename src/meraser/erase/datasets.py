@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from meraser.config import Config, field, key_path
 from meraser.data.sources import OFFLINE_DEFAULT, Pair
@@ -19,24 +20,33 @@ from meraser.utils import MeraserError
 
 
 @dataclass
-class MismatchedSet(Config):
-    """The mismatched set D_m: every default of `meraser erase` and of an experiment's `mismatched:` lives here."""
+class InstructionSet(Config):
+    """What the mismatched and clean sets share: where the rows come from, how many, and the seed."""
 
     source: str = field(OFFLINE_DEFAULT, help="instruction source: JSON/JSONL file, 'chitchat' (offline) or hf:ID")
-    n: int = field(300, help="rows to build (paper: 300)")
+    n: int = field(1, help="rows to build")
     ready_made: bool = field(False, help="use the first n rows of `source` as they are (e.g. the paper's file)")
-    by_type: bool = field(True, help="take each response from a question of another type (what/why/how/other)")
-    seed: int = field(0, help="seed for drawing and pairing the rows")
-    misplaced_keys = {"self_answers": "self_answers applies to the clean set (clean:), not to the mismatched one"}
+    seed: int = field(0, help="seed for drawing the rows")
+    min_rows: ClassVar[int] = 1
 
     def validate(self, where: str) -> None:
-        if self.n < 2:  # a derangement needs two rows
-            raise MeraserError(f"{key_path(where, 'n')} must be at least 2, got {self.n}")
+        if self.n < self.min_rows:
+            raise MeraserError(f"{key_path(where, 'n')} must be at least {self.min_rows}, got {self.n}")
 
     def check_inputs(self, where: str) -> None:
         from meraser.data.sources import check_source
 
         check_source(self.source, key_path(where, "source"))
+
+
+@dataclass
+class MismatchedSet(InstructionSet):
+    """The mismatched set D_m: every default of `meraser erase` and of an experiment's `mismatched:` lives here."""
+
+    n: int = field(300, help="rows to build (paper: 300)")
+    by_type: bool = field(True, help="take each response from a question of another type (what/why/how/other)")
+    min_rows: ClassVar[int] = 2  # a derangement needs two rows
+    misplaced_keys = {"self_answers": "self_answers applies to the clean set (clean:), not to the mismatched one"}
 
     def build(self) -> tuple[list[Pair], list[dict] | None]:
         """(rows, per-row provenance or None for a ready-made set)."""
@@ -48,24 +58,12 @@ class MismatchedSet(Config):
 
 
 @dataclass
-class CleanSet(Config):
+class CleanSet(InstructionSet):
     """The clean set D_c: every default of `meraser recover` and of an experiment's `clean:` lives here."""
 
-    source: str = field(OFFLINE_DEFAULT, help="instruction source: JSON/JSONL file, 'chitchat' (offline) or hf:ID")
     n: int = field(600, help="rows to build (paper: 600)")
-    ready_made: bool = field(False, help="use the first n rows of `source` as they are (e.g. the paper's file)")
     self_answers: bool = field(False, help="replace the responses by the model's own greedy answers (data-free)")
-    seed: int = field(0, help="seed for drawing the rows")
     misplaced_keys = {"by_type": "by_type applies to the mismatched set (mismatched:), not to the clean one"}
-
-    def validate(self, where: str) -> None:
-        if self.n < 1:
-            raise MeraserError(f"{key_path(where, 'n')} must be at least 1, got {self.n}")
-
-    def check_inputs(self, where: str) -> None:
-        from meraser.data.sources import check_source
-
-        check_source(self.source, key_path(where, "source"))
 
     def build(self, exclude_prompts: set[str], model=None, tokenizer=None) -> list[Pair]:
         """Rows disjoint from `exclude_prompts` (the mismatched prompts); answered by `model` with `self_answers`."""

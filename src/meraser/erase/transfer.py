@@ -28,16 +28,24 @@ def transfer_train(base: str, out: str | Path, *, data: MismatchedSet | None = N
     return erase(model, tok, mism, cfg, out, merge_out=False, overwrite=overwrite, progress=progress)
 
 
+def check_adapter(adapter: str | Path, where: str | None = None) -> None:
+    """Refuse, before any model loads, a folder that is not a peft adapter."""
+    from meraser.models import is_adapter
+
+    if not is_adapter(str(adapter)):
+        raise MeraserError(f"{where + ': ' if where else ''}{adapter} is not a peft adapter folder "
+                           f"(no adapter_config.json)")
+
+
 def merge_adapter(model, adapter: str | Path):
-    """Merge an erase adapter into an in-memory model, refusing one trained on another architecture."""
+    """Merge an erase adapter (checked by `check_adapter`, or just trained) into an in-memory model, refusing one
+    trained on another architecture."""
     from peft import PeftModel
     from transformers import AutoConfig
 
     from meraser.models import adapter_base, resolve
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise MeraserError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
     try:
         base_cfg = AutoConfig.from_pretrained(resolve(adapter_base(str(adapter))))
     except Exception:  # the base is not at hand (a hub id offline): peft still refuses shapes that do not fit
@@ -57,8 +65,7 @@ def transfer_apply(adapter: str | Path, model: str, out: str | Path, *, overwrit
     from meraser.utils import check_output_dir
 
     check_output_dir(out, overwrite)
-    if not Path(adapter, "adapter_config.json").exists():
-        raise MeraserError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    check_adapter(adapter)
     check_model_spec(model, "--model")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
     merged = merge_adapter(m, adapter)
