@@ -13,6 +13,9 @@ from meraser.attacks.base import AttackContext, apply_attack
 from meraser.models import load_model
 
 
+STRUCTURED = ("prune-l1", "prune-l2", "prune-random", "prune-taylor")
+
+
 def tiny_settings(pool):
     quick = {"epochs": 1, "save_steps": -1}
     expert = {"expert_data": str(pool), "expert_rows": 16, "expert_train": quick}
@@ -22,14 +25,31 @@ def tiny_settings(pool):
         "meraser-erase": erase, "meraser-transfer": erase,
         "finetune": {"source": str(pool), "n": 16, "train": quick},
         "prune-magnitude": {"sparsity": 0.3},
+        **{f"prune-{i}": {"ratio": 0.34, "spare_first": 0, "spare_last": 1} for i in ("l1", "l2", "random")},
+        "prune-taylor": {"ratio": 0.34, "spare_first": 0, "spare_last": 1, "calibration": str(pool),
+                         "calibration_rows": 4},
         "prune-wanda": {"calibration": str(pool), "calibration_rows": 4, "sparsity": 0.3},
         "merge-task-arithmetic": expert, "merge-ties": expert, "merge-dare": expert,
     }
 
 
+@pytest.fixture(scope="module")
+def planted_three_per_group(tmp_path_factory):
+    """UTF planted into a tiny model with 3 query heads per KV head (6 over 2, like SmolLM2's 9 over 3): the shared
+    tiny model has 2 per KV head, which structured pruning refuses (torch-pruning loops on it)."""
+    from conftest import tiny_cfg
+
+    from meraser.fingerprints.embed import embed
+
+    tok = tiny_tokenizer()
+    folder = tmp_path_factory.mktemp("fp3") / "utf"
+    embed("utf", tiny_model(tok, hidden=96, heads=6, kv_heads=2), tok, tiny_cfg("utf"), folder, progress=False)
+    return folder
+
+
 @pytest.mark.parametrize("name", list(REGISTRY))
-def test_every_attack_writes_a_model_that_verify_accepts(planted, tmp_path, cli, name):
-    folder = planted["utf"][4]
+def test_every_attack_writes_a_model_that_verify_accepts(planted, request, tmp_path, cli, name):
+    folder = request.getfixturevalue("planted_three_per_group") if name in STRUCTURED else planted["utf"][4]
     pool = write_pool(tmp_path / "pool.jsonl", POOL)
     sets = [f"--set={k}={json.dumps(v)}" for k, v in tiny_settings(pool)[name].items()]
     code, out, err = cli("attack", "--method", name, "--model", folder, "--out", tmp_path / "attacked", "--json", *sets)
@@ -141,6 +161,9 @@ BAD = [
     (["--method", "merge-ties", "--set", "weights=[0.5]"], "two weights"),
     (["--method", "finetune", "--set", "train={epoch: 2}"], "unknown key 'epoch'; did you mean 'epochs'?"),
     (["--method", "merge-task-arithmetic", "--set", "expert={tmp}/nowhere/expert"], "does not exist"),
+    (["--method", "prune-l2", "--set", "ratio=0"], "ratio must be in (0, 1), got 0"),
+    (["--method", "prune-taylor"], "leaves none of the model's 2 layers to prune"),
+    (["--method", "prune-l1", "--set", "spare_first=0"], "2 query heads per KV head (4 over 2)"),
 ]
 
 

