@@ -94,13 +94,12 @@ def stream_merge(model, base: str, expert: str, combine) -> int:
     from safetensors import safe_open
 
     base_files, expert_files = _tensor_files(base), _tensor_files(expert)
-    handles: dict[Path, object] = {}
 
     def read(files, name):
-        f = files[name]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name)
+        # opened per tensor: a mapping kept open keeps every page read through it resident, so the process would
+        # grow by the base and the expert (measured: 1.73x one model's peak RSS instead of about 1x)
+        with safe_open(str(files[name]), framework="pt") as h:
+            return h.get_tensor(name)
 
     merged = 0
     with torch.no_grad():
