@@ -59,6 +59,10 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     tcfg = TrainConfig.from_dict({
         "method": cfg.method, "epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
         "seed": cfg.seed, "save_steps": -1, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.05,
+        # no length grouping: the fingerprint rows are long and alike, so grouping puts them into one or two batches,
+        # and a recipe of a few dozen steps then barely trains on them (IF-SFT on SmolLM2, defaults: FSR 0% grouped,
+        # 100% shuffled, measured after the sampler change of 88992f9)
+        "group_by_length": False,
         "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     })
     res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress)
@@ -88,14 +92,26 @@ def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | 
     return summary
 
 
-def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, false_positive_inputs: int = 32) -> dict:
-    """FSR, false-positive rate and per-trigger outputs of any model folder/id given a card."""
+def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, false_positive_inputs: int = 32,
+           attack: str | None = None, attack_settings: dict | None = None, progress: bool = False) -> dict:
+    """FSR, false-positive rate and per-trigger outputs of any model folder/id given a card; with `attack`, decoded
+    under that decoding-time attack (attacks/decoding.py)."""
     from meraser.evaluation.fsr import fsr
     from meraser.models import load_model
 
     c = Card.load(card)
+    prepared = None
+    if attack:  # the attack and its settings are checked before the model loads
+        from meraser.attacks.base import prepare_decoding
+
+        prepared = prepare_decoding(attack, attack_settings, model, progress=progress)
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
-    return {"model": model, "method": c.method, **fsr(m, tok, c, false_positive_inputs=false_positive_inputs)}
+    decoding, info = None, {}
+    if prepared:
+        a, cfg, ctx = prepared
+        decoding, info = a.decoding(m, tok, cfg, ctx), ctx.info
+    res = fsr(m, tok, c, false_positive_inputs=false_positive_inputs, decoding=decoding)
+    return {"model": model, "method": c.method, **({"attack": attack, **info} if attack else {}), **res}
 
 
 def model_dir(path: str | Path) -> str:
