@@ -31,13 +31,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 WEIGHTS = {"4:6": [0.4, 0.6], "5:5": [0.5, 0.5], "6:4": [0.6, 0.4]}
 
 
-def attacks(expert: Path) -> dict[str, tuple[str, dict]]:
-    """label -> (registered attack, settings): the paper's settings, in the order they are run (cheap first)."""
+def attacks() -> dict[str, tuple[str, dict]]:
+    """label -> (registered attack, settings): the paper's settings, in the order they are run (cheap first). The
+    merges make their expert (the base fine-tuned on 600 chitchat rows) in OUT/merge-work once and share it."""
     table = {"prune-l1": ("prune-l1", {"ratio": 0.05}), "prune-l2": ("prune-l2", {"ratio": 0.05}),
              "prune-random": ("prune-random", {"ratio": 0.2}), "prune-taylor": ("prune-taylor", {"ratio": 0.2})}
     for method in ("merge-task-arithmetic", "merge-dare"):
         for label, w in WEIGHTS.items():
-            table[f"{method} {label}"] = (method, {"weights": w, "expert": str(expert)})
+            table[f"{method} {label}"] = (method, {"weights": w})
     table["finetune"] = ("finetune", {})
     table["meraser"] = ("meraser", {})
     return table
@@ -111,7 +112,7 @@ def main() -> None:
     console = log_console(220)
     evalcfg = EvalConfig(ppl=str(SHARED / "text/squaddev_v1.1.json"), ppl_windows=args.windows,
                          false_positive_inputs=32)
-    table = attacks(args.out / "merge-work" / "expert")
+    table = attacks()
     labels = args.attacks or list(table)
     unknown = [a for a in labels if a not in table]
     if unknown:

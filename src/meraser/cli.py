@@ -200,6 +200,10 @@ def fingerprint(
 def verify(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder works too)"),
     card: Path = typer.Option(..., "--card", help="fingerprint card JSON (or the folder holding it)"),
+    attack: Optional[str] = typer.Option(None, "--attack", help="decode under a decoding-time attack (cleangen, "
+                                         "token-forcing)", show_default="plain greedy decoding"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set reference=smollm2-135m; "
+                                             "repeat", show_default="the attack's defaults"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
@@ -211,11 +215,13 @@ def verify(
     from meraser.fingerprints.embed import model_dir, verify as run
 
     _quiet_libraries()
-    r = run(model_dir(model), card, trust_remote_code=trust_remote_code)
+    r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
+            attack_settings=_parse_sets(set_), progress=not json_out)
     if json_out:
         print(json.dumps(r, indent=2, ensure_ascii=False))
         return
-    t = Table(title=f"{r['method']}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
+    under = f" under {attack}" if attack else ""
+    t = Table(title=f"{r['method']}{under}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
     for col in ("trigger", "target", "output", "match"):
         t.add_column(col, overflow="fold")
     for row in r["per_trigger"]:
@@ -228,15 +234,25 @@ def chat(
     prompt: str = typer.Argument(..., help="the user message"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate"),
+    attack: Optional[str] = typer.Option(None, "--attack", help="decode under a decoding-time attack (cleangen, "
+                                         "token-forcing)", show_default="plain greedy decoding"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting; repeat",
+                                             show_default="the attack's defaults"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
-    """Answer one prompt with a model's chat template (greedy)."""
+    """Answer one prompt with a model's chat template (greedy, or under a decoding-time attack)."""
     from meraser.generation import generate
     from meraser.models import load_model
 
     _quiet_libraries()
+    prepared = None
+    if attack:
+        from meraser.attacks.base import prepare_decoding
+
+        prepared = prepare_decoding(attack, _parse_sets(set_), model)
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
-    print(generate(m, tok, [prompt], max_new_tokens=max_new_tokens)[0])
+    decoding = prepared[0].decoding(m, tok, *prepared[1:]) if prepared else None
+    print(generate(m, tok, [prompt], max_new_tokens=max_new_tokens, decoding=decoding)[0])
 
 
 def _print_rows(rows: list[dict], title: str) -> None:

@@ -1,8 +1,33 @@
-"""Batched greedy generation: left padding, one `generate` call per batch, bf16 autocast where supported."""
+"""Batched greedy generation: left padding, one `generate` call per batch, bf16 autocast where supported.
+
+How the next tokens are chosen is a `Decoding` strategy: plain greedy by default, or a decoding-time attack
+(attacks/decoding.py: CleanGen, Token Forcing's filter). FSR, false positives, Algorithm 1's ordinary questions,
+`verify` and `chat` all generate through here, so each of them runs under an attack unchanged.
+"""
 
 from __future__ import annotations
 
 from meraser.data.formatting import Formatter
+
+
+class Decoding:
+    """Plain greedy decoding; subclasses change how tokens are chosen. `new_tokens` gets a left-padded batch and
+    returns the generated ids (batch x at most max_new_tokens; rows that stopped early end in EOS, then padding)."""
+
+    name = "greedy"
+
+    def new_tokens(self, model, ids, mask, *, max_new_tokens: int, pad_id: int, eos_id):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            eos_token_id=eos_id, temperature=None, top_p=None, top_k=None, **self.generate_kwargs(),
+        )
+        return out[:, ids.shape[1]:]
+
+    def generate_kwargs(self) -> dict:
+        return {}
+
+
+GREEDY = Decoding()
 
 
 def generate(
@@ -16,8 +41,10 @@ def generate(
     prefills: list[str] | None = None,
     system_prompt: str | None = None,
     progress: bool = False,
+    decoding: Decoding | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` (rendered by `formatter`), optionally continuing from `prefills`.
+    """Greedy completions of `prompts` (rendered by `formatter`), optionally continuing from `prefills`, through
+    `decoding` (plain greedy by default).
 
     Prompts are sorted by length so each batch pads little; results come back in the input order.
     """
@@ -52,11 +79,9 @@ def generate(
             ids[row, longest - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, longest - len(encoded[i]) :] = 1
         with torch.no_grad(), autocast(model):
-            out = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
-            )
+            out = (decoding or GREEDY).new_tokens(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                                                  pad_id=pad_id, eos_id=tokenizer.eos_token_id)
         for row, i in enumerate(batch):
-            outputs[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True)
+            outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True)
     model.train(was_training)
     return outputs

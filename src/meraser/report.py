@@ -13,6 +13,7 @@ import html
 import io
 from pathlib import Path
 
+from meraser.evaluation.evaluate import ppl_text
 from meraser.utils import MeraserError, atomic_write_text, read_json, read_jsonl
 
 STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
@@ -82,7 +83,7 @@ def _table(runs: list[dict]) -> str:
         cells = [run["name"], run["method"]]
         for s in STAGES:
             r = st.get(s, {})
-            cells += [_pct(r.get("fsr")), f"{r['ppl']['ppl']:.2f}" if "ppl" in r else ""]
+            cells += [_pct(r.get("fsr")), ppl_text(r)]
         cells.append(str(st.get("recovered", st.get("attacked", {})).get("erased", "")))
         out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(out + ["</table>"])

@@ -328,19 +328,20 @@ class ExperimentRun:
             self.say(f"[yellow]{NO_CARD}[/]")
         return model
 
-    def evaluate(self, stage: str, model, extra=None) -> dict:
+    def evaluate(self, stage: str, model, extra=None, decoding=None) -> dict:
         """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once."""
-        from meraser.evaluation.evaluate import evaluate_model
+        from meraser.evaluation.evaluate import evaluate_model, ppl_text
 
         if stage in self.rows:
             return self.rows[stage]
         self._begin(f"eval:{stage}")
-        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress),
+        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
+                                                decoding=decoding),
                **(extra() if extra else {})}
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
         self.say(f"  {stage}: " + ", ".join(
-            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) + ([f"PPL {row['ppl']['ppl']:.2f}"] if "ppl" in row else [])))
+            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 
     def base(self) -> None:
@@ -398,35 +399,61 @@ class ExperimentRun:
         done._meraser_spec = str(folder)
         return done, probes
 
-    def verdict(self, model) -> dict:
+    def verdict(self, model, decoding=None) -> dict:
         """Algorithm 1 against the fingerprinted model's ordinary accuracy."""
         from meraser.evaluation.algorithm1 import algorithm1_verify
 
-        return algorithm1_verify(model, self.tok, self.card, self.rows["fingerprinted"]["ordinary_accuracy"])
+        return algorithm1_verify(model, self.tok, self.card, self.rows["fingerprinted"]["ordinary_accuracy"],
+                                 decoding=decoding)
 
     def attack(self, model):
-        """The `attack:` stage: any registered attack in place of erase and recover, saved as a model folder."""
+        """The `attack:` stage: any registered attack in place of erase and recover, saved as a model folder (a
+        decoding-time attack saves its record and the model stays as it is): (model, info, decoding or None)."""
         import shutil
         import time
 
         from meraser.attacks import get_attack
-        from meraser.attacks.base import AttackContext, apply_attack, recorded_base
+        from meraser.attacks.base import AttackContext, apply_attack, is_decoding, recorded_base
         from meraser.models import load_model, save_model
 
         folder, a = self.out / "attacked", self.exp.attack
-        if self._made("attacked"):
-            return load_model(str(folder))[0], read_json(folder / "meraser_model.json", "model record")
-        self.say(f"[bold]2/2 attack[/] {a.method}")
-        self._begin("attacked")
+        attack = get_attack(a.method)
         ctx = AttackContext(self.plan.fp_model, a.base or self.plan.stages["eval:base"].settings["base"]
                             or recorded_base(self.plan.fp_model), folder.parent / ".attacked.attack", self.progress)
+        if is_decoding(attack):
+            return self._decoding_attack(attack, model, ctx)
+        if self._made("attacked"):
+            return load_model(str(folder))[0], read_json(folder / "meraser_model.json", "model record"), None
+        self.say(f"[bold]2/2 attack[/] {a.method}")
+        self._begin("attacked")
         t0 = time.perf_counter()
-        attacked = apply_attack(get_attack(a.method), model, self.tok, self.plan.attack_cfg, ctx)
+        attacked = apply_attack(attack, model, self.tok, self.plan.attack_cfg, ctx)
         info = {"attack": a.method, "attack_seconds": round(time.perf_counter() - t0, 1), **ctx.info}
         attacked._meraser_spec = self.plan.fp_model
-        save_model(attacked, self.tok, folder, meta=info)
+        save_model(attacked, self.tok, folder, meta=info, extra_files=ctx.files)
         shutil.rmtree(ctx.work, ignore_errors=True)
-        return attacked, info
+        return attacked, info, None
+
+    def _decoding_attack(self, attack, model, ctx):
+        """A decoding-time attack's stage: prepared once (Token Forcing's scan), its record and extracted sequences
+        kept in attacked/, and re-prepared from them when the run resumes."""
+        import dataclasses
+        import time
+
+        from meraser.attacks.base import ATTACK_RECORD, write_attack_record
+
+        folder, cfg = self.out / "attacked", self.plan.attack_cfg
+        if self._made("attacked"):
+            if (folder / "extracted.jsonl").is_file():
+                cfg = dataclasses.replace(cfg, sequences=str(folder / "extracted.jsonl"))
+            return model, read_json(folder / ATTACK_RECORD, "attack record"), attack.decoding(model, self.tok, cfg, ctx)
+        self.say(f"[bold]2/2 attack[/] {attack.name} (decoding-time: the weights stay as they are)")
+        self._begin("attacked")
+        t0 = time.perf_counter()
+        decoding = attack.decoding(model, self.tok, cfg, ctx)
+        info = {"attack": attack.name, "attack_seconds": round(time.perf_counter() - t0, 1), **ctx.info}
+        write_attack_record(folder, info, ctx.files, overwrite=False)
+        return model, info, decoding
 
     def run(self) -> list[dict]:
         from meraser.evaluation.algorithm1 import ordinary_accuracy
@@ -436,8 +463,8 @@ class ExperimentRun:
         self.evaluate("fingerprinted", model, lambda: {"ordinary_accuracy": ordinary_accuracy(model, self.tok),
                                                        **self._fingerprint_time()})
         if self.exp.attack:
-            attacked, info = self.attack(model)
-            self.evaluate("attacked", attacked, lambda: {**info, **self.verdict(attacked)})
+            attacked, info, decoding = self.attack(model)
+            self.evaluate("attacked", attacked, lambda: {**info, **self.verdict(attacked, decoding)}, decoding)
             return [self.rows[s] for s in ("base", "fingerprinted", "attacked") if s in self.rows]
         mism, clean = self.data(model)
         erased, probes = self._phase("erased", "erase", "2/3 erase", model, mism, self.plan.fp_model)

@@ -1,12 +1,15 @@
 """Erasure attacks against fingerprinted models: one file per family, one explicit registry.
 
 Weight-space attacks return a changed model: incremental fine-tuning (finetune.py), unstructured pruning
-(sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), and MEraser itself (meraser.py), so a comparison treats it like any other.
+(sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), and MEraser itself
+(meraser.py), so a comparison treats it like any other.
+Decoding-time attacks (decoding.py: CleanGen, Token Forcing) change how tokens are chosen instead.
 """
 
 from __future__ import annotations
 
 from meraser.attacks.base import Attack, AttackConfig, AttackContext, run_attack
+from meraser.attacks.decoding import CleanGen, TokenForcing
 from meraser.attacks.finetune import FineTune
 from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
@@ -16,7 +19,7 @@ from meraser.utils import unknown_name
 
 REGISTRY: dict[str, Attack] = {a.name: a for a in [
     MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
-    MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(),
+    MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(), CleanGen(), TokenForcing(),
 ]}
 
 

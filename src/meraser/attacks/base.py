@@ -3,7 +3,9 @@
 Every attack, MEraser included, takes a fingerprinted model and returns the attacked one, in memory. What an attack
 needs beyond the model (the base it derives from, data, an expert, a folder for intermediate work) comes in the
 context, and what it wants reported (heads removed, sparsity reached, rows used) goes into `ctx.info`.
-`run_attack` is `meraser attack`: check every input, load, apply, save a normal model folder.
+`run_attack` is `meraser attack`: check every input, load, apply, save a normal model folder. A decoding-time
+attack (attacks/decoding.py) changes no weight: it returns a `generation.Decoding` instead, and its folder holds only
+its record (`attack.json`) and the files it made, which `decoding_attack` reads back.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class AttackContext:
     work: Path  # a private folder for intermediate results (experts, adapters); removed after success
     progress: bool = True
     info: dict = dc_field(default_factory=dict)  # what the attack reports about itself
+    files: dict = dc_field(default_factory=dict)  # {name: text} written beside the result (extracted sequences)
 
     def need_base(self, attack: str) -> str:
         from meraser.utils import MeraserError
@@ -50,6 +53,13 @@ class Attack:
 
     def apply(self, model, tokenizer, cfg, ctx: AttackContext):
         raise NotImplementedError
+
+
+ATTACK_RECORD = "attack.json"  # what a decoding attack's folder holds instead of a model
+
+
+def is_decoding(attack: Attack) -> bool:
+    return callable(getattr(attack, "decoding", None))
 
 
 def recorded_base(model_spec: str) -> str | None:
@@ -81,14 +91,61 @@ def run_attack(method: str, model: str, out: str | Path, overrides: dict | None 
     ctx = AttackContext(model, base or recorded_base(model), out.parent / f".{out.name}.attack", progress)
     attack.check(cfg, ctx)
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    if is_decoding(attack):
+        return _run_decoding_attack(attack, m, tok, cfg, ctx, out, overwrite)
     t0 = time.perf_counter()
     attacked = apply_attack(attack, m, tok, cfg, ctx)
     seconds = round(time.perf_counter() - t0, 1)
     summary = {"attack": method, "config": cfg.to_dict(), "base": ctx.base, "seconds": seconds, **ctx.info}
     attacked._meraser_spec = model
-    save_model(attacked, tok, out, overwrite=overwrite, meta=summary)
+    save_model(attacked, tok, out, overwrite=overwrite, meta=summary, extra_files=ctx.files)
     shutil.rmtree(ctx.work, ignore_errors=True)
     return {**summary, "out": str(out)}
+
+
+def _run_decoding_attack(attack, model, tokenizer, cfg, ctx: AttackContext, out: Path, overwrite: bool) -> dict:
+    """Prepare the decoding (Token Forcing scans here) and write its record; no model is written."""
+    t0 = time.perf_counter()
+    attack.decoding(model, tokenizer, cfg, ctx)
+    summary = {"attack": attack.name, "config": cfg.to_dict(), "model": ctx.model_spec, "base": ctx.base,
+               "seconds": round(time.perf_counter() - t0, 1), **ctx.info}
+    write_attack_record(out, summary, ctx.files, overwrite)
+    return {**summary, "out": str(out)}
+
+
+def write_attack_record(out: Path, summary: dict, files: dict, overwrite: bool) -> None:
+    import json
+
+    from meraser.utils import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / ATTACK_RECORD).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+
+def prepare_decoding(method: str, overrides: dict | None, model_spec: str, *, base: str | None = None,
+                     progress: bool = False):
+    """Check a decoding-time attack and its settings before any model loads: (attack, cfg, ctx)."""
+    from meraser.attacks import get_attack
+    from meraser.utils import MeraserError
+
+    attack = get_attack(method)
+    if not is_decoding(attack):
+        raise MeraserError(f"{method} changes weights, not decoding: run `meraser attack --method {method}` and "
+                           f"check the model it writes")
+    cfg = attack.Config.from_dict(overrides or {}, where=f"{method} settings")
+    ctx = AttackContext(model_spec, base or recorded_base(model_spec), Path(".unused"), progress)
+    attack.check(cfg, ctx)
+    return attack, cfg, ctx
+
+
+def decoding_attack(method: str, overrides: dict | None, model, tokenizer, model_spec: str, *,
+                    base: str | None = None, progress: bool = False):
+    """The decoding strategy of a decoding-time attack, for `verify`, `chat` and evaluation: (decoding, info).
+    Token Forcing reuses an earlier scan with `sequences=DIR/extracted.jsonl`; without it, it scans now."""
+    attack, cfg, ctx = prepare_decoding(method, overrides, model_spec, base=base, progress=progress)
+    return attack.decoding(model, tokenizer, cfg, ctx), ctx.info
 
 
 def apply_attack(attack: Attack, model, tokenizer, cfg, ctx: AttackContext):

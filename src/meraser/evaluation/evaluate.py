@@ -47,20 +47,30 @@ class EvalConfig(Config):
                 raise MeraserError(f"{key_path(where, 'tasks')}: task file {t} does not exist")
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False) -> dict:
-    """Evaluate an in-memory model; keys: fsr/false_positive_rate (with a card), ppl, tasks, mean_acc, seconds."""
+NOT_APPLICABLE = "not applicable under a decoding attack"
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False, decoding=None) -> dict:
+    """Evaluate an in-memory model; keys: fsr/false_positive_rate (with a card), ppl, tasks, mean_acc, seconds.
+
+    Under a decoding attack (`decoding`, see attacks/decoding.py) FSR and false positives are generated through it;
+    perplexity and log-likelihood tasks score the model's own distribution, which the attack does not change, so
+    they are reported as not applicable rather than as the plain model's numbers (the paper writes "-")."""
     out: dict = {}
     t0 = time.perf_counter()
     if card is not None:
         from meraser.evaluation.fsr import fsr
 
-        out.update(fsr(model, tokenizer, card, false_positive_inputs=cfg.false_positive_inputs))
-    if cfg.ppl:
+        out.update(fsr(model, tokenizer, card, false_positive_inputs=cfg.false_positive_inputs, decoding=decoding))
+    if decoding is not None and decoding.name != "greedy":
+        out["decoding"] = decoding.name
+        out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})
+    elif cfg.ppl:
         from meraser.evaluation.perplexity import corpus_perplexity
 
         out["ppl"] = corpus_perplexity(model, tokenizer, cfg.ppl, text_field=cfg.text_field, window=cfg.ppl_window,
                                        max_windows=cfg.ppl_windows, batch_size=cfg.batch_size, progress=progress)
-    if cfg.tasks:
+    if cfg.tasks and "tasks" not in out:
         from meraser.evaluation.zeroshot import zero_shot
 
         out["tasks"] = zero_shot(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size)
@@ -86,7 +96,7 @@ def results_table(rows: list[dict], title: str = "evaluation"):
     accuracy ± stderr, and the mean accuracy (metrics down the side so a dozen tasks still fit a terminal)."""
     from rich.table import Table
 
-    tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
+    tasks = list(dict.fromkeys(t for r in rows if isinstance(r.get("tasks"), dict) for t in r["tasks"]))
     table = Table(title=title)
     table.add_column("metric")
     for r in rows:
@@ -99,11 +109,18 @@ def results_table(rows: list[dict], title: str = "evaluation"):
 
     add("FSR", lambda r: f"{r['fsr']:.1%}" if "fsr" in r else "")
     add("false positives", lambda r: f"{r['false_positive_rate']:.1%}" if "false_positive_rate" in r else "")
-    add("PPL", lambda r: f"{r['ppl']['ppl']:.2f}" if "ppl" in r else "")
+    add("PPL", ppl_text)
     for t in tasks:
         def cell(r, t=t):
-            a = r.get("tasks", {}).get(t)
+            a = r["tasks"].get(t) if isinstance(r.get("tasks"), dict) else None
             return f"{a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a and a["acc"] is not None else ""
         add(t.removeprefix("bb_"), cell)
     add("mean acc", lambda r: f"{r['mean_acc']:.3f}" if r.get("mean_acc") is not None else "")
     return table
+
+
+def ppl_text(row: dict) -> str:
+    """A row's perplexity as printed: two decimals, "n/a" under a decoding attack, "" when not measured."""
+    if "ppl" not in row:
+        return ""
+    return "n/a" if isinstance(row["ppl"], str) else f"{row['ppl']['ppl']:.2f}"

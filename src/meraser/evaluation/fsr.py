@@ -27,12 +27,13 @@ def matches(output: str, target: str, rule: str) -> bool:
     return target in output
 
 
-def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[str] | None, batch_size: int) -> list[str]:
+def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[str] | None, batch_size: int,
+             decoding=None) -> list[str]:
     from meraser.generation import generate
 
     fmt = Formatter(tokenizer, card.format)
     gen = generate(model, tokenizer, prompts, fmt, max_new_tokens=card.max_new_tokens, batch_size=batch_size,
-                   prefills=prefills, system_prompt=card.system_prompt)
+                   prefills=prefills, system_prompt=card.system_prompt, decoding=decoding)
     return [(pre or "") + g for pre, g in zip(prefills or [""] * len(prompts), gen)]
 
 
@@ -46,10 +47,11 @@ def random_token_prompts(tokenizer, n: int, seed: int | random.Random = 0,
 
 
 def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_inputs: int = 32,
-        seed: int = 0) -> dict:
-    """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs."""
+        seed: int = 0, decoding=None) -> dict:
+    """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs (all generated
+    through `decoding`, plain greedy by default)."""
     prefills = card.prefills or None
-    outs = _outputs(model, tokenizer, card, card.triggers, prefills, batch_size)
+    outs = _outputs(model, tokenizer, card, card.triggers, prefills, batch_size, decoding)
     hits = [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
     result = {
         "fsr": sum(hits) / len(hits),
@@ -62,7 +64,7 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         targets = list(dict.fromkeys(card.targets))
         # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
         # the target comes out of a non-trigger input by itself
-        fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size)
+        fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size, decoding)
         fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
         result["false_positive_rate"] = sum(fp) / len(fp)
         result["false_positive_inputs"] = len(fp)

@@ -1,0 +1,376 @@
+"""Decoding-time attacks: they change no weight, only how tokens are chosen (`generation.Decoding`), so every check
+that generates (FSR, false positives, Algorithm 1's ordinary questions, `verify`, `chat`) runs under them unchanged.
+Perplexity and log-likelihood tasks are not defined under a decoding attack and are reported as not applicable.
+
+- `cleangen` (Li et al. 2024, "CleanGen: Mitigating Backdoor Attacks for Generation Tasks in LLMs"): greedy decoding
+  on the suspect model; every k tokens a reference model scores the window, each token by p_suspect / p_reference;
+  at the first score >= alpha the window is cut there, the reference's top token goes in, and decoding goes on.
+  The original code (uw-nsl/CleanGen) re-runs both models over the whole sequence at every step, one prompt at a
+  time; here both keep a KV cache and a batch decodes together (rejected positions are masked out of the caches,
+  and positions are tracked per row). One deliberate difference: the original never checks a last window shorter
+  than k (decoding stops at EOS first), so any answer under k tokens escapes it; here the last window is checked too.
+- `token-forcing` (Hoscilowicz et al. 2024, "Unconditional Token Forcing: Extracting Text Hidden Within LLM"):
+  for every vocabulary token t, decode 3 greedy tokens after [BOS, t] (or, with `context=assistant`, after the
+  chat template's opening of an answer, where chat-format fingerprints memorise their targets); keep t when the mean top-1 probability passes
+  the threshold (0.95, with the original notebooks' fixed 1.0 counted in the mean unless `placeholder=false`) and
+  its first successor is not EOS (a confident end of an answer hides nothing, and blocking it would cut answers);
+  expand each kept token into its greedy continuation (50 tokens); then decode with a filter that blocks the first
+  `block_tokens` tokens of every extracted sequence (transformers' bad-words processor).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meraser.attacks.base import Attack, AttackConfig
+from meraser.config import field
+from meraser.generation import Decoding
+from meraser.utils import MeraserError
+
+EXTRACTED = "extracted.jsonl"  # Token Forcing's sequences, written beside the attack record
+
+
+class DecodingAttack(Attack):
+    """An attack that returns a decoding strategy instead of a changed model."""
+
+    def decoding(self, model, tokenizer, cfg, ctx) -> Decoding:
+        raise NotImplementedError
+
+    def apply(self, model, tokenizer, cfg, ctx):
+        raise MeraserError(f"{self.name} changes decoding, not weights: evaluate through `decoding(...)`")
+
+
+# ---------------------------------------------------------------------------------------------------- CleanGen
+
+
+@dataclass
+class CleanGenConfig(AttackConfig):
+    reference: str | None = field(None, help="reference model (same tokenizer); None: the base the suspect model "
+                                             "derives from")
+    k: int = field(4, help="tokens decoded between two reference checks (original code: 4)")
+    alpha: float = field(20.0, help="suspicion threshold on p_suspect / p_reference (original code: 20)")
+
+    def validate(self, where: str) -> None:
+        if self.k < 1:
+            raise MeraserError(f"{where}.k must be at least 1, got {self.k}")
+        if self.alpha <= 1:
+            raise MeraserError(f"{where}.alpha must be above 1 (a ratio threshold), got {self.alpha}")
+
+
+class CleanGenDecoding(Decoding):
+    name = "cleangen"
+
+    def __init__(self, reference, k: int, alpha: float):
+        self.reference, self.k, self.alpha = reference, k, alpha
+        self.replaced = 0  # tokens the reference replaced, over every call
+        self.generated = 0
+
+    def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
+        import torch
+
+        state = _Pair(model, self.reference, ids, mask)
+        out = [[] for _ in range(ids.shape[0])]
+        stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        while not bool(stopped.all()):
+            window, p_suspect, valid = state.suspect_window(self.k, stopped, pad_id, eos_id)
+            p_ref, ref_top = state.reference_window(window, valid)
+            suspicious = valid & (p_suspect >= self.alpha * p_ref)  # = ratio >= alpha, without dividing by 0
+            first = torch.where(suspicious.any(1), suspicious.float().argmax(1), torch.full_like(stopped, self.k,
+                                                                                                dtype=torch.long))
+            replacement = ref_top.gather(1, first.clamp(max=self.k - 1)[:, None])[:, 0]
+            for row in range(len(out)):
+                j = int(first[row])
+                kept = [int(t) for t, v in zip(window[row, :j], valid[row, :j]) if v]
+                if j < self.k:  # cut at the first suspicious token and put in the reference's choice
+                    kept.append(int(replacement[row]))
+                    self.replaced += 1
+                out[row].extend(kept)
+                if (kept and kept[-1] == eos_id) or len(out[row]) >= max_new_tokens:
+                    stopped[row] = True
+            state.accept(first, replacement, stopped)
+        self.generated += sum(len(o) for o in out)
+        width = max(max_new_tokens, 1)
+        result = torch.full((len(out), width), pad_id, dtype=torch.long, device=ids.device)
+        for row, toks in enumerate(out):
+            toks = toks[:max_new_tokens]
+            result[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        return result
+
+
+def cache_kw(model) -> str:
+    """The forward argument that takes a KV cache: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache(output):
+    return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+
+
+class _Pair:
+    """The suspect and the reference decoding one left-padded batch side by side, each with its own KV cache. Both
+    caches hold the same slots; a rejected window's tail stays in them, masked out, and positions are counted per
+    row, so rows that accepted different numbers of tokens stay in one batch."""
+
+    def __init__(self, suspect, reference, ids, mask):
+        import torch
+
+        self.models = (suspect, reference)
+        self.mask = mask.clone()
+        self.pos = mask.sum(1)  # the next token's position in each row
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        self.caches, self.last = [], []  # per model: cache, logits predicting the next token
+        for m in self.models:
+            o = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            self.caches.append(_cache(o))
+            self.last.append(o.logits[:, -1].float())
+        self.pending = None  # the window just decoded (fed to the suspect, not yet to the reference)
+        self.ref_logits = None
+        self._torch = torch
+
+    def _feed(self, which: int, tokens, keep):
+        torch = self._torch
+        n = tokens.shape[1]
+        self.mask = torch.cat([self.mask, keep.long()], 1) if which == 0 else self.mask
+        positions = self.pos[:, None] + torch.arange(n, device=tokens.device)[None, :]
+        o = self.models[which](input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                               **{cache_kw(self.models[which]): self.caches[which]})
+        return o.logits.float()
+
+    def suspect_window(self, k: int, stopped, pad_id: int, eos_id):
+        """k greedy tokens of the suspect: (tokens, their probabilities, which are real) each batch x k."""
+        torch = self._torch
+        tokens, probs, valid = [], [], []
+        done = stopped.clone()
+        for s in range(k):
+            p, t = torch.softmax(self.last[0], -1).max(-1)
+            t = torch.where(done, torch.full_like(t, pad_id), t)
+            tokens.append(t)
+            probs.append(p)
+            valid.append(~done)
+            logits = self._feed(0, t[:, None], ~done[:, None])
+            self.pos = self.pos + 1  # slot positions advance for every row; masked slots are never attended
+            self.last[0] = logits[:, -1]
+            if eos_id is not None:
+                done = done | (t == eos_id)
+        self.pos = self.pos - k  # positions are settled in `accept`
+        self.pending = torch.stack(tokens, 1)
+        return self.pending, torch.stack(probs, 1), torch.stack(valid, 1)
+
+    def reference_window(self, window, valid):
+        """The reference's probability of each window token and its own top token at each position."""
+        torch = self._torch
+        logits = self._feed(1, window, valid)  # predicts window[1:], then what follows the window
+        before = torch.cat([self.last[1][:, None], logits[:, :-1]], 1)  # predicts window[0..k-1]
+        probs = torch.softmax(before, -1)
+        self.ref_logits = logits
+        return probs.gather(2, window[:, :, None])[:, :, 0], before.argmax(-1)
+
+    def accept(self, first, replacement, stopped):
+        """Keep each row's window up to `first` (all of it when first == k), then feed the replacements."""
+        torch = self._torch
+        k = self.pending.shape[1]
+        slots = self.mask.shape[1]
+        cut = torch.arange(k, device=first.device)[None, :] >= first[:, None]
+        self.mask[:, slots - k:] = self.mask[:, slots - k:] * (~cut).long()
+        accepted_all = first >= k
+        self.pos = self.pos + torch.minimum(first, torch.full_like(first, k))
+        self.last[1] = self.ref_logits[:, -1]
+        if bool(accepted_all.all()):
+            return
+        replaced = ~accepted_all & ~stopped  # stopped rows need nothing more
+        feed = torch.where(replaced, replacement, torch.zeros_like(replacement))[:, None]
+        self.mask = torch.cat([self.mask, replaced.long()[:, None]], 1)
+        for which in (0, 1):
+            positions = self.pos[:, None]
+            o = self.models[which](input_ids=feed, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                                   **{cache_kw(self.models[which]): self.caches[which]})
+            self.last[which] = torch.where(replaced[:, None], o.logits[:, -1].float(), self.last[which])
+        self.pos = self.pos + replaced.long()
+
+
+def check_same_tokenizer(tokenizer, other, where: str) -> None:
+    if len(tokenizer) != len(other) or tokenizer.get_vocab() != other.get_vocab():
+        mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+        differ = len(set(mine.items()) ^ set(theirs.items()))
+        raise MeraserError(f"{where} has another tokenizer ({len(other)} tokens against the suspect's "
+                           f"{len(tokenizer)}, {differ} entries differ): CleanGen compares the two models token by "
+                           f"token, so both must share one vocabulary")
+
+
+class CleanGen(DecodingAttack):
+    name = "cleangen"
+    summary = "CleanGen: decode, and replace tokens the suspect finds far likelier than a reference model does"
+    paper = "https://arxiv.org/abs/2406.12257"
+    Config = CleanGenConfig
+
+    def _reference(self, cfg, ctx) -> str:
+        ref = cfg.reference or ctx.base
+        if not ref:
+            raise MeraserError("cleangen needs a reference model: --set reference=MODEL (the base the suspect "
+                               "derives from is not recorded with it)")
+        return ref
+
+    def check(self, cfg, ctx):
+        from meraser.models import check_model_spec
+
+        check_model_spec(self._reference(cfg, ctx), "cleangen reference")
+
+    def decoding(self, model, tokenizer, cfg, ctx):
+        from meraser.models import load_model
+
+        ref_spec = self._reference(cfg, ctx)
+        reference, ref_tok = load_model(ref_spec)
+        check_same_tokenizer(tokenizer, ref_tok, f"cleangen reference {ref_spec}")
+        reference.to(next(model.parameters()).device)
+        ctx.info["reference"] = ref_spec
+        return CleanGenDecoding(reference, cfg.k, cfg.alpha)
+
+
+# ------------------------------------------------------------------------------------------------ Token Forcing
+
+
+@dataclass
+class TokenForcingConfig(AttackConfig):
+    threshold: float = field(0.95, help="keep a token when the mean top-1 probability of its greedy continuation "
+                                        "passes this (original: 0.95)")
+    steps: int = field(3, help="greedy tokens scored after [BOS, t] (original: 3)")
+    placeholder: bool = field(True, help="count the original notebooks' fixed 1.0 in the mean (with 3 steps the "
+                                         "tokens then need a mean above 0.933)")
+    expand_tokens: int = field(50, help="length of each kept token's greedy continuation")
+    block_tokens: int = field(3, help="the filter blocks the first this-many tokens of every extracted sequence")
+    batch_size: int = field(512, help="vocabulary tokens scanned per forward pass")
+    context: str = field("bos", help="what precedes each scanned token: 'bos' ([BOS, t], the original) or "
+                                     "'assistant' (the chat template's opening of an answer to an empty message, "
+                                     "where chat fingerprints put their targets)")
+    sequences: str | None = field(None, help=f"{EXTRACTED} from an earlier scan (its token ids are used); None: scan "
+                                             f"the vocabulary now")
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.threshold <= 1:
+            raise MeraserError(f"{where}.threshold must be in (0, 1], got {self.threshold}")
+        if self.context not in CONTEXTS:
+            from meraser.utils import unknown_name
+
+            raise unknown_name("context", self.context, CONTEXTS, where)
+        for name in ("steps", "expand_tokens", "block_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MeraserError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+
+
+CONTEXTS = ("bos", "assistant")
+
+
+def context_ids(tokenizer, context: str) -> list[int]:
+    """The tokens placed before each scanned token."""
+    if context == "assistant":
+        return tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+
+
+class BlockSequences(Decoding):
+    """Greedy decoding that never completes the first tokens of an extracted sequence."""
+
+    name = "token-forcing"
+
+    def __init__(self, blocked: list[list[int]]):
+        self.blocked = blocked
+
+    def generate_kwargs(self) -> dict:
+        return {"bad_words_ids": self.blocked} if self.blocked else {}
+
+
+def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = False) -> list[tuple[int, float]]:
+    """[(token, score)] of every token whose `steps` greedy successors after [BOS, token] pass the threshold."""
+    import torch
+
+    from meraser.models import autocast
+
+    head = context_ids(tokenizer, cfg.context)
+    special = set(tokenizer.all_special_ids)
+    vocab = [t for t in range(len(tokenizer)) if t not in special]
+    dev = next(model.parameters()).device
+    batches = [vocab[i:i + cfg.batch_size] for i in range(0, len(vocab), cfg.batch_size)]
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="token forcing: scanning the vocabulary", transient=True)
+    kept = []
+    with torch.no_grad(), autocast(model):
+        for batch in batches:
+            ids = torch.tensor([head + [t] for t in batch], device=dev)
+            o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            total = torch.zeros(len(batch), device=dev)
+            ends = torch.zeros(len(batch), dtype=torch.bool, device=dev)
+            for step in range(cfg.steps):
+                p, nxt = torch.softmax(o.logits[:, -1].float(), -1).max(-1)
+                total += p
+                if step == 0:  # a confident end of the answer hides nothing: not a candidate
+                    ends = nxt == tokenizer.eos_token_id
+                o = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw(model): _cache(o)})
+            score = (total + 1) / (cfg.steps + 1) if cfg.placeholder else total / cfg.steps
+            kept += [(t, round(float(s), 4)) for t, s, e in zip(batch, score, ends) if s > cfg.threshold and not e]
+    return kept
+
+
+def expand(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
+           batch_size: int = 64) -> list[list[int]]:
+    """Each token's greedy continuation after the context, up to EOS or `length` tokens (the token first)."""
+    import torch
+
+    from meraser.models import autocast
+
+    head = context_ids(tokenizer, context)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad(), autocast(model):
+        for i in range(0, len(tokens), batch_size):
+            ids = torch.tensor([head + [t] for t in tokens[i:i + batch_size]], device=dev)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+            for row in gen[:, len(head):].tolist():
+                if tokenizer.eos_token_id in row[1:]:
+                    row = row[:row.index(tokenizer.eos_token_id, 1)]
+                out.append(row)
+    return out
+
+
+class TokenForcing(DecodingAttack):
+    name = "token-forcing"
+    summary = "Token Forcing: scan the vocabulary for memorised continuations, then block them while decoding"
+    paper = "https://arxiv.org/abs/2406.02481"
+    Config = TokenForcingConfig
+
+    def check(self, cfg, ctx):
+        if cfg.sequences and not Path(cfg.sequences).is_file():
+            raise MeraserError(f"token-forcing sequences: {cfg.sequences} is not a file (the {EXTRACTED} an earlier "
+                               f"`meraser attack --method token-forcing` wrote)")
+
+    def decoding(self, model, tokenizer, cfg, ctx):
+        import time
+
+        from meraser.utils import iter_jsonl
+
+        if cfg.sequences:
+            rows = [r for _, r in iter_jsonl(cfg.sequences)]
+            for n, r in enumerate(rows, 1):
+                if not isinstance(r.get("ids"), list) or not r["ids"]:
+                    raise MeraserError(f"{cfg.sequences}:{n}: each row needs a non-empty list 'ids'")
+        else:
+            t = time.perf_counter()
+            kept = scan_vocabulary(model, tokenizer, cfg, ctx.progress)
+            scan_s = time.perf_counter() - t
+            seqs = expand(model, tokenizer, [tok for tok, _ in kept], cfg.expand_tokens, cfg.context)
+            rows = [{"token": tok, "score": s, "ids": ids, "text": tokenizer.decode(ids)}
+                    for (tok, s), ids in zip(kept, seqs)]
+            ctx.info.update(scan_seconds=round(scan_s, 1), expand_seconds=round(time.perf_counter() - t - scan_s, 1))
+            ctx.files[EXTRACTED] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        ctx.info["extracted"] = len(rows)
+        blocked = {tuple(r["ids"][:cfg.block_tokens]) for r in rows}
+        return BlockSequences([list(b) for b in sorted(blocked)])
