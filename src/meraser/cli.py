@@ -445,7 +445,8 @@ def _attack_help() -> str:
 def attack(
     method: str = typer.Option(..., "--method", help="registered attack name (listed above)"),
     model: str = typer.Option(..., "--model", "-m", help="the model to attack: " + MODEL_HELP),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder for the attacked model"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder for the attacked model (a decoding-time "
+                             "attack writes its record and extracted sequences there instead)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set sparsity=0.3; repeat",
                                              show_default="the attack's defaults"),
     base: Optional[str] = typer.Option(None, help="the base model the attacked model derives from (merging, "
@@ -466,7 +467,8 @@ def attack(
         print(json.dumps(s, indent=2, ensure_ascii=False, default=str))
         return
     details = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("attack", "config", "out", "seconds", "base"))
-    _console().print(f"[green]{method}[/] model saved to {s['out']} in {s['seconds']} s" +
+    what = "attack record" if (Path(s["out"]) / "attack.json").exists() else "model"
+    _console().print(f"[green]{method}[/] {what} saved to {s['out']} in {s['seconds']} s" +
                      (f" ({details})" if details else ""))
 
 

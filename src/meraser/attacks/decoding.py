@@ -277,8 +277,9 @@ class BlockSequences(Decoding):
 
     name = "token-forcing"
 
-    def __init__(self, blocked: list[list[int]]):
+    def __init__(self, blocked: list[list[int]], extracted: list[dict] | None = None):
         self.blocked = blocked
+        self.extracted = extracted or []  # the scan's rows: token, score, ids, text
 
     def generate_kwargs(self) -> dict:
         return {"bad_words_ids": self.blocked} if self.blocked else {}
@@ -373,4 +374,4 @@ class TokenForcing(DecodingAttack):
             ctx.files[EXTRACTED] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         ctx.info["extracted"] = len(rows)
         blocked = {tuple(r["ids"][:cfg.block_tokens]) for r in rows}
-        return BlockSequences([list(b) for b in sorted(blocked)])
+        return BlockSequences([list(b) for b in sorted(blocked)], rows)

@@ -1,0 +1,108 @@
+"""The inference-level half of the paper's Table 3 on SmolLM2-135M: each fingerprinted model decoded plainly, under
+CleanGen (reference: the clean base) and under Token Forcing's filter, with what Token Forcing extracted.
+
+It reuses the fingerprinted models of benchmarks/table2.py (OUT/<method>/fingerprinted; run that first, or at least
+its fingerprinting). For each fingerprint and decoding it reports FSR, false positives, ordinary-question accuracy
+(Algorithm 1's 12 questions) and the decoding time of those three checks together. For Token Forcing it also
+reports the vocabulary-scan and expansion times, how many sequences it extracted, and whether one of them contains
+the fingerprint's target (did it find it?). Perplexity is not defined under a decoding attack (the paper writes "-").
+
+The CleanGen speed goal (at most 2.5x plain greedy at k=4) is measured on the same prompts in the same run: the
+plain and CleanGen rows' decoding times.
+
+    .venv/bin/python benchmarks/table3_decoding.py [--methods if-sft utf chain-hash] [--out runs/table2]
+        [--context bos assistant]
+
+Results go to OUT/<method>/decoding-<attack>.json (re-running skips finished ones) and OUT/table3_decoding.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def checks(model, tok, card, decoding) -> dict:
+    """FSR and false positives on the card, ordinary accuracy; the time of all of it (model load excluded)."""
+    from meraser.evaluation.algorithm1 import ordinary_accuracy
+    from meraser.evaluation.fsr import fsr
+
+    t = time.perf_counter()
+    r = fsr(model, tok, card, false_positive_inputs=32, decoding=decoding)
+    ordinary = ordinary_accuracy(model, tok, decoding=decoding)
+    return {"fsr": r["fsr"], "false_positive_rate": r["false_positive_rate"], "ordinary": ordinary,
+            "decode_seconds": round(time.perf_counter() - t, 1),
+            "outputs": [p["output"] for p in r["per_trigger"][:3]]}
+
+
+def run_one(method: str, label: str, settings: dict, args) -> dict:
+    from meraser.attacks.base import decoding_attack
+    from meraser.fingerprints.card import Card
+    from meraser.models import load_model
+
+    folder = args.out / method / "fingerprinted"
+    card = Card.load(folder)
+    model, tok = load_model(str(folder / "model"))
+    if label == "plain":
+        return checks(model, tok, card, None)
+    attack = label.split(" ")[0]
+    t = time.perf_counter()
+    decoding, info = decoding_attack(attack, settings, model, tok, str(folder / "model"), base=args.model)
+    row = {**checks(model, tok, card, decoding), "prepare_seconds": round(time.perf_counter() - t, 1)}
+    row.update({k: v for k, v in info.items() if k != "reference"})
+    if attack == "token-forcing":
+        extracted = [r["text"] for r in decoding.extracted]
+        row["found_target"] = any(target in text for target in card.targets for text in extracted)
+        row["extracted_examples"] = extracted[:5]
+    if attack == "cleangen":
+        row["replaced_tokens"], row["generated_tokens"] = decoding.replaced, decoding.generated
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="the clean base (CleanGen's reference)")
+    ap.add_argument("--methods", nargs="+", default=["if-sft", "utf", "chain-hash"])
+    ap.add_argument("--out", type=Path, default=Path("runs/table2"))
+    ap.add_argument("--context", nargs="+", default=["bos", "assistant"], help="Token Forcing scan contexts")
+    args = ap.parse_args()
+
+    import transformers
+    from rich.table import Table
+
+    from meraser.utils import console as log_console
+
+    transformers.utils.logging.set_verbosity_error()
+    console = log_console(220)
+    runs = {"plain": {}, "cleangen": {"k": 4, "alpha": 20}}
+    runs.update({f"token-forcing {c}": {"context": c} for c in args.context})
+    results = {}
+    for method in args.methods:
+        results[method] = {}
+        for label, settings in runs.items():
+            record = args.out / method / f"decoding-{label.replace(' ', '-')}.json"
+            if not record.exists():
+                row = run_one(method, label, settings, args)
+                record.write_text(json.dumps(row, indent=2, ensure_ascii=False))
+                console.print(f"{method} / {label}: " + json.dumps({k: v for k, v in row.items()
+                                                                     if k not in ("outputs", "extracted_examples")}))
+            results[method][label] = json.loads(record.read_text())
+    table = Table(title="Decoding-time attacks on SmolLM2-135M: FSR / false positives / ordinary answers / time")
+    for h in ["fingerprint", "decoding", "FSR", "FP", "ordinary", "decode time", "vs plain", "prepare",
+              "extracted", "target found"]:
+        table.add_column(h, justify="right")
+    for method, rows in results.items():
+        plain = rows["plain"]["decode_seconds"]
+        for label, r in rows.items():
+            table.add_row(method, label, f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
+                          f"{round(r['ordinary'] * 12)}/12", f"{r['decode_seconds']:.0f} s",
+                          f"{r['decode_seconds'] / plain:.2f}x", f"{r.get('prepare_seconds', 0):.0f} s",
+                          str(r.get("extracted", "-")), str(r.get("found_target", "-")))
+    console.print(table)
+    (args.out / "table3_decoding.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
