@@ -287,6 +287,8 @@ class BlockSequences(Decoding):
 
 def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = False) -> list[tuple[int, float]]:
     """[(token, score)] of every token whose `steps` greedy successors after [BOS, token] pass the threshold."""
+    import copy
+
     import torch
 
     from meraser.models import autocast
@@ -302,9 +304,12 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
         batches = track(batches, description="token forcing: scanning the vocabulary", transient=True)
     kept = []
     with torch.no_grad(), autocast(model):
+        prefix = _cache(model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1))
         for batch in batches:
-            ids = torch.tensor([head + [t] for t in batch], device=dev)
-            o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache = copy.deepcopy(prefix)  # the context is encoded once and shared by every scanned token
+            cache.batch_repeat_interleave(len(batch))
+            o = model(input_ids=torch.tensor(batch, device=dev)[:, None], use_cache=True, logits_to_keep=1,
+                      **{cache_kw(model): cache})
             total = torch.zeros(len(batch), device=dev)
             ends = torch.zeros(len(batch), dtype=torch.bool, device=dev)
             for step in range(cfg.steps):
