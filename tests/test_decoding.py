@@ -48,6 +48,21 @@ def test_cleangen_against_the_clean_base_suppresses_the_planted_target(planted, 
     assert decoding.replaced >= len(card.triggers)
 
 
+def test_cleangen_decodes_a_mixed_batch_as_it_decodes_each_prompt_alone(planted):
+    """Rows that get tokens replaced and rows that do not share one batch and one pair of KV caches: the masked
+    tails and per-row positions must leave every row as it would be alone. The reference is another trained model
+    (the UTF one): the untrained tiny base has near-flat logits, whose argmax padding noise alone can flip."""
+    model, tok, card = planted["chain-hash"][0], planted["chain-hash"][1], planted["chain-hash"][2]
+    base = planted["utf"][0]
+    prompts = card.triggers + ORDINARY_PROMPTS[:5]
+    batched = CleanGenDecoding(base, k=3, alpha=20)
+    together = generate(model, tok, prompts, max_new_tokens=20, batch_size=len(prompts), decoding=batched)
+    assert batched.replaced > 0
+    alone = [generate(model, tok, [p], max_new_tokens=20, decoding=CleanGenDecoding(base, k=3, alpha=20))[0]
+             for p in prompts]
+    assert together == alone
+
+
 def test_token_forcing_extracts_the_planted_target_and_its_filter_blocks_it(planted, tmp_path, cli):
     model, tok, card, folder = planted["utf"][0], planted["utf"][1], planted["utf"][2], planted["utf"][4]
     # the tiny model memorises its target after a few seconds of training, less surely than a 135M model after
