@@ -437,7 +437,9 @@ def _attack_help() -> str:
 
     lines = "\n\n".join(f"[bold]{name}[/]: {a.summary}" for name, a in REGISTRY.items())
     return ("Run one erasure attack on a (fingerprinted) model and save the attacked model, which `verify`, "
-            "`evaluate` and `chat` load unchanged. Settings: --set KEY=VALUE (the attack's config fields).\n\n"
+            "`evaluate` and `chat` load unchanged; a decoding-time attack (cleangen, token-forcing) changes no "
+            "weight and saves its record instead, for `verify --attack` and `chat --attack`. Settings: --set "
+            "KEY=VALUE (the attack's config fields).\n\n"
             + lines)
 
 
