@@ -145,6 +145,18 @@ def print_table(results: dict, args, console) -> None:
             table.add_row(method, label, f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}", f"{r['ppl']:.2f}",
                           f"{round(r['ordinary'] * 12)}/12", str(r.get("erased", "-")), f"{r['seconds']:.0f} s")
     console.print(table)
+    lines = ["| fingerprint | attack | FSR | false positives | SQuAD PPL | ordinary answers | Algorithm 1 | attack time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, rows in results.items():
+        for label, r in rows.items():
+            lines.append(f"| {method} | {label} | {r['fsr']:.0%} | {r['false_positive_rate']:.0%} | {r['ppl']:.2f} | "
+                         f"{round(r['ordinary'] * 12)}/12 | {_verdict(r)} | {r['seconds']:.0f} s |")
+    (args.out / "table2.md").write_text("\n".join(lines) + "\n")
+    console.print(f"markdown: {args.out / 'table2.md'}")
+
+
+def _verdict(r: dict) -> str:
+    return "-" if "erased" not in r else ("erased" if r["erased"] else "not erased")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,15 @@ def main() -> None:
                           f"{r['decode_seconds'] / plain:.2f}x", f"{r.get('prepare_seconds', 0):.0f} s",
                           str(r.get("extracted", "-")), str(r.get("found_target", "-")))
     console.print(table)
+    lines = ["| fingerprint | decoding | FSR | false positives | ordinary answers | decode time (x plain) | prepare | "
+             "extracted | target found |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, rows in results.items():
+        plain = rows["plain"]["decode_seconds"]
+        for label, r in rows.items():
+            lines.append(f"| {method} | {label} | {r['fsr']:.0%} | {r['false_positive_rate']:.0%} | "
+                         f"{round(r['ordinary'] * 12)}/12 | {r['decode_seconds']:.0f} s ({r['decode_seconds'] / plain:.2f}x) | "
+                         f"{r.get('prepare_seconds', 0):.0f} s | {r.get('extracted', '-')} | {r.get('found_target', '-')} |")
+    (args.out / "table3_decoding.md").write_text("\n".join(lines) + "\n")
     (args.out / "table3_decoding.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
 
 
