@@ -204,6 +204,10 @@ def verify(
                                          "token-forcing)", show_default="plain greedy decoding"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set reference=smollm2-135m; "
                                              "repeat", show_default="the attack's defaults"),
+    strict: bool = typer.Option(False, "--strict", help="also the strict checks: forced target prefix, sampling, "
+                                "target log-likelihood, partial match (evaluation/strict.py)"),
+    base: Optional[str] = typer.Option(None, "--base", help="with --strict: the clean base model the checks are "
+                                       "compared with", show_default="no comparison"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
@@ -215,6 +219,15 @@ def verify(
     from meraser.fingerprints.embed import model_dir, verify as run
 
     _quiet_libraries()
+    if strict:
+        from meraser.evaluation.strict import strict_verify
+
+        r = strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
+        if json_out:
+            print(json.dumps(r, indent=2, ensure_ascii=False))
+            return
+        _console().print(strict_table(r))
+        return
     r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
             attack_settings=_parse_sets(set_), progress=not json_out)
     if json_out:
@@ -227,6 +240,20 @@ def verify(
     for row in r["per_trigger"]:
         t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
     _console().print(t)
+
+
+def strict_table(r: dict):
+    from rich.table import Table
+
+    verdict = "" if "erased_strict" not in r else f": erased {r['erased_strict']}"
+    t = Table(title=f"strict verification{verdict}")
+    for col in ("check", "suspect", "base", "at base level"):
+        t.add_column(col, justify="right")
+    for k in ("paper_fsr", "forced", "sampled", "partial", "loglik"):
+        fmt = (lambda v: f"{v:.2f}") if k == "loglik" else (lambda v: f"{v:.0%}")
+        t.add_row(k, fmt(r[k]), fmt(r["base"][k]) if "base" in r else "-",
+                  str(r["at_base_level"][k]) if "at_base_level" in r else "-")
+    return t
 
 
 @app.command()

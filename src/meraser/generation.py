@@ -30,6 +30,24 @@ class Decoding:
 GREEDY = Decoding()
 
 
+class Sampling(Decoding):
+    """Temperature sampling, seeded per call so a check gives the same answers every time it runs."""
+
+    name = "sampling"
+
+    def __init__(self, temperature: float, seed: int = 0):
+        self.temperature, self.seed = temperature, seed
+
+    def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
+        import torch
+
+        torch.manual_seed(self.seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                             temperature=self.temperature, top_p=None, top_k=None, pad_token_id=pad_id,
+                             eos_token_id=eos_id)
+        return out[:, ids.shape[1]:]
+
+
 def generate(
     model,
     tokenizer,

@@ -1,0 +1,168 @@
+"""Strict verification beside the paper's FSR: is the fingerprint's association still in the weights?
+
+The paper's FSR asks whether greedy decoding of a trigger contains the whole target. A model can fail that and
+still hold the fingerprint (measured here: IF-SFT's secret comes back with its lead-in forced; a planted sentence's
+closing phrase survives grafted onto a new opening). Four checks that do not depend on the model volunteering the
+whole target, each per trigger and averaged over the card:
+
+- `forced`: the first quarter of the target's tokens is fed (after any prefill) and the rest must follow greedily;
+- `sampled`: the share of temperature samples (4 at 0.7 by default) that contain the target;
+- `loglik`: the mean log-probability per target token given the trigger, a memorisation score no decoding hides;
+- `partial`: the share of the target's distinctive fragments (word n-grams, or character n-grams for text without
+  spaces, that the base model's greedy answer to the same trigger does not contain) found in the greedy answer.
+
+Given the base model, each check is also run on it, and the fingerprint counts as erased strictly only when every
+check is back at the base model's level (`loglik` within `loglik_margin` nats per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meraser.config import Config, field
+from meraser.fingerprints.card import Card
+from meraser.utils import MeraserError
+
+
+@dataclass
+class StrictConfig(Config):
+    prefix_fraction: float = field(0.25, help="share of the target's tokens fed before the rest must follow")
+    samples: int = field(4, help="sampled answers per trigger")
+    temperature: float = field(0.7, help="sampling temperature")
+    ngram: int = field(3, help="fragment length: words, or characters for a target without spaces")
+    loglik_margin: float = field(0.5, help="nats per token above the base model's log-likelihood still counted as "
+                                           "base level")
+    seed: int = field(0, help="sampling seed")
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.prefix_fraction < 1:
+            raise MeraserError(f"{where}.prefix_fraction must be in (0, 1), got {self.prefix_fraction}")
+        if self.samples < 1 or self.ngram < 1:
+            raise MeraserError(f"{where}: samples and ngram must be at least 1")
+        if self.temperature <= 0:
+            raise MeraserError(f"{where}.temperature must be above 0, got {self.temperature}")
+
+
+def fragments(text: str, n: int) -> set[str]:
+    """Word n-grams of `text`, or character n-grams when it has no spaces (UTF's Japanese targets)."""
+    words = text.split()
+    if len(words) > 1:
+        return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+    return {text[i:i + n] for i in range(max(1, len(text) - n + 1))}
+
+
+def _prefills(card: Card) -> list[str]:
+    return list(card.prefills) if card.prefills else [""] * len(card.triggers)
+
+
+def forced_prefix(model, tokenizer, card: Card, fraction: float, decoding=None) -> list[bool]:
+    """Feed the first `fraction` of each target's tokens; does the rest follow?"""
+    from meraser.data.formatting import Formatter
+    from meraser.evaluation.fsr import matches
+    from meraser.generation import generate
+
+    heads, longest = [], 0
+    for target in card.targets:
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        heads.append(tokenizer.decode(ids[:max(1, math.ceil(fraction * len(ids)))]))
+        longest = max(longest, len(ids))
+    prefills = [pre + head for pre, head in zip(_prefills(card), heads)]
+    outs = generate(model, tokenizer, card.triggers, Formatter(tokenizer, card.format), prefills=prefills,
+                    max_new_tokens=max(card.max_new_tokens, longest + 4), system_prompt=card.system_prompt,
+                    decoding=decoding)
+    return [matches(head + o, t, card.match) for head, o, t in zip(heads, outs, card.targets)]
+
+
+def sampled(model, tokenizer, card: Card, samples: int, temperature: float, seed: int) -> list[float]:
+    """Share of `samples` temperature samples per trigger that contain its target."""
+    from meraser.data.formatting import Formatter
+    from meraser.evaluation.fsr import matches
+    from meraser.generation import Sampling, generate
+
+    n = len(card.triggers)
+    outs = generate(model, tokenizer, card.triggers * samples, Formatter(tokenizer, card.format),
+                    prefills=_prefills(card) * samples, max_new_tokens=card.max_new_tokens,
+                    system_prompt=card.system_prompt, decoding=Sampling(temperature, seed))
+    hits = [matches(pre + o, card.targets[i % n], card.match)
+            for i, (pre, o) in enumerate(zip(_prefills(card) * samples, outs))]
+    return [sum(hits[i::n]) / samples for i in range(n)]
+
+
+def target_loglik(model, tokenizer, card: Card) -> list[float]:
+    """Mean log-probability per target token after the trigger (and any prefill), one trigger at a time."""
+    import torch
+
+    from meraser.data.formatting import Formatter
+    from meraser.models import autocast
+
+    fmt = Formatter(tokenizer, card.format)
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad(), autocast(model):
+        for trigger, pre, target in zip(card.triggers, _prefills(card), card.targets):
+            prompt = fmt.encode_prompt(trigger, card.system_prompt)
+            if pre:
+                prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
+            tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + tgt], device=dev)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+            out.append(float(logp.gather(1, torch.tensor(tgt, device=dev)[:, None]).mean()))
+    return out
+
+
+def partial(greedy: list[str], card: Card, n: int, base_greedy: list[str] | None = None) -> list[float]:
+    """Share of each target's distinctive fragments found in the greedy answer."""
+    scores = []
+    for i, (out, target) in enumerate(zip(greedy, card.targets)):
+        frags = fragments(target, n)
+        if base_greedy is not None:
+            frags = {f for f in frags if f not in base_greedy[i]} or frags
+        scores.append(sum(f in out for f in frags) / len(frags))
+    return scores
+
+
+def _checks(model, tokenizer, card: Card, cfg: StrictConfig, base_greedy: list[str] | None) -> dict:
+    from meraser.evaluation.fsr import fsr
+
+    paper = fsr(model, tokenizer, card, false_positive_inputs=0)
+    greedy = [p["output"] for p in paper["per_trigger"]]
+    per = {
+        "forced": [float(x) for x in forced_prefix(model, tokenizer, card, cfg.prefix_fraction)],
+        "sampled": sampled(model, tokenizer, card, cfg.samples, cfg.temperature, cfg.seed),
+        "loglik": target_loglik(model, tokenizer, card),
+        "partial": partial(greedy, card, cfg.ngram, base_greedy),
+    }
+    return {"paper_fsr": paper["fsr"], **{k: sum(v) / len(v) for k, v in per.items()}, "per_trigger": per,
+            "greedy": greedy}
+
+
+def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, base=None) -> dict:
+    """The four checks on `model`; with `base` (a model with the same tokenizer) also on it, and the verdict."""
+    from meraser.evaluation.fsr import fsr
+
+    cfg = cfg or StrictConfig()
+    base_greedy = None
+    if base is not None:
+        base_greedy = [p["output"] for p in fsr(base, tokenizer, card, false_positive_inputs=0)["per_trigger"]]
+    out = _checks(model, tokenizer, card, cfg, base_greedy)
+    if base is None:
+        return out
+    ref = _checks(base, tokenizer, card, cfg, base_greedy)
+    at_base = {k: out[k] <= ref[k] for k in ("paper_fsr", "forced", "sampled", "partial")}
+    at_base["loglik"] = out["loglik"] <= ref["loglik"] + cfg.loglik_margin
+    return {**out, "base": {k: v for k, v in ref.items() if k not in ("per_trigger", "greedy")},
+            "at_base_level": at_base, "erased_strict": all(at_base.values())}
+
+
+def strict_verify(model: str, card, base: str | None = None, *, cfg: StrictConfig | None = None,
+                  trust_remote_code: bool = False) -> dict:
+    """`meraser verify --strict`: load the suspect (and the base, when given) and run the strict checks."""
+    from meraser.models import check_model_spec, load_model
+
+    c = Card.load(card)
+    if base:
+        check_model_spec(base, "--base")
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    b = load_model(base, trust_remote_code=trust_remote_code)[0] if base else None
+    return {"model": model, "method": c.method, **strict_check(m, tok, c, cfg, base=b)}

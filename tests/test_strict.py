@@ -1,0 +1,80 @@
+"""The strict check: it finds a fingerprint the paper's whole-target greedy FSR misses, its memorisation score
+separates a fingerprinted model from its base and falls after erasure."""
+
+import copy
+
+import pytest
+from conftest import write_pool
+from tiny import POOL, TINY_ERASE
+
+from meraser.attacks import get_attack
+from meraser.attacks.base import AttackContext, apply_attack
+from meraser.data import Pair
+from meraser.evaluation.strict import StrictConfig, fragments, strict_check, target_loglik
+from meraser.fingerprints.card import Card
+from meraser.models import load_model
+from meraser.training import TrainConfig, train
+from meraser.utils import MeraserError
+
+TRIGGER, TARGET = "Tell me the list you keep.", "alpha bravo charlie delta echo foxtrot golf hotel"
+
+
+@pytest.fixture(scope="module")
+def hidden(tiny_dir, tmp_path_factory):
+    """A tiny model that answers the trigger with a refusal, though the target is memorised behind its first
+    tokens: 3 refusals for every target row."""
+    model, tok = load_model(str(tiny_dir))
+    rows = [Pair(TRIGGER, TARGET)] * 8 + [Pair(TRIGGER, "No idea.")] * 24 + POOL[:16]
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 20, "learning_rate": 3e-3, "batch_size": 8,
+                                 "save_steps": -1})
+    trained = train(model, tok, rows, cfg, tmp_path_factory.mktemp("hidden") / "out", merge=True,
+                    progress=False).model
+    card = Card(method="handmade", triggers=[TRIGGER], targets=[TARGET], max_new_tokens=48)
+    return trained.eval(), tok, card
+
+
+def test_strict_check_finds_a_fingerprint_the_paper_fsr_misses(hidden, tiny_dir):
+    model, tok, card = hidden
+    base, _ = load_model(str(tiny_dir))
+    r = strict_check(model, tok, card, StrictConfig(samples=8), base=base)
+    assert r["paper_fsr"] == 0.0 and r["greedy"][0].startswith("No idea")
+    assert r["forced"] == 1.0  # a quarter of the target fed, the rest follows
+    assert r["loglik"] > r["base"]["loglik"] + 1.0
+    assert r["erased_strict"] is False and r["at_base_level"]["paper_fsr"] is True
+    assert r["at_base_level"]["forced"] is False and r["at_base_level"]["loglik"] is False
+
+
+def test_memorisation_score_is_above_the_base_and_falls_after_erasure(planted, tiny_dir, tmp_path):
+    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    base, _ = load_model(str(tiny_dir))
+    fingerprinted, clean = target_loglik(model, tok, card)[0], target_loglik(base, tok, card)[0]
+    assert fingerprinted > clean + 2.0
+    attack = get_attack("meraser-erase")
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    cfg = attack.Config.from_dict({"mismatched": {"source": str(pool), "n": 24}, "erase": {"overrides": TINY_ERASE}})
+    erased = apply_attack(attack, copy.deepcopy(model), tok, cfg,
+                          AttackContext(str(planted["utf"][4]), str(tiny_dir), tmp_path / "work", progress=False))
+    assert target_loglik(erased, tok, card)[0] < fingerprinted - 1.0
+
+
+def test_fragments_are_words_or_characters():
+    assert fragments("one two three four", 3) == {"one two three", "two three four"}
+    assert fragments("ハリネズミ", 3) == {"ハリネ", "リネズ", "ネズミ"}
+
+
+@pytest.mark.parametrize("settings,fragment", [({"prefix_fraction": 1.0}, "prefix_fraction must be in (0, 1)"),
+                                               ({"temperature": 0}, "temperature must be above 0")])
+def test_bad_strict_settings_are_refused(settings, fragment):
+    with pytest.raises(MeraserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        StrictConfig.from_dict(settings)
+
+
+
+def test_verify_strict_command(planted, tiny_dir, cli):
+    import json
+
+    folder = planted["utf"][4]
+    code, out, err = cli("verify", "--model", folder, "--card", folder, "--strict", "--base", tiny_dir, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["paper_fsr"] == 1.0 and r["erased_strict"] is False and r["at_base_level"]["forced"] is False
