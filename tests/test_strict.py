@@ -78,3 +78,25 @@ def test_verify_strict_command(planted, tiny_dir, cli):
     assert code == 0, err
     r = json.loads(out)
     assert r["paper_fsr"] == 1.0 and r["erased_strict"] is False and r["at_base_level"]["forced"] is False
+
+
+def test_runs_report_the_strict_checks_at_every_stage_and_epoch(planted, tmp_path):
+    import yaml
+    from tiny import TINY_RECOVER
+
+    from meraser.runner import load_experiment, run_experiment
+
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    exp = {"out": str(tmp_path / "run"), "fingerprint": {"existing": str(planted["utf"][4])},
+           "mismatched": {"source": str(pool), "n": 24}, "clean": {"source": str(pool), "n": 24},
+           "erase": {"overrides": {**TINY_ERASE, "epochs": 2}}, "recover": {"overrides": {**TINY_RECOVER, "epochs": 1}},
+           "eval": {"false_positive_inputs": 4}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    rows = {r["stage"]: r for r in run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)}
+    assert "erased_strict" not in rows["base"]["strict"]  # the base is the reference itself
+    assert rows["fingerprinted"]["strict"]["erased_strict"] is False
+    assert rows["fingerprinted"]["strict"]["loglik"] > rows["base"]["strict"]["loglik"]
+    for stage in ("erased", "recovered"):
+        assert set(rows[stage]["strict"]["at_base_level"]) == {"paper_fsr", "forced", "sampled", "partial", "loglik"}
+        assert [set(p) >= {"fsr", "forced", "loglik"} for p in rows[stage]["fsr_per_epoch"]] == \
+            [True] * len(rows[stage]["fsr_per_epoch"]) and rows[stage]["fsr_per_epoch"]

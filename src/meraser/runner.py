@@ -335,13 +335,19 @@ class ExperimentRun:
         if stage in self.rows:
             return self.rows[stage]
         self._begin(f"eval:{stage}")
+        strict_base = self.rows.get("base", {}).get("strict") if stage != "base" else None
         row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
-                                                decoding=decoding),
+                                                decoding=decoding, strict_base=strict_base),
                **(extra() if extra else {})}
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
+        strict = row.get("strict", {})
         self.say(f"  {stage}: " + ", ".join(
-            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
+            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
+            ([f"strict: forced {strict['forced']:.0%}, sampled {strict['sampled']:.0%}, partial "
+              f"{strict['partial']:.0%}, loglik {strict['loglik']:.2f}"] if strict else []) +
+            ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
+            ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 
     def base(self) -> None:
@@ -374,9 +380,12 @@ class ExperimentRun:
     def _probe(self):
         if not (self.exp.probe_fsr and self.card is not None):
             return None
+        from meraser.evaluation import strict
         from meraser.evaluation.fsr import fsr
 
-        return lambda m, epoch: {"fsr": fsr(m, self.tok, self.card, false_positive_inputs=0)["fsr"]}
+        # the paper's FSR, and whether the fingerprint only hides: its target prefix forced, its log-likelihood
+        return lambda m, epoch: {"fsr": fsr(m, self.tok, self.card, false_positive_inputs=0)["fsr"],
+                                 **strict.probe(m, self.tok, self.card)}
 
     def _phase(self, name: str, kind: str, label: str, model, rows: list, base_spec: str):
         """Erase or recover: LoRA on `rows` over `model`; the adapter is saved, the merged model carried on."""

@@ -21,6 +21,8 @@ class EvalConfig(Config):
     limit: int | None = field(None, help="examples per task (None: all)")
     batch_size: int = field(8, help="batch size for perplexity and lm-eval")
     false_positive_inputs: int = field(32, help="non-trigger inputs checked for false positives (0: skip)")
+    strict: bool = field(True, help="with a card, the strict checks too: forced target prefix, sampling, target "
+                                    "log-likelihood, partial match (evaluation/strict.py)")
 
     def validate(self, where: str) -> None:
         from meraser.config import key_path
@@ -50,8 +52,10 @@ class EvalConfig(Config):
 NOT_APPLICABLE = "not applicable under a decoding attack"
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False, decoding=None) -> dict:
-    """Evaluate an in-memory model; keys: fsr/false_positive_rate (with a card), ppl, tasks, mean_acc, seconds.
+def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False, decoding=None,
+                   strict_base: dict | None = None) -> dict:
+    """Evaluate an in-memory model; keys: fsr/false_positive_rate and strict (with a card; strict is compared with
+    `strict_base`, the base model's strict result, when given), ppl, tasks, mean_acc, seconds.
 
     Under a decoding attack (`decoding`, see attacks/decoding.py) FSR and false positives are generated through it;
     perplexity and log-likelihood tasks score the model's own distribution, which the attack does not change, so
@@ -62,6 +66,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
         from meraser.evaluation.fsr import fsr
 
         out.update(fsr(model, tokenizer, card, false_positive_inputs=cfg.false_positive_inputs, decoding=decoding))
+        if cfg.strict and decoding is None:  # the strict checks decode their own way (forced, sampled)
+            from meraser.evaluation.strict import strict_check
+
+            out["strict"] = strict_check(model, tokenizer, card, base_result=strict_base)
     if decoding is not None and decoding.name != "greedy":
         out["decoding"] = decoding.name
         out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})
@@ -109,6 +117,12 @@ def results_table(rows: list[dict], title: str = "evaluation"):
 
     add("FSR", lambda r: f"{r['fsr']:.1%}" if "fsr" in r else "")
     add("false positives", lambda r: f"{r['false_positive_rate']:.1%}" if "false_positive_rate" in r else "")
+    add("strict: forced prefix", lambda r: f"{r['strict']['forced']:.0%}" if "strict" in r else "")
+    add("strict: sampled", lambda r: f"{r['strict']['sampled']:.0%}" if "strict" in r else "")
+    add("strict: partial", lambda r: f"{r['strict']['partial']:.0%}" if "strict" in r else "")
+    add("strict: target loglik", lambda r: f"{r['strict']['loglik']:.2f}" if "strict" in r else "")
+    add("erased strictly", lambda r: str(r["strict"]["erased_strict"]) if "erased_strict" in r.get("strict", {})
+        else "")
     add("PPL", ppl_text)
     for t in tasks:
         def cell(r, t=t):

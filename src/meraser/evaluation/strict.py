@@ -137,22 +137,28 @@ def _checks(model, tokenizer, card: Card, cfg: StrictConfig, base_greedy: list[s
             "greedy": greedy}
 
 
-def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, base=None) -> dict:
-    """The four checks on `model`; with `base` (a model with the same tokenizer) also on it, and the verdict."""
-    from meraser.evaluation.fsr import fsr
-
+def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, base=None,
+                 base_result: dict | None = None) -> dict:
+    """The four checks on `model`. With the base model (`base`, same tokenizer) or its earlier result
+    (`base_result`, e.g. the experiment's base row), also where each check stands against it, and the verdict."""
     cfg = cfg or StrictConfig()
-    base_greedy = None
     if base is not None:
-        base_greedy = [p["output"] for p in fsr(base, tokenizer, card, false_positive_inputs=0)["per_trigger"]]
-    out = _checks(model, tokenizer, card, cfg, base_greedy)
-    if base is None:
+        base_result = strict_check(base, tokenizer, card, cfg)
+    out = _checks(model, tokenizer, card, cfg, base_result["greedy"] if base_result else None)
+    if base_result is None:
         return out
-    ref = _checks(base, tokenizer, card, cfg, base_greedy)
-    at_base = {k: out[k] <= ref[k] for k in ("paper_fsr", "forced", "sampled", "partial")}
-    at_base["loglik"] = out["loglik"] <= ref["loglik"] + cfg.loglik_margin
-    return {**out, "base": {k: v for k, v in ref.items() if k not in ("per_trigger", "greedy")},
+    at_base = {k: out[k] <= base_result[k] for k in ("paper_fsr", "forced", "sampled", "partial")}
+    at_base["loglik"] = out["loglik"] <= base_result["loglik"] + cfg.loglik_margin
+    return {**out, "base": {k: base_result[k] for k in ("paper_fsr", "forced", "sampled", "partial", "loglik")},
             "at_base_level": at_base, "erased_strict": all(at_base.values())}
+
+
+def probe(model, tokenizer, card: Card, cfg: StrictConfig | None = None) -> dict:
+    """The cheap strict checks for per-epoch curves: forced prefix and target log-likelihood."""
+    cfg = cfg or StrictConfig()
+    forced = forced_prefix(model, tokenizer, card, cfg.prefix_fraction)
+    loglik = target_loglik(model, tokenizer, card)
+    return {"forced": sum(forced) / len(forced), "loglik": round(sum(loglik) / len(loglik), 4)}
 
 
 def strict_verify(model: str, card, base: str | None = None, *, cfg: StrictConfig | None = None,
