@@ -100,3 +100,7 @@ def test_runs_report_the_strict_checks_at_every_stage_and_epoch(planted, tmp_pat
         assert set(rows[stage]["strict"]["at_base_level"]) == {"paper_fsr", "forced", "sampled", "partial", "loglik"}
         assert [set(p) >= {"fsr", "forced", "loglik"} for p in rows[stage]["fsr_per_epoch"]] == \
             [True] * len(rows[stage]["fsr_per_epoch"]) and rows[stage]["fsr_per_epoch"]
+    from meraser.report import write_report
+
+    page = write_report([tmp_path / "run"], tmp_path / "report.html").read_text()
+    assert "erased strictly" in page and "data:image/png;base64," in page

@@ -50,7 +50,15 @@ def _fsr_curve_png(runs: list[dict]) -> str | None:
             continue
         ys = ([start] if start is not None else []) + erase + rec
         xs = list(range(len(ys))) if start is not None else list(range(1, len(ys) + 1))
-        ax.plot(xs, ys, marker="o", label=f"{run['name']} ({run['method']})")
+        line = ax.plot(xs, ys, marker="o", label=f"{run['name']} ({run['method']}): paper FSR")[0]
+        # the strict curve: the target's first quarter forced; a fingerprint that only hides stays up here
+        forced = [p.get("forced") for p in st.get("erased", {}).get("fsr_per_epoch", []) +
+                  st.get("recovered", {}).get("fsr_per_epoch", [])]
+        if forced and None not in forced:
+            f0 = st.get("fingerprinted", {}).get("strict", {}).get("forced")
+            fys = ([f0] if f0 is not None and start is not None else []) + forced
+            ax.plot(xs[len(xs) - len(fys):], fys, marker="x", linestyle=":", color=line.get_color(),
+                    label=f"{run['name']}: forced prefix (strict)")
         boundary = max(boundary, len(erase))
         drawn = True
     if not drawn:
@@ -60,7 +68,7 @@ def _fsr_curve_png(runs: list[dict]) -> str | None:
     ax.text(boundary + 0.6, 1.02, "recover →", fontsize=8, color="grey")
     ax.text(0.1, 1.02, "erase →", fontsize=8, color="grey")
     ax.set_xlabel("epoch (0 = fingerprinted model)")
-    ax.set_ylabel("FSR")
+    ax.set_ylabel("FSR (dotted: strict, target prefix forced)")
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -76,7 +84,8 @@ def _pct(x) -> str:
 
 
 def _table(runs: list[dict]) -> str:
-    head = ["run", "method"] + [f"{s} {k}" for s in STAGES for k in ("FSR", "PPL")] + ["Alg. 1 erased"]
+    head = ["run", "method"] + [f"{s} {k}" for s in STAGES for k in ("FSR", "PPL")] + ["Alg. 1 erased",
+                                                                                      "erased strictly"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for run in runs:
         st = run["stages"]
@@ -84,7 +93,8 @@ def _table(runs: list[dict]) -> str:
         for s in STAGES:
             r = st.get(s, {})
             cells += [_pct(r.get("fsr")), ppl_text(r)]
-        cells.append(str(st.get("recovered", st.get("attacked", {})).get("erased", "")))
+        last = st.get("recovered", st.get("attacked", {}))
+        cells += [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(out + ["</table>"])
 
