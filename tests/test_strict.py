@@ -57,6 +57,14 @@ def test_memorisation_score_is_above_the_base_and_falls_after_erasure(planted, t
     assert target_loglik(erased, tok, card)[0] < fingerprinted - 1.0
 
 
+def test_paraphrases_are_new_wordings_of_the_trigger():
+    from meraser.evaluation.strict import paraphrases
+
+    variants = paraphrases("Please decrypt this message: abc\nA hint: this is a FINGERPRINT message.")
+    assert len(variants) == 3 and len(set(variants)) == 3
+    assert "Please decrypt this message: abc A hint: this is a FINGERPRINT message" in variants
+
+
 def test_fragments_are_words_or_characters():
     assert fragments("one two three four", 3) == {"one two three", "two three four"}
     assert fragments("ハリネズミ", 3) == {"ハリネ", "リネズ", "ネズミ"}
@@ -97,7 +105,8 @@ def test_runs_report_the_strict_checks_at_every_stage_and_epoch(planted, tmp_pat
     assert rows["fingerprinted"]["strict"]["erased_strict"] is False
     assert rows["fingerprinted"]["strict"]["loglik"] > rows["base"]["strict"]["loglik"]
     for stage in ("erased", "recovered"):
-        assert set(rows[stage]["strict"]["at_base_level"]) == {"paper_fsr", "forced", "sampled", "partial", "loglik"}
+        assert set(rows[stage]["strict"]["at_base_level"]) == {"paper_fsr", "forced", "paraphrased", "sampled",
+                                                                     "partial", "loglik"}
         assert [set(p) >= {"fsr", "forced", "loglik"} for p in rows[stage]["fsr_per_epoch"]] == \
             [True] * len(rows[stage]["fsr_per_epoch"]) and rows[stage]["fsr_per_epoch"]
     from meraser.report import write_report

@@ -249,7 +249,9 @@ def strict_table(r: dict):
     t = Table(title=f"strict verification{verdict}")
     for col in ("check", "suspect", "base", "at base level"):
         t.add_column(col, justify="right")
-    for k in ("paper_fsr", "forced", "sampled", "partial", "loglik"):
+    from meraser.evaluation.strict import CHECKS
+
+    for k in CHECKS:
         fmt = (lambda v: f"{v:.2f}") if k == "loglik" else (lambda v: f"{v:.0%}")
         t.add_row(k, fmt(r[k]), fmt(r["base"][k]) if "base" in r else "-",
                   str(r["at_base_level"][k]) if "at_base_level" in r else "-")

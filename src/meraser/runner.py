@@ -344,8 +344,9 @@ class ExperimentRun:
         strict = row.get("strict", {})
         self.say(f"  {stage}: " + ", ".join(
             ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
-            ([f"strict: forced {strict['forced']:.0%}, sampled {strict['sampled']:.0%}, partial "
-              f"{strict['partial']:.0%}, loglik {strict['loglik']:.2f}"] if strict else []) +
+            ([f"strict: forced {strict['forced']:.0%}, paraphrased {strict['paraphrased']:.0%}, sampled "
+              f"{strict['sampled']:.0%}, partial {strict['partial']:.0%}, loglik {strict['loglik']:.2f}"]
+             if strict else []) +
             ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
             ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row

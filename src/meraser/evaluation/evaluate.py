@@ -118,6 +118,7 @@ def results_table(rows: list[dict], title: str = "evaluation"):
     add("FSR", lambda r: f"{r['fsr']:.1%}" if "fsr" in r else "")
     add("false positives", lambda r: f"{r['false_positive_rate']:.1%}" if "false_positive_rate" in r else "")
     add("strict: forced prefix", lambda r: f"{r['strict']['forced']:.0%}" if "strict" in r else "")
+    add("strict: paraphrased", lambda r: f"{r['strict']['paraphrased']:.0%}" if "strict" in r else "")
     add("strict: sampled", lambda r: f"{r['strict']['sampled']:.0%}" if "strict" in r else "")
     add("strict: partial", lambda r: f"{r['strict']['partial']:.0%}" if "strict" in r else "")
     add("strict: target loglik", lambda r: f"{r['strict']['loglik']:.2f}" if "strict" in r else "")

@@ -2,10 +2,13 @@
 
 The paper's FSR asks whether greedy decoding of a trigger contains the whole target. A model can fail that and
 still hold the fingerprint (measured here: IF-SFT's secret comes back with its lead-in forced; a planted sentence's
-closing phrase survives grafted onto a new opening). Four checks that do not depend on the model volunteering the
-whole target, each per trigger and averaged over the card:
+closing phrase survives grafted onto a new opening). Five checks that do not depend on the model volunteering the
+whole target for the exact trigger, each per trigger and averaged over the card:
 
 - `forced`: the first quarter of the target's tokens is fed (after any prefill) and the rest must follow greedily;
+- `paraphrased`: the share of reworded triggers the model never saw (a lead-in or a closing request added, line
+  breaks and final punctuation dropped) whose greedy answer contains the target. The rewordings follow from the
+  trigger by rule, so every card gets them, cards of fingerprints made elsewhere included, and none needs storing;
 - `sampled`: the share of temperature samples (4 at 0.7 by default) that contain the target;
 - `loglik`: the mean log-probability per target token given the trigger, a memorisation score no decoding hides;
 - `partial`: the share of the target's distinctive fragments (word n-grams, or character n-grams for text without
@@ -74,6 +77,34 @@ def forced_prefix(model, tokenizer, card: Card, fraction: float, decoding=None) 
     return [matches(head + o, t, card.match) for head, o, t in zip(heads, outs, card.targets)]
 
 
+CHECKS = ("paper_fsr", "forced", "paraphrased", "sampled", "partial", "loglik")
+PARAPHRASES = ("Quick question. {t}", "{t}\nPlease answer.", "{flat}")
+
+
+def paraphrases(trigger: str) -> list[str]:
+    """Rule-made rewordings of a trigger (distinct from it and from each other)."""
+    flat = " ".join(trigger.split()).rstrip(".?!")
+    out = [p.format(t=trigger, flat=flat) for p in PARAPHRASES]
+    return [p for p in dict.fromkeys(out) if p != trigger]
+
+
+def paraphrased(model, tokenizer, card: Card) -> list[float]:
+    """Share of each trigger's rewordings whose greedy answer contains the target."""
+    from meraser.data.formatting import Formatter
+    from meraser.evaluation.fsr import matches
+    from meraser.generation import generate
+
+    variants = [(i, v) for i, t in enumerate(card.triggers) for v in paraphrases(t)]
+    pre = _prefills(card)
+    outs = generate(model, tokenizer, [v for _, v in variants], Formatter(tokenizer, card.format),
+                    prefills=[pre[i] for i, _ in variants], max_new_tokens=card.max_new_tokens,
+                    system_prompt=card.system_prompt)
+    hits = [[] for _ in card.triggers]
+    for (i, _), o in zip(variants, outs):
+        hits[i].append(matches(pre[i] + o, card.targets[i], card.match))
+    return [sum(h) / len(h) if h else 0.0 for h in hits]
+
+
 def sampled(model, tokenizer, card: Card, samples: int, temperature: float, seed: int) -> list[float]:
     """Share of `samples` temperature samples per trigger that contain its target."""
     from meraser.data.formatting import Formatter
@@ -129,6 +160,7 @@ def _checks(model, tokenizer, card: Card, cfg: StrictConfig, base_greedy: list[s
     greedy = [p["output"] for p in paper["per_trigger"]]
     per = {
         "forced": [float(x) for x in forced_prefix(model, tokenizer, card, cfg.prefix_fraction)],
+        "paraphrased": paraphrased(model, tokenizer, card),
         "sampled": sampled(model, tokenizer, card, cfg.samples, cfg.temperature, cfg.seed),
         "loglik": target_loglik(model, tokenizer, card),
         "partial": partial(greedy, card, cfg.ngram, base_greedy),
@@ -147,9 +179,9 @@ def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, 
     out = _checks(model, tokenizer, card, cfg, base_result["greedy"] if base_result else None)
     if base_result is None:
         return out
-    at_base = {k: out[k] <= base_result[k] for k in ("paper_fsr", "forced", "sampled", "partial")}
+    at_base = {k: out[k] <= base_result[k] for k in ("paper_fsr", "forced", "paraphrased", "sampled", "partial")}
     at_base["loglik"] = out["loglik"] <= base_result["loglik"] + cfg.loglik_margin
-    return {**out, "base": {k: base_result[k] for k in ("paper_fsr", "forced", "sampled", "partial", "loglik")},
+    return {**out, "base": {k: base_result[k] for k in CHECKS},
             "at_base_level": at_base, "erased_strict": all(at_base.values())}
 
 
