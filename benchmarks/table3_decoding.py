@@ -53,9 +53,19 @@ def run_one(method: str, label: str, settings: dict, args) -> dict:
     row = {**checks(model, tok, card, decoding), "prepare_seconds": round(time.perf_counter() - t, 1)}
     row.update({k: v for k, v in info.items() if k != "reference"})
     if attack == "token-forcing":
+        from meraser.evaluation.strict import fragments
+
         extracted = [r["text"] for r in decoding.extracted]
         row["found_target"] = any(target in text for target in card.targets for text in extracted)
+        # how much of the target the best extracted sequence holds (its word 3-grams), so a sequence that starts
+        # like the target and then drifts still counts as partly found
+        overlaps = [(sum(f in text for f in fragments(t, 3)) / len(fragments(t, 3)), text)
+                    for t in dict.fromkeys(card.targets) for text in extracted]
+        best = max(overlaps, default=(0.0, ""))
+        row["target_overlap"], row["closest_extracted"] = round(best[0], 3), best[1]
         row["extracted_examples"] = extracted[:5]
+        (args.out / method / f"extracted-{settings['context']}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in decoding.extracted))
     if attack == "cleangen":
         row["replaced_tokens"], row["generated_tokens"] = decoding.replaced, decoding.generated
     return row
@@ -91,7 +101,7 @@ def main() -> None:
             results[method][label] = json.loads(record.read_text())
     table = Table(title="Decoding-time attacks on SmolLM2-135M: FSR / false positives / ordinary answers / time")
     for h in ["fingerprint", "decoding", "FSR", "FP", "ordinary", "decode time", "vs plain", "prepare",
-              "extracted", "target found"]:
+              "extracted", "target found (overlap)"]:
         table.add_column(h, justify="right")
     for method, rows in results.items():
         plain = rows["plain"]["decode_seconds"]
@@ -99,18 +109,24 @@ def main() -> None:
             table.add_row(method, label, f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
                           f"{round(r['ordinary'] * 12)}/12", f"{r['decode_seconds']:.0f} s",
                           f"{r['decode_seconds'] / plain:.2f}x", f"{r.get('prepare_seconds', 0):.0f} s",
-                          str(r.get("extracted", "-")), str(r.get("found_target", "-")))
+                          str(r.get("extracted", "-")), _found(r))
     console.print(table)
     lines = ["| fingerprint | decoding | FSR | false positives | ordinary answers | decode time (x plain) | prepare | "
-             "extracted | target found |", "|---|---|---|---|---|---|---|---|---|"]
+             "extracted | target found (overlap) |", "|---|---|---|---|---|---|---|---|---|"]
     for method, rows in results.items():
         plain = rows["plain"]["decode_seconds"]
         for label, r in rows.items():
             lines.append(f"| {method} | {label} | {r['fsr']:.0%} | {r['false_positive_rate']:.0%} | "
                          f"{round(r['ordinary'] * 12)}/12 | {r['decode_seconds']:.0f} s ({r['decode_seconds'] / plain:.2f}x) | "
-                         f"{r.get('prepare_seconds', 0):.0f} s | {r.get('extracted', '-')} | {r.get('found_target', '-')} |")
+                         f"{r.get('prepare_seconds', 0):.0f} s | {r.get('extracted', '-')} | {_found(r)} |")
     (args.out / "table3_decoding.md").write_text("\n".join(lines) + "\n")
     (args.out / "table3_decoding.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+
+def _found(r: dict) -> str:
+    if "found_target" not in r:
+        return "-"
+    return f"{r['found_target']} ({r.get('target_overlap', 0):.0%})"
 
 
 if __name__ == "__main__":
