@@ -204,6 +204,9 @@ def verify(
                                          "token-forcing)", show_default="plain greedy decoding"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set reference=smollm2-135m; "
                                              "repeat", show_default="the attack's defaults"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="a model known not to carry the fingerprint "
+                                            "(e.g. the base): gives the ownership p-value",
+                                            show_default="no p-value"),
     strict: bool = typer.Option(False, "--strict", help="also the strict checks: forced target prefix, sampling, "
                                 "target log-likelihood, partial match (evaluation/strict.py)"),
     base: Optional[str] = typer.Option(None, "--base", help="with --strict: the clean base model the checks are "
@@ -229,7 +232,7 @@ def verify(
         _console().print(strict_table(r))
         return
     r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
-            attack_settings=_parse_sets(set_), progress=not json_out)
+            attack_settings=_parse_sets(set_), progress=not json_out, reference=reference)
     if json_out:
         print(json.dumps(r, indent=2, ensure_ascii=False))
         return
@@ -240,6 +243,13 @@ def verify(
     for row in r["per_trigger"]:
         t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
     _console().print(t)
+    own = r["ownership"]
+    if own["p_value"] is None:
+        _console().print(f"ownership p-value: unavailable ({own['why']})")
+    else:
+        _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {own['p_value']:.3g} "
+                         f"against {own['reference']} (chance expects {own['expected_matches_by_chance']:.2g}); "
+                         f"{'claim' if own['claim'] else 'no claim'} at level {own['level']:g}")
 
 
 def strict_table(r: dict):

@@ -93,13 +93,19 @@ def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | 
 
 
 def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, false_positive_inputs: int = 32,
-           attack: str | None = None, attack_settings: dict | None = None, progress: bool = False) -> dict:
+           attack: str | None = None, attack_settings: dict | None = None, progress: bool = False,
+           reference: str | None = None) -> dict:
     """FSR, false-positive rate and per-trigger outputs of any model folder/id given a card; with `attack`, decoded
-    under that decoding-time attack (attacks/decoding.py)."""
+    under that decoding-time attack (attacks/decoding.py); with `reference` (a model known not to carry the
+    fingerprint, e.g. the base), the ownership p-value (evaluation/ownership.py), else it is reported unavailable."""
     from meraser.evaluation.fsr import fsr
     from meraser.models import load_model
 
     c = Card.load(card)
+    if reference:
+        from meraser.models import check_model_spec
+
+        check_model_spec(reference, "--reference")
     prepared = None
     if attack:  # the attack and its settings are checked before the model loads
         from meraser.attacks.base import prepare_decoding
@@ -111,7 +117,20 @@ def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, fal
         a, cfg, ctx = prepared
         decoding, info = a.decoding(m, tok, cfg, ctx), ctx.info
     res = fsr(m, tok, c, false_positive_inputs=false_positive_inputs, decoding=decoding)
+    res["ownership"] = _ownership(res, c, tok, reference, trust_remote_code)
     return {"model": model, "method": c.method, **({"attack": attack, **info} if attack else {}), **res}
+
+
+def _ownership(res: dict, card: Card, tokenizer, reference: str | None, trust_remote_code: bool) -> dict:
+    if not reference:
+        return {"p_value": None, "why": "no reference model given (--reference): a p-value needs the chance that "
+                                        "an unmarked model matches each key"}
+    from meraser.evaluation.ownership import ownership, target_logprobs
+    from meraser.models import load_model
+
+    ref, _ = load_model(reference, trust_remote_code=trust_remote_code)
+    return {"reference": reference,
+            **ownership([p["match"] for p in res["per_trigger"]], target_logprobs(ref, tokenizer, card))}
 
 
 def model_dir(path: str | Path) -> str:
