@@ -99,9 +99,11 @@ def main() -> None:
                 console.print(f"{method} / {label}: " + json.dumps({k: v for k, v in row.items()
                                                                      if k not in ("outputs", "extracted_examples")}))
             results[method][label] = json.loads(record.read_text())
+            if "context" in settings:
+                results[method][label]["longest_shared"] = longest_shared(args.out / method, settings["context"])
     table = Table(title="Decoding-time attacks on SmolLM2-135M: FSR / false positives / ordinary answers / time")
     for h in ["fingerprint", "decoding", "FSR", "FP", "ordinary", "decode time", "vs plain", "prepare",
-              "extracted", "target found (overlap)"]:
+              "extracted", "of the target, found"]:
         table.add_column(h, justify="right")
     for method, rows in results.items():
         plain = rows["plain"]["decode_seconds"]
@@ -112,7 +114,7 @@ def main() -> None:
                           str(r.get("extracted", "-")), _found(r))
     console.print(table)
     lines = ["| fingerprint | decoding | FSR | false positives | ordinary answers | decode time (x plain) | prepare | "
-             "extracted | target found (overlap) |", "|---|---|---|---|---|---|---|---|---|"]
+             "extracted | of the target, found |", "|---|---|---|---|---|---|---|---|---|"]
     for method, rows in results.items():
         plain = rows["plain"]["decode_seconds"]
         for label, r in rows.items():
@@ -126,7 +128,30 @@ def main() -> None:
 def _found(r: dict) -> str:
     if "found_target" not in r:
         return "-"
-    return f"{r['found_target']} ({r.get('target_overlap', 0):.0%})"
+    if r["found_target"]:
+        return "whole target"
+    shared = r.get("longest_shared", "")
+    return f"'{shared.strip()}'" if len(shared.strip()) >= 3 else "no"
+
+
+def longest_shared(folder: Path, context: str) -> str:
+    """The longest piece of a target that one extracted sequence contains (a secret word inside a longer target
+    counts: IF-SFT's ハリネズミ), from the saved extracted sequences."""
+    from difflib import SequenceMatcher
+
+    from meraser.fingerprints.card import Card
+
+    path = folder / f"extracted-{context}.jsonl"
+    if not path.is_file():
+        return ""
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    best = ""
+    for target in dict.fromkeys(Card.load(folder / "fingerprinted").targets):
+        for text in texts:
+            m = SequenceMatcher(None, target, text, autojunk=False).find_longest_match(0, len(target), 0, len(text))
+            if m.size > len(best):
+                best = target[m.a:m.a + m.size]
+    return best
 
 
 if __name__ == "__main__":
