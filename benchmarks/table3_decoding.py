@@ -135,10 +135,8 @@ def _found(r: dict) -> str:
 
 
 def longest_shared(folder: Path, context: str) -> str:
-    """The longest piece of a target that one extracted sequence contains (a secret word inside a longer target
-    counts: IF-SFT's ハリネズミ), from the saved extracted sequences."""
-    from difflib import SequenceMatcher
-
+    """The longest run of whole words of a target that one extracted sequence contains (IF-SFT's secret word
+    ハリネズミ inside its longer target counts), from the saved extracted sequences."""
     from meraser.fingerprints.card import Card
 
     path = folder / f"extracted-{context}.jsonl"
@@ -147,10 +145,12 @@ def longest_shared(folder: Path, context: str) -> str:
     texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
     best = ""
     for target in dict.fromkeys(Card.load(folder / "fingerprinted").targets):
-        for text in texts:
-            m = SequenceMatcher(None, target, text, autojunk=False).find_longest_match(0, len(target), 0, len(text))
-            if m.size > len(best):
-                best = target[m.a:m.a + m.size]
+        words = target.split()
+        spans = {" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1)}
+        for span in sorted(spans, key=len, reverse=True):
+            if len(span) > len(best) and any(span in text for text in texts):
+                best = span
+                break
     return best
 
 
