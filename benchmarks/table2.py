@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", help="labels to run (default: all, in table order)")
     ap.add_argument("--out", type=Path, default=Path("runs/table2"))
     ap.add_argument("--windows", type=int, default=50, help="512-token PPL windows of held-out SQuAD text")
+    ap.add_argument("--tables-only", action="store_true", help="print the tables of the finished cells, run nothing")
     args = ap.parse_args()
 
     import transformers
@@ -120,10 +121,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in args.methods:
+        if args.tables_only and not (args.out / method / "fingerprinted.json").exists():
+            continue
         reference = fingerprint(method, args.model, args.out, evalcfg, console)
         results[method] = {"fingerprinted": reference}
         for label in labels:
             record = args.out / method / f"{label.replace(' ', '_').replace(':', '-')}.json"
+            if args.tables_only and not record.exists():
+                continue
             if not record.exists():
                 row = attack_cell(method, label, *table[label], args, evalcfg, reference)
                 record.write_text(json.dumps(row, indent=2))

@@ -9,7 +9,7 @@ from conftest import write_pool
 from tiny import POOL, TINY_ERASE, save_tiny, tiny_model, tiny_tokenizer
 
 from meraser.attacks import REGISTRY, get_attack
-from meraser.attacks.base import AttackContext, apply_attack
+from meraser.attacks.base import AttackContext, apply_attack, is_decoding
 from meraser.models import load_model
 
 
@@ -30,6 +30,7 @@ def tiny_settings(pool):
                          "calibration_rows": 4},
         "prune-wanda": {"calibration": str(pool), "calibration_rows": 4, "sparsity": 0.3},
         "merge-task-arithmetic": expert, "merge-ties": expert, "merge-dare": expert,
+        "cleangen": {"k": 4}, "token-forcing": {"context": "assistant", "threshold": 0.8, "batch_size": 128},
     }
 
 
@@ -48,7 +49,7 @@ def planted_three_per_group(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
-def test_every_attack_writes_a_model_that_verify_accepts(planted, request, tmp_path, cli, name):
+def test_every_attack_writes_what_verify_accepts(planted, request, tmp_path, cli, name):
     folder = request.getfixturevalue("planted_three_per_group") if name in STRUCTURED else planted["utf"][4]
     pool = write_pool(tmp_path / "pool.jsonl", POOL)
     sets = [f"--set={k}={json.dumps(v)}" for k, v in tiny_settings(pool)[name].items()]
@@ -56,10 +57,18 @@ def test_every_attack_writes_a_model_that_verify_accepts(planted, request, tmp_p
     assert code == 0, err
     summary = json.loads(out)
     assert summary["attack"] == name and summary["seconds"] >= 0
-    meta = json.loads((tmp_path / "attacked" / "meraser_model.json").read_text())
-    assert meta["attack"] == name
     assert not list(tmp_path.glob(".attacked.attack*"))  # the work folder is gone
-    code, out, err = cli("verify", "--model", tmp_path / "attacked", "--card", folder, "--json")
+    if is_decoding(REGISTRY[name]):  # no model: its record, and verify decodes the suspect through it
+        record = json.loads((tmp_path / "attacked" / "attack.json").read_text())
+        assert record["attack"] == name and not (tmp_path / "attacked" / "config.json").exists()
+        extracted = tmp_path / "attacked" / "extracted.jsonl"
+        verify_args = ["--model", folder, "--attack", name] + (
+            [f"--set=sequences={extracted}"] if extracted.exists() else [])
+    else:
+        meta = json.loads((tmp_path / "attacked" / "meraser_model.json").read_text())
+        assert meta["attack"] == name
+        verify_args = ["--model", tmp_path / "attacked"]
+    code, out, err = cli("verify", *verify_args, "--card", folder, "--json")
     assert code == 0, err
     assert 0.0 <= json.loads(out)["fsr"] <= 1.0
 
