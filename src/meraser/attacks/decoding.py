@@ -74,15 +74,20 @@ class CleanGenDecoding(Decoding):
         out = [[] for _ in range(ids.shape[0])]
         stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         while not bool(stopped.all()):
+            carried = state.carry is not None and state.carry[1]  # rows whose window opens with a replacement
             window, p_suspect, valid = state.suspect_window(self.k, stopped, pad_id, eos_id)
             p_ref, ref_top = state.reference_window(window, valid)
-            suspicious = valid & (p_suspect >= self.alpha * p_ref)  # = ratio >= alpha, without dividing by 0
+            checked = valid.clone()
+            if carried is not False:
+                checked[:, 0] &= ~carried  # the reference's own token is not checked against itself
+            suspicious = checked & (p_suspect >= self.alpha * p_ref)  # = ratio >= alpha, without dividing by 0
             first = torch.where(suspicious.any(1), suspicious.float().argmax(1), torch.full_like(stopped, self.k,
                                                                                                 dtype=torch.long))
             replacement = ref_top.gather(1, first.clamp(max=self.k - 1)[:, None])[:, 0]
             for row in range(len(out)):
                 j = int(first[row])
-                kept = [int(t) for t, v in zip(window[row, :j], valid[row, :j]) if v]
+                skip = 1 if carried is not False and bool(carried[row]) else 0  # already in the output
+                kept = [int(t) for t, v in zip(window[row, skip:j], valid[row, skip:j]) if v]
                 if j < self.k:  # cut at the first suspicious token and put in the reference's choice
                     kept.append(int(replacement[row]))
                     self.replaced += 1
@@ -129,6 +134,9 @@ class _Pair:
             self.last.append(o.logits[:, -1].float())
         self.pending = None  # the window just decoded (fed to the suspect, not yet to the reference)
         self.ref_logits = None
+        # (tokens, rows): the reference's replacements, fed as the first token of the next window rather than in
+        # a forward pass of their own (saves two passes per window with a replacement)
+        self.carry = None
         self._torch = torch
 
     def _feed(self, which: int, tokens, keep):
@@ -147,6 +155,8 @@ class _Pair:
         done = stopped.clone()
         for s in range(k):
             p, t = torch.softmax(self.last[0], -1).max(-1)
+            if s == 0 and self.carry is not None:
+                t = torch.where(self.carry[1], self.carry[0], t)
             t = torch.where(done, torch.full_like(t, pad_id), t)
             tokens.append(t)
             probs.append(p)
@@ -170,26 +180,17 @@ class _Pair:
         return probs.gather(2, window[:, :, None])[:, :, 0], before.argmax(-1)
 
     def accept(self, first, replacement, stopped):
-        """Keep each row's window up to `first` (all of it when first == k), then feed the replacements."""
+        """Keep each row's window up to `first` (all of it when first == k); a replacement is carried into the next
+        window, where it is fed at the cut's position."""
         torch = self._torch
         k = self.pending.shape[1]
         slots = self.mask.shape[1]
         cut = torch.arange(k, device=first.device)[None, :] >= first[:, None]
         self.mask[:, slots - k:] = self.mask[:, slots - k:] * (~cut).long()
-        accepted_all = first >= k
         self.pos = self.pos + torch.minimum(first, torch.full_like(first, k))
         self.last[1] = self.ref_logits[:, -1]
-        if bool(accepted_all.all()):
-            return
-        replaced = ~accepted_all & ~stopped  # stopped rows need nothing more
-        feed = torch.where(replaced, replacement, torch.zeros_like(replacement))[:, None]
-        self.mask = torch.cat([self.mask, replaced.long()[:, None]], 1)
-        for which in (0, 1):
-            positions = self.pos[:, None]
-            o = self.models[which](input_ids=feed, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                                   **{cache_kw(self.models[which]): self.caches[which]})
-            self.last[which] = torch.where(replaced[:, None], o.logits[:, -1].float(), self.last[which])
-        self.pos = self.pos + replaced.long()
+        replaced = (first < k) & ~stopped  # stopped rows need nothing more
+        self.carry = (replacement, replaced) if bool(replaced.any()) else None
 
 
 def check_same_tokenizer(tokenizer, other, where: str) -> None:
