@@ -108,26 +108,28 @@ def main() -> None:
     for h in ["fingerprint", "decoding", "FSR", "FP", "ordinary", "decode time", "vs plain", "prepare",
               "extracted", "of the target, found"]:
         table.add_column(h, justify="right")
-    results = {m: rows for m, rows in results.items() if "plain" in rows}
     for method, rows in results.items():
-        plain = rows["plain"]["decode_seconds"]
+        plain = rows.get("plain", {}).get("decode_seconds")
         for label, r in rows.items():
             table.add_row(method, label, f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
                           f"{round(r['ordinary'] * 12)}/12", f"{r['decode_seconds']:.0f} s",
-                          f"{r['decode_seconds'] / plain:.2f}x", f"{r.get('prepare_seconds', 0):.0f} s",
+                          _ratio(r, plain), f"{r.get('prepare_seconds', 0):.0f} s",
                           str(r.get("extracted", "-")), _found(r))
     console.print(table)
     lines = ["| fingerprint | decoding | FSR | false positives | ordinary answers | decode time (x plain) | prepare | "
              "extracted | of the target, found |", "|---|---|---|---|---|---|---|---|---|"]
-    results = {m: rows for m, rows in results.items() if "plain" in rows}
     for method, rows in results.items():
-        plain = rows["plain"]["decode_seconds"]
+        plain = rows.get("plain", {}).get("decode_seconds")
         for label, r in rows.items():
             lines.append(f"| {method} | {label} | {r['fsr']:.0%} | {r['false_positive_rate']:.0%} | "
-                         f"{round(r['ordinary'] * 12)}/12 | {r['decode_seconds']:.0f} s ({r['decode_seconds'] / plain:.2f}x) | "
+                         f"{round(r['ordinary'] * 12)}/12 | {r['decode_seconds']:.0f} s ({_ratio(r, plain)}) | "
                          f"{r.get('prepare_seconds', 0):.0f} s | {r.get('extracted', '-')} | {_found(r)} |")
     (args.out / "table3_decoding.md").write_text("\n".join(lines) + "\n")
     (args.out / "table3_decoding.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+
+def _ratio(r: dict, plain: float | None) -> str:
+    return f"{r['decode_seconds'] / plain:.2f}x" if plain else "- x plain"
 
 
 def _found(r: dict) -> str:
@@ -135,28 +137,26 @@ def _found(r: dict) -> str:
         return "-"
     if r["found_target"]:
         return "whole target"
-    shared = r.get("longest_shared", "")
-    return f"'{shared.strip()}'" if len(shared.strip()) >= 3 else "no"
+    return r.get("longest_shared") or "no"
 
 
 def longest_shared(folder: Path, context: str) -> str:
-    """The longest run of whole words of a target that one extracted sequence contains (IF-SFT's secret word
-    ハリネズミ inside its longer target counts), from the saved extracted sequences."""
+    """The runs of a target's whole words (4 characters or more, none inside another) that extracted sequences
+    contain, e.g. IF-SFT's secret word ハリネズミ inside its longer target; from the saved extracted sequences."""
     from meraser.fingerprints.card import Card
 
     path = folder / f"extracted-{context}.jsonl"
     if not path.is_file():
         return ""
     texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    best = ""
+    found: list[str] = []
     for target in dict.fromkeys(Card.load(folder / "fingerprinted").targets):
         words = target.split()
         spans = {" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1)}
-        for span in sorted(spans, key=len, reverse=True):
-            if len(span) > len(best) and any(span in text for text in texts):
-                best = span
-                break
-    return best
+        for span in sorted(spans, key=lambda x: (-len(x), x)):
+            if len(span) >= 4 and not any(span in f for f in found) and any(span in text for text in texts):
+                found.append(span)
+    return ", ".join(f"'{f}'" for f in found)
 
 
 if __name__ == "__main__":
