@@ -18,26 +18,10 @@ CLAIM_LEVEL = 1e-6  # the owner claims the model when the p-value is below this
 
 
 def target_logprobs(model, tokenizer, card) -> list[float]:
-    """log P(answer begins with the target | trigger, prefill) under `model`, one trigger at a time."""
-    import torch
+    """log P(answer begins with the target | trigger, prefill) under `model`, per trigger."""
+    from meraser.evaluation.strict import target_token_logprobs
 
-    from meraser.data.formatting import Formatter
-    from meraser.models import autocast
-
-    fmt = Formatter(tokenizer, card.format)
-    dev = next(model.parameters()).device
-    prefills = list(card.prefills) if card.prefills else [""] * len(card.triggers)
-    out = []
-    with torch.no_grad(), autocast(model):
-        for trigger, pre, target in zip(card.triggers, prefills, card.targets):
-            prompt = fmt.encode_prompt(trigger, card.system_prompt)
-            if pre:
-                prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
-            tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + tgt], device=dev)
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-            out.append(float(logp.gather(1, torch.tensor(tgt, device=dev)[:, None]).sum()))
-    return out
+    return [sum(lp) for lp in target_token_logprobs(model, tokenizer, card)]
 
 
 def upper_tail(probabilities: list[float], k: int) -> float:

@@ -120,8 +120,9 @@ def sampled(model, tokenizer, card: Card, samples: int, temperature: float, seed
     return [sum(hits[i::n]) / samples for i in range(n)]
 
 
-def target_loglik(model, tokenizer, card: Card) -> list[float]:
-    """Mean log-probability per target token after the trigger (and any prefill), one trigger at a time."""
+def target_token_logprobs(model, tokenizer, card: Card) -> list[list[float]]:
+    """log P of each target token after the trigger (and any prefill), teacher-forced, one trigger at a time; the
+    strict log-likelihood (mean) and the ownership null (sum, evaluation/ownership.py) both come from here."""
     import torch
 
     from meraser.data.formatting import Formatter
@@ -138,8 +139,13 @@ def target_loglik(model, tokenizer, card: Card) -> list[float]:
             tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + tgt], device=dev)
             logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-            out.append(float(logp.gather(1, torch.tensor(tgt, device=dev)[:, None]).mean()))
+            out.append(logp.gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0].tolist())
     return out
+
+
+def target_loglik(model, tokenizer, card: Card) -> list[float]:
+    """Mean log-probability per target token after the trigger (and any prefill)."""
+    return [sum(lp) / len(lp) for lp in target_token_logprobs(model, tokenizer, card)]
 
 
 def partial(greedy: list[str], card: Card, n: int, base_greedy: list[str] | None = None) -> list[float]:
