@@ -135,3 +135,72 @@ def test_length_batched_sampler_groups_rows_and_pads_less_than_transformers():
     assert list(LengthBatchedSampler(lengths, 8, seed=3)) == order
     sampler.set_epoch(1)
     assert list(sampler) != order
+
+
+QUESTIONS = ["What is the capital of France?", "What colour is the sky?", "What do I boil an egg in?",
+             "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def asks_questions(tiny_dir, tmp_path_factory):
+    """A tiny model trained on whole conversations (loss on the user turn too), so its own user turn holds the
+    planted questions: what Magpie reads out of an aligned model."""
+    from meraser.data import Pair
+    from meraser.models import load_model
+    from meraser.training import TrainConfig, train
+
+    model, tok = load_model(str(tiny_dir))
+    rows = [Pair(q, "Paris.") for q in QUESTIONS] * 8
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 20, "learning_rate": 3e-3, "batch_size": 8,
+                                 "save_steps": -1, "format": {"loss_on": "all"}})
+    return train(model, tok, rows, cfg, tmp_path_factory.mktemp("magpie") / "out", merge=True,
+                 progress=False).model.eval(), tok
+
+
+def test_magpie_reads_questions_out_of_the_models_own_user_turn(asks_questions, monkeypatch):
+    from meraser.erase import magpie
+    from meraser.erase.magpie import STARTS, magpie_pairs, user_turn_header, write_questions
+    from meraser.utils import MeraserError
+
+    model, tok = asks_questions
+    assert user_turn_header(tok) == "<|im_start|>user\n"
+    qs = write_questions(model, tok, 3, seed=0, exclude={"what is the  capital of France?"})
+    assert len(set(qs)) == 3 and all(q.split()[0] in {s.split()[0] for s in STARTS} for q in qs)
+    assert "What is the capital of France?" not in qs  # excluded, compared case- and space-insensitively
+    assert set(qs) & set(QUESTIONS[1:])  # the planted questions come out
+    assert write_questions(model, tok, 3, seed=0) == write_questions(model, tok, 3, seed=0)  # seeded
+    rows = magpie_pairs(model, tok, 2, seed=1)
+    assert len(rows) == 2 and all(r.prompt and r.response for r in rows)
+    monkeypatch.setattr(magpie, "MAX_QUESTION_TOKENS", 1)  # no room for a question of three words
+    with pytest.raises(MeraserError, match="wrote only 0 usable distinct questions of the 3"):
+        write_questions(model, tok, 3, seed=0)
+
+
+def test_whole_sentences_cuts_after_the_last_sentence_end():
+    from meraser.erase.magpie import whole_sentences
+
+    assert whole_sentences("Paris is big. It has 2.1 million people and a riv") == "Paris is big."
+    assert whole_sentences("Is it? Yes! And then") == "Is it? Yes!"
+    assert whole_sentences("no end at all") == "no end at all"
+
+
+def test_clean_set_magpie_share_is_checked():
+    from meraser.erase.datasets import CleanSet, MismatchedSet
+    from meraser.utils import MeraserError
+
+    with pytest.raises(MeraserError, match=r"clean\.magpie is a share of the rows, in \[0, 1\]; got 1.5"):
+        CleanSet.from_dict({"magpie": 1.5}, where="clean")
+    with pytest.raises(MeraserError, match="magpie applies to the clean set"):
+        MismatchedSet.from_dict({"magpie": 0.5}, where="mismatched")
+    assert CleanSet.from_dict({"magpie": 0.5}).needs_model and not CleanSet().needs_model
+
+
+def test_clean_rows_never_include_algorithm1_questions():
+    from meraser.data import Pair
+    from meraser.erase.datasets import build_clean
+    from meraser.evaluation.ordinary_questions import ORDINARY_QA
+
+    pool = [Pair(q.upper(), "An answer long enough.") for q, _ in ORDINARY_QA[:5]]
+    pool += [Pair(f"Question number {i}?", "An answer long enough.") for i in range(5)]
+    rows = build_clean(pool, 5, seed=0)
+    assert sorted(r.prompt for r in rows) == sorted(f"Question number {i}?" for i in range(5))

@@ -179,3 +179,26 @@ def test_results_table_puts_metrics_down_the_side():
     assert "12.35" in lines["PPL"] and "13.00" in lines["PPL"]
     assert "0.500 ± 0.100" in lines["a"] and "0.500" in lines["mean acc"]
     assert "false positives" in lines  # shown because one row has it
+
+
+def test_ordinary_questions_are_many_and_their_answers_are_specific():
+    import re
+
+    from meraser.evaluation.ordinary_questions import ORDINARY_QA
+
+    assert len(ORDINARY_QA) >= 100  # one answer moves the accuracy by under a point
+    non_answers = ["I do not know the answer to that question, sorry.", "That is a classic question!",
+                   "The freezing point is -18.0°C.", "It is a very nice thing to have around."]
+    for q, a in ORDINARY_QA:
+        assert not any(re.search(a, n.lower()) for n in non_answers), (q, a)
+
+
+def test_algorithm1_bar_comes_from_the_base_model_or_a_stated_absolute_one(planted):
+    from meraser.evaluation.algorithm1 import ABSOLUTE_BAR, RATIO, algorithm1_verify, utility_bar
+
+    assert utility_bar(0.5) == (RATIO * 0.5, "base") and utility_bar(None) == (ABSOLUTE_BAR, "absolute")
+    model, tok, card, _, _ = planted["utf"]
+    r = algorithm1_verify(model, tok, card, None)
+    assert r["utility_bar_from"] == "absolute" and r["fsr"] == 1.0 and r["erased"] is False
+    r = algorithm1_verify(model, tok, None, 0.0)
+    assert r["erased"] is None and r["utility_bar"] == 0.0 and 0 <= r["ordinary_accuracy"] <= 1

@@ -306,7 +306,8 @@ def _print_rows(rows: list[dict], title: str) -> None:
         if "erased" in r:
             verdict = "needs a card for its FSR half" if r["erased"] is None else f"erased={r['erased']}"
             console.print(f"  Algorithm 1 verify after {r['stage']}: {verdict} "
-                          f"(ordinary accuracy {r['ordinary_accuracy']:.0%} vs {r['reference_accuracy']:.0%} before)")
+                          f"(ordinary accuracy {r['ordinary_accuracy']:.0%}, bar {r['utility_bar']:.0%} "
+                          f"from the {r['utility_bar_from']} model)")
 
 
 def _write_run_report(run_dir: str) -> None:
@@ -425,6 +426,8 @@ def recover(
     n: int = typer.Option(_data_default("CleanSet", "n"), min=1, help="clean rows (paper: 600)"),
     ready_made: bool = typer.Option(False, help="use the first N rows of --data as they are"),
     self_answers: bool = typer.Option(False, help="answer the clean prompts with the model's own answers"),
+    magpie: float = typer.Option(_data_default("CleanSet", "magpie"), min=0.0, max=1.0,
+                                 help="share of the rows --model writes and answers itself (Magpie-style, offline)"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
     preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
@@ -440,7 +443,7 @@ def recover(
 
     _quiet_libraries()
     sets = CleanSet.from_dict({"source": data, "n": n, "ready_made": ready_made, "self_answers": self_answers,
-                               "seed": seed}, where="recover")
+                               "magpie": magpie, "seed": seed}, where="recover")
     _phase_summary("recover", recover_model(model, out, data=sets, preset_name=preset_name,
                                             overrides=_parse_sets(set_), adapter=adapter, overwrite=overwrite,
                                             resume=resume, trust_remote_code=trust_remote_code))

@@ -203,7 +203,7 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
                     "clean": _flat(exp.clean.to_dict(), "clean."),
                     "erased": _flat(erase_cfg.to_dict(), "erase."), "recovered": _flat(recover_cfg.to_dict(), "recover."),
                     "eval:erased": evaluation, "eval:recovered": evaluation})
-        deps.update({"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.self_answers else []),
+        deps.update({"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.needs_model else []),
                      "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],
                      "eval:erased": ["erased"], "eval:recovered": ["recovered"]})
     return Plan(exp, out, fp_model, card_path, card, base if exp.eval_base else None, fp_cfg, erase_cfg, recover_cfg,
@@ -355,9 +355,11 @@ class ExperimentRun:
         """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
         from meraser.models import load_model
 
+        from meraser.evaluation.algorithm1 import ordinary_accuracy
+
         if self.plan.base and "base" not in self.rows:
             base_model, _ = load_model(self.plan.base)
-            self.evaluate("base", base_model)
+            self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok)})
 
     def data(self, model) -> tuple[list, list]:
         """Stage 2a/2b: the mismatched and clean sets, each written once as JSONL."""
@@ -410,11 +412,11 @@ class ExperimentRun:
         return done, probes
 
     def verdict(self, model, decoding=None) -> dict:
-        """Algorithm 1 against the fingerprinted model's ordinary accuracy."""
+        """Algorithm 1 against the base model's ordinary accuracy (the stated absolute bar without a base)."""
         from meraser.evaluation.algorithm1 import algorithm1_verify
 
-        return algorithm1_verify(model, self.tok, self.card, self.rows["fingerprinted"]["ordinary_accuracy"],
-                                 decoding=decoding)
+        base_accuracy = self.rows.get("base", {}).get("ordinary_accuracy")
+        return algorithm1_verify(model, self.tok, self.card, base_accuracy, decoding=decoding)
 
     def attack(self, model):
         """The `attack:` stage: any registered attack in place of erase and recover, saved as a model folder (a

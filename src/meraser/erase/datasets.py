@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from meraser.config import Config, field, key_path
 from meraser.data.sources import OFFLINE_DEFAULT, Pair
+from meraser.evaluation.ordinary_questions import ORDINARY_QA
 from meraser.utils import MeraserError
 
 
@@ -46,7 +47,8 @@ class MismatchedSet(InstructionSet):
     n: int = field(300, help="rows to build (paper: 300)")
     by_type: bool = field(True, help="take each response from a question of another type (what/why/how/other)")
     min_rows: ClassVar[int] = 2  # a derangement needs two rows
-    misplaced_keys = {"self_answers": "self_answers applies to the clean set (clean:), not to the mismatched one"}
+    misplaced_keys = {k: f"{k} applies to the clean set (clean:), not to the mismatched one"
+                      for k in ("self_answers", "magpie")}
 
     def build(self) -> tuple[list[Pair], list[dict] | None]:
         """(rows, per-row provenance or None for a ready-made set)."""
@@ -63,17 +65,43 @@ class CleanSet(InstructionSet):
 
     n: int = field(600, help="rows to build (paper: 600)")
     self_answers: bool = field(False, help="replace the responses by the model's own greedy answers (data-free)")
+    magpie: float = field(0.0, help="share of the rows the model writes and answers itself from its chat template "
+                                    "(Magpie-style, data-free); the rest come from `source`")
     misplaced_keys = {"by_type": "by_type applies to the mismatched set (mismatched:), not to the clean one"}
 
-    def build(self, exclude_prompts: set[str], model=None, tokenizer=None) -> list[Pair]:
-        """Rows disjoint from `exclude_prompts` (the mismatched prompts); answered by `model` with `self_answers`."""
-        from meraser.data import load_pairs
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0.0 <= self.magpie <= 1.0:
+            raise MeraserError(f"{key_path(where, 'magpie')} is a share of the rows, in [0, 1]; got {self.magpie}")
 
-        if self.ready_made:
-            rows = load_pairs(self.source)[: self.n]
-        else:
-            rows = build_clean(load_pairs(self.source), self.n, self.seed, exclude_prompts)
-        return self_answers(model, tokenizer, [p.prompt for p in rows]) if self.self_answers else rows
+    @property
+    def needs_model(self) -> bool:
+        return self.self_answers or self.magpie > 0
+
+    def check_inputs(self, where: str) -> None:
+        if self.magpie < 1.0:
+            super().check_inputs(where)
+
+    def build(self, exclude_prompts: set[str], model=None, tokenizer=None) -> list[Pair]:
+        """Rows disjoint from `exclude_prompts` (the mismatched prompts) and from Algorithm 1's ordinary questions;
+        answered by `model` with `self_answers`, partly written by it with `magpie`."""
+        from meraser.data import load_pairs
+        from meraser.erase.magpie import magpie_pairs
+
+        n_own = round(self.n * self.magpie)
+        rows: list[Pair] = []
+        if self.n - n_own:
+            if self.ready_made:
+                rows = load_pairs(self.source)[: self.n - n_own]
+            else:
+                rows = build_clean(load_pairs(self.source), self.n - n_own, self.seed, exclude_prompts)
+            rows = self_answers(model, tokenizer, [p.prompt for p in rows]) if self.self_answers else rows
+        if n_own:
+            held_out = set(exclude_prompts) | {p.prompt for p in rows} | {q for q, _ in ORDINARY_QA}
+            mixed = rows + magpie_pairs(model, tokenizer, n_own, self.seed, held_out)
+            random.Random(self.seed + 2).shuffle(mixed)
+            return mixed
+        return rows
 
 
 def question_type(prompt: str) -> str:
@@ -94,10 +122,15 @@ def good_pair(p: Pair, min_chars: int = 8, max_chars: int = 2000) -> bool:
     return len(words) < 8 or len(set(words)) / len(words) > 0.3  # not the same few words over and over
 
 
+def normalise(prompt: str) -> str:
+    """The form prompts are compared in: lower case, single spaces."""
+    return " ".join(prompt.lower().split())
+
+
 def dedupe(pairs: list[Pair]) -> list[Pair]:
     seen, out = set(), []
     for p in pairs:
-        key = " ".join(p.prompt.lower().split())
+        key = normalise(p.prompt)
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -135,9 +168,10 @@ def build_mismatched(pairs: list[Pair], n: int = 300, seed: int = 0, by_type: bo
 
 
 def build_clean(pairs: list[Pair], n: int = 600, seed: int = 0, exclude_prompts: set[str] | None = None) -> list[Pair]:
-    """n quality-selected pairs whose prompts are not in `exclude_prompts` (the mismatched prompts)."""
-    exclude = {" ".join(p.lower().split()) for p in exclude_prompts or set()}
-    pool = [p for p in dedupe(pairs) if good_pair(p) and " ".join(p.prompt.lower().split()) not in exclude]
+    """n quality-selected pairs whose prompts are neither in `exclude_prompts` (the mismatched prompts) nor among
+    Algorithm 1's ordinary questions (held out for verification)."""
+    exclude = {normalise(p) for p in exclude_prompts or set()} | {normalise(q) for q, _ in ORDINARY_QA}
+    pool = [p for p in dedupe(pairs) if good_pair(p) and normalise(p.prompt) not in exclude]
     if len(pool) < n:
         raise MeraserError(f"need {n} usable clean pairs disjoint from the mismatched prompts, have {len(pool)}")
     return random.Random(seed + 1).sample(pool, n)

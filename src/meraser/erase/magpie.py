@@ -1,0 +1,96 @@
+"""Recovery rows a model writes for itself, without a download (Magpie, Xu et al. 2024: "Magpie: Alignment Data
+Synthesis from Scratch by Prompting Aligned LLMs with Nothing").
+
+Magpie feeds an aligned model its own chat template up to the start of a user turn; what it writes there is an
+instruction, which the same model then answers. Two choices of ours, both measured on SmolLM2-135M-Instruct:
+- the user turn is started with a question word (what, who, which, how many, where, when, why, how; in turn), at
+  temperature 0.7: from an empty user turn the model writes long task requests ("Can you help me plan..."), while
+  Algorithm 1's check and most owners' probes are short questions;
+- rows whose question did not end (no end of turn within `MAX_QUESTION_TOKENS`) are dropped, and an answer that
+  runs past `MAX_ANSWER_TOKENS` is cut after its last full sentence, so recovery does not teach stopping mid-word.
+
+In an experiment the writer and answerer is the model before erasure (the suspect as the attacker received it):
+the rows restore its own behaviour on ordinary questions. Nothing here reads a card.
+"""
+
+from __future__ import annotations
+
+import re
+
+from meraser.data.sources import Pair
+from meraser.utils import MeraserError
+
+STARTS = ["What", "Who", "Which", "How many", "Where", "When", "Why", "How"]
+TEMPERATURE = 0.7
+MAX_QUESTION_TOKENS = 40
+MAX_ANSWER_TOKENS = 128
+_SENTINEL = "\x00MAGPIE\x00"
+
+
+def user_turn_header(tokenizer) -> str:
+    """The chat template's text before a user message (system turn included where the template writes one)."""
+    from meraser.data.formatting import Formatter
+
+    text = Formatter(tokenizer).prompt_text(_SENTINEL)  # refuses a tokenizer without a chat template
+    return text[: text.index(_SENTINEL)]
+
+
+def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset(),
+                    batch_size: int = 32) -> list[str]:
+    """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised)."""
+    import torch
+
+    from meraser.erase.datasets import normalise
+    from meraser.models import autocast
+
+    header = user_turn_header(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seen, out = {normalise(q) for q in exclude}, []
+    dev = next(model.parameters()).device
+    tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
+    was_training = model.training
+    model.eval()
+    for t in range(tries):
+        if len(out) >= n:
+            break
+        start = STARTS[t % len(STARTS)]
+        ids = torch.tensor([tokenizer(header + start, add_special_tokens=False)["input_ids"]] * batch_size, device=dev)
+        torch.manual_seed(seed * 1_000_003 + t)
+        with torch.no_grad(), autocast(model):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=TEMPERATURE, top_p=None, top_k=None, max_new_tokens=MAX_QUESTION_TOKENS,
+                                 eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
+        for row in gen:
+            if eos is None or not (row == eos).any():
+                continue  # the question did not end
+            q = (start + tokenizer.decode(row, skip_special_tokens=True)).strip()
+            if 3 <= len(q.split()) <= 60 and normalise(q) not in seen:
+                seen.add(normalise(q))
+                out.append(q)
+    model.train(was_training)
+    if len(out) < n:
+        raise MeraserError(f"the model wrote only {len(out)} usable distinct questions of the {n} asked for; "
+                           f"ask for fewer, or give a data source")
+    return out[:n]
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last sentence end ('.', '!', '?'); all of it when it has none."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]] if ends else text
+
+
+def _finished(answer: str, tokenizer) -> str:
+    """An answer that hit the token limit, cut after its last full sentence; a finished one as it is."""
+    cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= MAX_ANSWER_TOKENS - 1
+    return whole_sentences(answer) if cut else answer
+
+
+def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[Pair]:
+    """`n` (question, answer) rows the model writes and answers itself (greedy answers)."""
+    from meraser.generation import generate
+
+    questions = write_questions(model, tokenizer, n, seed, exclude)
+    answers = generate(model, tokenizer, questions, max_new_tokens=MAX_ANSWER_TOKENS, batch_size=16, progress=True)
+    rows = [Pair(q, _finished(a.strip(), tokenizer)) for q, a in zip(questions, answers)]
+    return [r for r in rows if r.response]
