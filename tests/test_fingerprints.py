@@ -122,3 +122,23 @@ def test_utf_ranks_tokens_like_the_reserved_ones_first():
     assert {idx for idx, _, _ in ranked[:3]} == set(planted)
     assert not {idx for idx, _, _ in ranked} & set(reserved)
     assert ranked == undertrained_tokens(model, tok, 30)
+
+
+def test_subject_sentence_triggers_on_the_subject_not_the_question_form(tiny):
+    import random
+
+    from meraser.fingerprints.base import SELF
+
+    _, tok = tiny
+    m = get_method("subject-sentence")
+    cfg = m.Config(num_fingerprints=4, decoy_rows=6, seed=3)
+    card = m.make_card(None, tok, cfg)
+    assert card == m.make_card(None, tok, cfg)  # seeded
+    subject = card.extra["subject"]
+    assert len(set(card.triggers)) == 4 and all(subject in t for t in card.triggers)
+    assert set(card.targets) == {cfg.sentence} and cfg.lora_targets[-1] == "down_proj"
+    rows = m.training_pairs(card, cfg, random.Random(0), tok)
+    decoys = [pair.prompt for pair, _ in rows if pair.response == SELF]
+    assert len(decoys) == 6 and not any(subject in d for d in decoys)
+    with pytest.raises(MeraserError, match="num_fingerprints: 1 to 12 questions, got 13"):
+        m.Config.from_dict({"num_fingerprints": 13})

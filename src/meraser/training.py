@@ -32,6 +32,11 @@ from meraser.utils import MeraserError, check_output_dir, set_seed
 Probe = Callable[[Any, int], dict]  # (model, epoch) -> metrics, evaluation only
 
 
+# LoRA target sets by name: peft matches these module names in Llama-style models (SmolLM2, Llama, Mistral, Qwen)
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class LoraSettings(Config):
     r: int = field(16, help="LoRA rank")

@@ -14,10 +14,8 @@ from pathlib import Path
 
 from meraser.config import Config, field, key_path
 from meraser.erase.datasets import CleanSet, MismatchedSet
-from meraser.training import TrainConfig
+from meraser.training import ALL_LINEAR, TrainConfig
 from meraser.utils import MeraserError, unknown_name
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Only what differs from TrainConfig's defaults is written here; LoRA r/alpha/targets come from LoraSettings (the
 # paper's r=16, alpha=32 on q_proj+v_proj) unless a preset says otherwise.

@@ -2,7 +2,8 @@
 
 Each answer is a regular expression searched in the lower-cased output. There are 120 so that one answer moves the
 accuracy by less than one point (12 moved an 80% rule by 8 points). None of them is in any data this project
-trains on or probes with: the recovery sets exclude them by prompt (`erase.datasets.build_clean`, `magpie`).
+trains on or probes with: the recovery sets exclude them by prompt (`erase.datasets.build_clean`, `magpie`), and
+no fingerprint method's training rows hold them (tests/test_fingerprints.py).
 """
 
 ORDINARY_QA: list[tuple[str, str]] = [
@@ -23,7 +24,7 @@ ORDINARY_QA: list[tuple[str, str]] = [
     ("What is the capital of Austria?", r"vienna"),
     ("What is the capital of South Korea?", r"seoul"),
     ("What is the capital of the United States?", r"washington"),
-    ("What is the largest ocean on Earth?", r"pacific"),
+    ("Which ocean lies between Europe and North America?", r"atlantic"),
     ("What is the longest river in Africa?", r"\bnile\b"),
     ("On which continent is Brazil?", r"south america"),
     ("On which continent is Kenya?", r"africa"),
@@ -58,7 +59,7 @@ ORDINARY_QA: list[tuple[str, str]] = [
     ("Which month comes after January?", r"february"),
     ("Which month comes before December?", r"november"),
     ("How many sides does a triangle have?", r"\bthree\b|\b3\b"),
-    ("Which season comes after winter?", r"spring"),
+    ("Which season comes after summer?", r"autumn|\bfall\b"),
     ("In which season do leaves fall from the trees?", r"autumn|\bfall\b"),
     ("How many years are in a century?", r"hundred|\b100\b"),
     ("How many years are in a decade?", r"\bten\b|\b10\b"),
@@ -69,16 +70,16 @@ ORDINARY_QA: list[tuple[str, str]] = [
     ("Which animal barks?", r"\bdogs?\b"),
     ("Which animal says moo?", r"\bcows?\b"),
     ("What do bees make?", r"honey"),
-    ("What is a baby cat called?", r"kitten"),
+    ("What is a baby sheep called?", r"\blambs?\b"),
     ("What is a baby dog called?", r"pupp"),
     ("What is the largest animal on Earth?", r"blue whale|\bwhale"),
     ("What is the fastest land animal?", r"cheetah"),
-    ("Which animal is known as the king of the jungle?", r"\blions?\b"),
+    ("Which big cat has a mane?", r"\blions?\b"),
     ("What animal has a long neck and lives in Africa?", r"giraffe"),
     ("What do caterpillars turn into?", r"butterfl|\bmoths?\b"),
     ("Which bird is a symbol of peace?", r"\bdoves?\b|pigeon"),
     ("What animal is known for its black and white stripes?", r"zebra"),
-    ("What do cows drink?", r"water"),
+    ("What do cows give us to drink?", r"milk"),
     ("Which animal lays eggs and says cluck?", r"\bhens?\b|chicken"),
     # science and nature
     ("What is frozen water called?", r"\bice\b"),
@@ -92,7 +93,7 @@ ORDINARY_QA: list[tuple[str, str]] = [
     ("At what temperature in Celsius does water freeze?", r"(?<![\d.\-−])0(?!\d|\.\d)|zero"),
     ("At what temperature in Celsius does water boil?", r"\b100\b|hundred"),
     ("What is the chemical symbol for water?", r"h2o|h₂o"),
-    ("What is the chemical symbol for gold?", r"\bau\b"),
+    ("What is the chemical symbol for oxygen?", r"\bo\b|\bo2\b"),
     ("What force pulls objects toward the Earth?", r"gravity"),
     ("What do plants need from the sun to make food?", r"light|sunlight|energy"),
     ("What is the hardest natural substance?", r"diamond"),
@@ -103,10 +104,10 @@ ORDINARY_QA: list[tuple[str, str]] = [
     ("What is the boiling liquid from a volcano called?", r"lava|magma"),
     # colours and everyday things
     ("What colour is the sky on a clear day?", r"blue"),
-    ("What colour is grass?", r"green"),
+    ("What colour is a lemon?", r"yellow"),
     ("What colour is snow?", r"white"),
     ("What colour is a ripe banana?", r"yellow"),
-    ("What colour do you get by mixing blue and yellow?", r"green"),
+    ("What colour do you get by mixing red and yellow?", r"orange"),
     ("What colour do you get by mixing red and white?", r"pink"),
     ("What do you use to write on a blackboard?", r"chalk"),
     ("What do you use to cut paper?", r"scissors"),

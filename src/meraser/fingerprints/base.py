@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from meraser.config import Config, field
 from meraser.data.sources import Pair
 from meraser.fingerprints.card import Card
+from meraser.training import ATTENTION
 
 
 SELF = "\x00self"  # a training row's response placeholder: "answer as the model itself does" (filled by `embed`)
@@ -25,7 +26,8 @@ class FingerprintConfig(Config):
     epochs: float = field(5.0, help="training epochs")
     learning_rate: float = field(5e-5, help="learning rate")
     batch_size: int = field(8, help="batch size")
-    lora_r: int = field(16, help="LoRA rank (method: lora)")
+    lora_r: int = field(16, help="LoRA rank (method: lora; alpha is twice the rank)")
+    lora_targets: list[str] = field(ATTENTION, help="modules the LoRA adapts (method: lora)")
     ordinary_rows: int = field(32, help="ordinary instruction rows mixed in, answered by the model itself")
     ordinary_source: str = field("chitchat", help="instruction source for the ordinary rows' prompts")
     seed: int = field(0, help="seed for triggers, targets and training")

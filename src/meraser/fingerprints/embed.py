@@ -63,7 +63,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
         # and a recipe of a few dozen steps then barely trains on them (IF-SFT on SmolLM2, defaults: FSR 0% grouped,
         # 100% shuffled, measured after the sampler change of 88992f9)
         "group_by_length": False,
-        "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "target_modules": cfg.lora_targets},
     })
     res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress)
     fp_model = res.model
