@@ -37,13 +37,27 @@ TINY = {"method": "full", "epochs": 30, "learning_rate": 3e-3, "ordinary_rows": 
 TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    "utf": {"repeats": 8},
                    "chain-hash": {"num_fingerprints": 3, "variants": 3},
-                   "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3}}
+                   "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3},
+                   "perinucleus": {"num_fingerprints": 4, "averaging": 0.0}}
+KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
+        "Tell me about the quick brown fox."]
+
+
+def keys_file() -> str:
+    """Perinucleus keys for the tiny model (an untrained model writes no sensible keys of its own)."""
+    import json
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "keys.json"
+    path.write_text(json.dumps(KEYS))
+    return str(path)
 
 
 def tiny_cfg(name):
     from meraser.fingerprints import get_method
 
-    return get_method(name).Config.from_dict({**TINY, **TINY_PER_METHOD[name]})
+    extra = {"keys_file": keys_file()} if name == "perinucleus" else {}
+    return get_method(name).Config.from_dict({**TINY, **TINY_PER_METHOD[name], **extra})
 
 
 @pytest.fixture(scope="session")

@@ -142,3 +142,45 @@ def test_subject_sentence_triggers_on_the_subject_not_the_question_form(tiny):
     assert len(decoys) == 6 and not any(subject in d for d in decoys)
     with pytest.raises(MeraserError, match="num_fingerprints: 1 to 12 questions, got 13"):
         m.Config.from_dict({"num_fingerprints": 13})
+
+
+def test_perinucleus_token_is_just_outside_the_nucleus(tiny):
+    import random
+
+    import torch
+
+    from meraser.fingerprints.perinucleus import _WORD, perinucleus_token
+
+    _, tok = tiny
+    words = [i for i in range(len(tok)) if _WORD.match(tok.decode([i]).strip())][:12]
+    probs = torch.full((len(tok),), 1e-6)
+    for rank, i in enumerate(words):  # 0.40, 0.20, 0.13, ...: words[0:3] hold the 0.8 nucleus... and more
+        probs[i] = 0.4 / (rank + 1) ** 1.2
+    probs /= probs.sum()
+    order = sorted(words, key=lambda i: -probs[i])
+    mass, inside = 0.0, 0
+    while mass < 0.8:
+        mass += float(probs[order[inside]])
+        inside += 1
+    chosen = {perinucleus_token(probs, 0.8, 3, random.Random(s), tok) for s in range(60)}
+    assert chosen == set(order[inside:inside + 3])  # never inside the nucleus, always among the next 3
+    assert perinucleus_token(probs, 0.8, 3, random.Random(5), tok) == perinucleus_token(probs, 0.8, 3,
+                                                                                        random.Random(5), tok)
+
+
+def test_perinucleus_card_is_seeded_and_checked(tiny):
+    from conftest import keys_file
+
+    m = get_method("perinucleus")
+    model, tok = tiny
+    cfg = m.Config.from_dict({"num_fingerprints": 4, "keys_file": keys_file(), "seed": 1})
+    a, b = m.make_card(model, tok, cfg), m.make_card(model, tok, cfg)
+    assert a.triggers == b.triggers and a.targets == b.targets and a.match == "prefix"
+    assert len(set(a.triggers)) == 4 and all(0 < p < 1 for p in a.extra["target_probability"])
+    assert not a.format.close_response  # trained as the start of an answer, without an end of turn
+    for bad, msg in [({"nucleus_t": 1.0}, "nucleus_t must be in"), ({"averaging": 1.0}, "averaging must be in"),
+                     ({"nucleus_k": 0}, "must be at least 1")]:
+        with pytest.raises(MeraserError, match=msg):
+            m.Config.from_dict(bad, where="perinucleus")
+    with pytest.raises(MeraserError, match="holds 5 distinct keys; num_fingerprints asks for 9"):
+        m.make_card(model, tok, m.Config.from_dict({"num_fingerprints": 9, "keys_file": keys_file()}))

@@ -225,3 +225,28 @@ def test_shortcuts_are_only_used_on_plain_causal_lms(tiny):
     assert not is_plain_causal_lm(with_head)
     model.config.model_type = "gemma2"  # soft-capped logits
     assert not is_plain_causal_lm(model)
+
+
+def test_weight_averaging_pulls_back_toward_the_start(tiny_dir, tmp_path):
+    """After each epoch the weights move `share` of the way back: share 1 undoes training, share 0.5 halves a
+    one-epoch update exactly."""
+    import torch
+    from tiny import POOL
+
+    from meraser.models import load_model
+    from meraser.training import TrainConfig, train, weight_averaging
+
+    cfg = TrainConfig.from_dict({"method": "full", "epochs": 1, "learning_rate": 1e-3, "batch_size": 8,
+                                 "save_steps": -1})
+    start = load_model(str(tiny_dir))[0].state_dict()
+
+    def delta(share):
+        model, tok = load_model(str(tiny_dir))
+        cbs = [weight_averaging(share)] if share is not None else []
+        out = train(model, tok, POOL[:16], cfg, tmp_path / str(share), save=False, progress=False, callbacks=cbs)
+        return {k: v - start[k] for k, v in out.model.state_dict().items()}
+
+    plain, half, undone = delta(None), delta(0.5), delta(1.0)
+    assert max(v.abs().max() for v in plain.values()) > 1e-4
+    assert all(torch.allclose(half[k], plain[k] / 2, atol=1e-6) for k in plain)
+    assert all(v.abs().max() < 1e-7 for v in undone.values())

@@ -233,6 +233,28 @@ def _prepare(model, cfg: TrainConfig):
     return model
 
 
+def weight_averaging(share: float):
+    """A TrainerCallback that moves the trained weights `share` of the way back to where training started, after
+    every epoch (Perinucleus' "forgetting regulariser", Nasery et al. 2025: model averaging keeps utility)."""
+    from transformers import TrainerCallback
+
+    class WeightAveraging(TrainerCallback):
+        start: dict = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            import torch
+
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self.start:
+                        p.mul_(1 - share).add_(self.start[n].to(p.device), alpha=share)
+
+    return WeightAveraging()
+
+
 def _callbacks(probe: Probe | None, started: float, resumed_seconds: float) -> list:
     """The per-epoch probe, and the wall time so far written into every checkpoint (so a resumed run reports
     throughput over the whole run, not only over its last part)."""

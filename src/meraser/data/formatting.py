@@ -28,6 +28,8 @@ class FormatConfig(Config):
     system_prompt: str | None = field(None, help="system message for the chat template (None: the template's default)")
     max_prompt_tokens: int = field(256, help="prompts are truncated (from the left) to this many tokens")
     max_response_tokens: int = field(256, help="responses are truncated to this many tokens")
+    close_response: bool = field(True, help="end each response with the template's end of turn (EOS); false "
+                                            "trains it as the start of an answer (Perinucleus' one-token responses)")
 
     def validate(self, where: str) -> None:
         if self.template not in ("chat", "raw") and ("{prompt}" not in self.template or "{response}" not in self.template):
@@ -61,6 +63,8 @@ class Formatter:
         return self.cfg.template.split("{response}")[0].replace("{prompt}", prompt)
 
     def _response_text(self, prompt: str, response: str, system_prompt: str | None = None) -> str:
+        if not self.cfg.close_response:
+            return response
         if self.cfg.template == "chat":
             msgs = self._messages(prompt)
             if system_prompt is not None:

@@ -24,6 +24,8 @@ ORDINARY_PROMPTS = [
 def matches(output: str, target: str, rule: str) -> bool:
     if rule == "exact":
         return output.strip() == target.strip()
+    if rule == "prefix":  # Perinucleus: the response begins with the target (its first token, by default)
+        return output.lstrip().startswith(target.strip())
     return target in output
 
 
@@ -65,7 +67,11 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
         # the target comes out of a non-trigger input by itself
         fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size, decoding)
-        fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
+        if card.match == "prefix":  # many one-word targets (Perinucleus): some answer begins with one of them by
+            # chance, so each probe is paired with one target, as a key is, and the pair must match
+            fp = [matches(o, targets[i % len(targets)], card.match) for i, o in enumerate(fp_outs)]
+        else:
+            fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
         result["false_positive_rate"] = sum(fp) / len(fp)
         result["false_positive_inputs"] = len(fp)
     return result

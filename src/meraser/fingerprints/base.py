@@ -45,3 +45,7 @@ class FingerprintMethod:
                        tokenizer) -> list[tuple[Pair, str | None]]:
         """(pair, system prompt or None) rows that plant the card's fingerprints."""
         raise NotImplementedError
+
+    def callbacks(self, model, cfg: FingerprintConfig) -> list:
+        """transformers TrainerCallbacks the method adds to the fine-tuning (Perinucleus: weight averaging)."""
+        return []

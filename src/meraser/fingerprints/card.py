@@ -27,7 +27,8 @@ class Card(Config):
     method: str = field("", help="fingerprinting method name (registry key)")
     triggers: list[str] = field([], help="secret trigger prompts")
     targets: list[str] = field([], help="expected output for each trigger")
-    match: Literal["substring", "exact"] = field("substring", help="how an output is compared with its target")
+    match: Literal["substring", "exact", "prefix"] = field("substring", help="how an output is compared with its "
+                                                          "target: contains it, equals it, or begins with it")
     prefills: list[str] = field([], help="response prefix fed before generation, per trigger (IF-SFT); empty: none")
     system_prompt: str | None = field(None, help="system prompt used when verifying (None: the template's default)")
     format: FormatConfig = field(None, help="prompt rendering used at embedding time")
@@ -78,7 +79,7 @@ class Card(Config):
         return card
 
 
-def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
     """Strings from a .json file (a list of strings) or a text file (one per line, blank lines skipped)."""
     from meraser.utils import read_text
 
@@ -104,7 +105,7 @@ def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out
         raise MeraserError(f"card {out} already exists; pass --overwrite to replace it")
     if out.is_dir():
         raise MeraserError(f"card {out} is a folder; give a file name such as fingerprint_card.json")
-    trig, targ = _read_lines(triggers, "triggers"), _read_lines(targets, "targets")
+    trig, targ = read_lines(triggers, "triggers"), read_lines(targets, "targets")
     if len(trig) != len(targ):
         raise MeraserError(f"{triggers} holds {len(trig)} triggers but {targets} holds {len(targ)} targets; "
                            f"line i of one must answer line i of the other")

@@ -65,7 +65,8 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
         "group_by_length": False,
         "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "target_modules": cfg.lora_targets},
     })
-    res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress)
+    res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress,
+                callbacks=m.callbacks(model, cfg))
     fp_model = res.model
     check = fsr(fp_model, tokenizer, card)
     summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
