@@ -81,6 +81,10 @@ def test_changed_setting_is_refused_then_only_later_stages_are_redone(planted, t
     run = tmp_path / "run"
     first = run_experiment(load_experiment(_write(tmp_path, _experiment(tmp_path, folder))), progress=False)
     assert [r["stage"] for r in first] == ["base", "fingerprinted", "erased", "recovered"]
+    # every stage is also decided as ownership, against the base model's own chance of each target
+    assert len(first[0]["null_logprobs"]) == len(planted["utf"][2].triggers)
+    assert first[0]["ownership"]["p_value"] == 1.0 and first[1]["ownership"]["claim"] is True
+    assert first[3]["ownership"]["matches"] == sum(p["match"] for p in first[3]["per_trigger"])
     erased_weights = (run / "erased" / "adapter_model.safetensors").stat().st_mtime_ns
     recovered_weights = (run / "recovered" / "adapter_model.safetensors").stat().st_mtime_ns
 

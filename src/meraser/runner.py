@@ -339,6 +339,11 @@ class ExperimentRun:
         row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
                                                 decoding=decoding, strict_base=strict_base),
                **(extra() if extra else {})}
+        null = self.rows.get("base", row).get("null_logprobs")
+        if null is not None and "per_trigger" in row:  # the ownership decision against the base model's chance
+            from meraser.evaluation.ownership import ownership
+
+            row["ownership"] = ownership([p["match"] for p in row["per_trigger"]], null)
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
         strict = row.get("strict", {})
@@ -348,6 +353,7 @@ class ExperimentRun:
               f"{strict['sampled']:.0%}, partial {strict['partial']:.0%}, loglik {strict['loglik']:.2f}"]
              if strict else []) +
             ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
+            ([f"ownership p-value {row['ownership']['p_value']:.2g}"] if "ownership" in row else []) +
             ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 
@@ -359,7 +365,16 @@ class ExperimentRun:
 
         if self.plan.base and "base" not in self.rows:
             base_model, _ = load_model(self.plan.base)
-            self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok)})
+            self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok),
+                                                       **self._null(base_model)})
+
+    def _null(self, base_model) -> dict:
+        """The base model's log-probability of each target: the chance an unmarked model matches a key."""
+        if self.card is None:
+            return {}
+        from meraser.evaluation.ownership import target_logprobs
+
+        return {"null_logprobs": [round(x, 4) for x in target_logprobs(base_model, self.tok, self.card)]}
 
     def data(self, model) -> tuple[list, list]:
         """Stage 2a/2b: the mismatched and clean sets, each written once as JSONL."""
