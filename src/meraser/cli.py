@@ -339,6 +339,30 @@ def run(
 
 
 @app.command()
+def bench(
+    matrix: Path = typer.Argument(..., help="matrix YAML: models, fingerprints, attacks, seeds, grid "
+                                            "(benchmarks/matrix_*.yaml)"),
+    out: Optional[Path] = typer.Option(None, help="override the matrix's output folder",
+                                       show_default="the YAML's `out`"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
+):
+    """Run a fingerprint x attack matrix: every cell an experiment in its own folder, fingerprinted models and
+    MEraser's transfer adapter made once and shared, one results store. Re-running skips finished cells."""
+    from meraser.bench import load_matrix, run_bench
+
+    _quiet_libraries()
+    m = load_matrix(matrix)
+    if out:
+        m.out = str(out)
+    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, console=_console())
+    if not dry_run:
+        _console().print(f"{res['ran']} cells run, {res['done']} were done already, {len(res['failed'])} failed "
+                         f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl")
+    if res["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder (re-running resumes)"),
     overwrite: bool = typer.Option(False, help="redo stages made with other settings"),

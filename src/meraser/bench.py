@@ -1,0 +1,335 @@
+"""`meraser bench MATRIX.yaml`: models x fingerprints x attacks x seeds x settings, one resumable matrix.
+
+Every cell is an experiment (`meraser.runner`) in its own folder, OUT/cells/<cell id>/: `meraser` runs erase and
+recover as stages (the rows of the paper's Table 1, with FSR after every epoch), any other registered attack runs
+as the experiment's `attack:` stage (Tables 2 and 3). What several cells need is made once, before them, and shared:
+each fingerprinted model (per model, fingerprint and seed, in OUT/fingerprints/) and MEraser's transferable erase
+adapter (per model and seed, in OUT/shared/).
+
+The results store, OUT/results.jsonl, holds one row per cell and stage, with the cell's full settings, package
+versions, seed, wall time and peak memory. Only this driver writes it, and only after a cell has finished, all of
+the cell's rows in one append: a killed bench leaves finished cells in the store and at most one cell half-done in
+its folder, which the next run finishes (its stages resume or redo cleanly, see runner.py) before its rows are
+written. A cell whose rows are in the store is never run again, so no row is written twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meraser.config import Config, field, key_path, load_yaml
+from meraser.models import DEFAULT_MODEL
+from meraser.utils import MeraserError, append_jsonl, did_you_mean, read_jsonl
+
+RESULTS = "results.jsonl"
+ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and recover stages
+
+
+@dataclass
+class Matrix(Config):
+    out: str = field("runs/bench", help="output folder: cells/, fingerprints/, shared/ and the results store")
+    models: list[str] = field([DEFAULT_MODEL], help="base models (folders, hub ids or the embedded alias)")
+    fingerprints: list[dict] = field([{"method": "utf"}], help="each an experiment's `fingerprint:` stage: "
+                                                               "{method, config} to make, or {existing, card}")
+    attacks: list = field([ERASE_RECOVER], help="attack names, or {method, config}; 'meraser' runs erase and "
+                                                "recover as stages (Table 1), the others as an attack stage")
+    seeds: list[int] = field([0], help="each cell runs once per seed (fingerprint, data draws, training)")
+    grid: dict = field({}, help="experiment keys (dotted, e.g. mismatched.n) -> list of values: every combination "
+                                "is a cell")
+    experiment: dict = field({}, help="experiment settings every cell shares (eval, erase, recover, clean, ...)")
+
+    def validate(self, where: str) -> None:
+        for name in ("models", "fingerprints", "attacks", "seeds"):
+            if not getattr(self, name):
+                raise MeraserError(f"{key_path(where, name)}: give at least one")
+        for k, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise MeraserError(f"{key_path(where, 'grid.' + k)}: a non-empty list of values")
+
+
+@dataclass
+class Cell:
+    id: str  # readable and unique: model, fingerprint, attack, seed, grid values, and a hash of all settings
+    model: str
+    fingerprint: dict
+    attack: dict  # {method, config}
+    seed: int
+    grid: dict
+    experiment: dict  # the cell's experiment, less `out` and the shared fingerprint (filled in when it runs)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:40]
+
+
+def _attack(entry, where: str) -> dict:
+    from meraser.runner import AttackStage
+
+    a = {"method": entry} if isinstance(entry, str) else entry
+    if not isinstance(a, dict):
+        raise MeraserError(f"{where}: an attack name or {{method, config}}, got {entry!r}")
+    AttackStage.from_dict(a, where=where)  # unknown attack or setting: refused with the nearest name
+    return {"method": a["method"], "config": a.get("config", {})}
+
+
+def _fingerprint_label(fp: dict) -> str:
+    if fp.get("existing"):
+        return _slug(Path(fp["existing"]).name)
+    return _slug(fp.get("method", "utf")) + ("-" + _hash(fp["config"])[:6] if fp.get("config") else "")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _nested(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _seeded(exp: dict, seed: int) -> dict:
+    """The matrix seed drives every draw and every training of a cell (over what `experiment:` says)."""
+    return _merge(exp, {"mismatched": {"seed": seed}, "clean": {"seed": seed},
+                        "erase": {"overrides": {"seed": seed}}, "recover": {"overrides": {"seed": seed}}})
+
+
+def _attack_with_seed(attack: dict, seed: int) -> dict:
+    from meraser.attacks import get_attack
+
+    fields = get_attack(attack["method"]).Config.__dataclass_fields__
+    return {**attack, "config": {**attack["config"], **({"seed": seed} if "seed" in fields else {})}}
+
+
+def plan_cells(matrix: Matrix, where: str = "") -> list[Cell]:
+    """Every cell of the matrix, each cell's experiment checked (unknown keys and names refused, naming the key and
+    the nearest valid name) before anything runs."""
+    from meraser.runner import Experiment, FingerprintStage
+
+    fps = [FingerprintStage.from_dict(fp, where=f"{where}fingerprints[{i}]").to_dict()
+           for i, fp in enumerate(matrix.fingerprints)]
+    attacks = [_attack(a, f"{where}attacks[{i}]") for i, a in enumerate(matrix.attacks)]
+    keys = list(matrix.grid)
+    cells = []
+    for model, fp, attack, seed, values in itertools.product(
+            matrix.models, fps, attacks, matrix.seeds, itertools.product(*matrix.grid.values())):
+        combo = dict(zip(keys, values))
+        exp = _seeded(_merge(matrix.experiment, _nested(combo)), seed)
+        if attack["method"] != ERASE_RECOVER:
+            exp["attack"] = _attack_with_seed(attack, seed)
+        if not fp["existing"]:
+            fp = {**fp, "config": {**fp["config"], "seed": seed}}
+        Experiment.from_dict({**exp, "model": model, "fingerprint": fp},
+                             where=f"{where}experiment/grid {json.dumps(combo) if combo else ''}: ")
+        label = "__".join([_slug(Path(model).name), _fingerprint_label(fp), _slug(attack["method"]), f"s{seed}",
+                           *(_slug(f"{k}={v}") for k, v in combo.items())])
+        cells.append(Cell(f"{label}__{_hash([model, fp, attack, seed, exp])[:8]}", model, fp, attack, seed, combo,
+                          exp))
+    return cells
+
+
+def check_models(matrix: Matrix, where: str = "") -> None:
+    """Refuse a model that does not exist before any cell runs: a missing folder, or a hub id that is neither in
+    the local cache (offline) nor on the hub."""
+    import os
+
+    from meraser.models import ALIASES, check_model_spec
+
+    for i, spec in enumerate(matrix.models):
+        at = f"{where}models[{i}]"
+        check_model_spec(spec, at)
+        if spec in ALIASES or Path(spec).exists():
+            continue
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            continue
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise MeraserError(f"{at}: model '{spec}' is not a folder, an alias or a model in the local Hugging Face "
+                               f"cache (offline){did_you_mean(spec, sorted(ALIASES))}")
+        try:
+            from huggingface_hub import model_info
+
+            model_info(spec)
+        except Exception as e:  # not found, gated, no network
+            raise MeraserError(f"{at}: model '{spec}' is not a folder and cannot be found on the Hugging Face hub "
+                               f"({type(e).__name__})") from None
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    return Matrix.from_dict(load_yaml(path), where=f"{path}: ")
+
+
+def _fingerprint_folder(out: Path, cell: Cell) -> Path:
+    return out / "fingerprints" / f"{_slug(Path(cell.model).name)}__{_fingerprint_label(cell.fingerprint)}__s{cell.seed}"
+
+
+def prepare_shared(cells: list[Cell], out: Path, console=None) -> None:
+    """Make what several cells share, once: each fingerprinted model, and MEraser's transfer adapter where a cell
+    asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused."""
+    from meraser.erase.transfer import transfer_train
+    from meraser.fingerprints.embed import fingerprint
+
+    for cell in cells:
+        folder = _fingerprint_folder(out, cell)
+        if not cell.fingerprint["existing"] and not folder.exists():
+            if console:
+                console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
+            fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"])
+        attack = cell.experiment.get("attack")
+        if attack and attack["method"] == "meraser-transfer" and not attack["config"].get("adapter"):
+            adapter = _transfer_folder(out, cell)
+            if not adapter.exists():
+                if console:
+                    console.print(f"training MEraser's transferable erase adapter on {cell.model} (seed {cell.seed})")
+                transfer_train(cell.model, adapter, progress=False)
+
+
+def _transfer_folder(out: Path, cell: Cell) -> Path:
+    return out / "shared" / f"transfer__{_slug(Path(cell.model).name)}__s{cell.seed}"
+
+
+def cell_experiment(cell: Cell, out: Path) -> dict:
+    """The experiment a cell runs: its settings, its folder, the shared fingerprinted model and adapter."""
+    exp = copy.deepcopy(cell.experiment)
+    fp = cell.fingerprint if cell.fingerprint["existing"] else {"existing": str(_fingerprint_folder(out, cell))}
+    attack = exp.get("attack")
+    if attack and attack["method"] == "meraser-transfer" and not attack["config"].get("adapter"):
+        attack["config"]["adapter"] = str(_transfer_folder(out, cell))
+    return {**exp, "model": cell.model, "out": str(out / "cells" / cell.id), "fingerprint": fp}
+
+
+class PeakMemory:
+    """The peak resident memory of this process while a cell runs, sampled every 0.2 s (the cell runs here, so the
+    process-wide high-water mark would carry over from earlier cells)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            if self.stop.wait(0.2):
+                break
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("meraser", "torch", "transformers", "peft", "accelerate", "lm-eval", "torch-pruning"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_cell(cell: Cell, out: Path) -> list[dict]:
+    """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs."""
+    from meraser.runner import Experiment, run_experiment
+
+    exp = cell_experiment(cell, out)
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False)
+    meta = {"cell": cell.id, "model": cell.model, "fingerprint": _fingerprint_label(cell.fingerprint),
+            "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
+            "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(mem.peak / 2**20)}
+    return [{**meta, **row} for row in rows]
+
+
+def finished_cells(out: Path) -> set[str]:
+    return {r["cell"] for r in read_jsonl(Path(out) / RESULTS, "results store", torn_tail_ok=True)}
+
+
+def record(out: Path, rows: list[dict]) -> None:
+    """Add a finished cell's rows to the store in one atomic replace: all of them, or (killed) none."""
+    from meraser.utils import write_jsonl
+
+    write_jsonl(out / RESULTS, read_jsonl(out / RESULTS, "results store", torn_tail_ok=True) + rows)
+
+
+FAILED = "failed.jsonl"
+
+
+def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progress: bool = True, console=None) -> dict:
+    """Check the whole matrix, then run every cell not yet in the store, one after another. Returns
+    {cells, done, ran, failed}; with `dry_run`, only lists the cells and what is already done."""
+    out = Path(matrix.out)
+    cells = plan_cells(matrix, where)
+    check_models(matrix, where)
+    done = finished_cells(out)
+    todo = [c for c in cells if c.id not in done]
+    if console:
+        console.print(cells_table(cells, done))
+    if dry_run or not todo:
+        return {"cells": len(cells), "done": len(cells) - len(todo), "ran": 0, "failed": []}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
+    prepare_shared(todo, out, console)
+    failed = []
+    bar = _progress(progress)
+    with bar:
+        task = bar.add_task("matrix", total=len(cells), completed=len(cells) - len(todo))
+        for cell in todo:
+            bar.update(task, description=f"{cell.attack['method']} on {_fingerprint_label(cell.fingerprint)}")
+            try:
+                record(out, run_cell(cell, out))
+            except Exception as e:  # one broken cell must not stop the matrix; it is retried on the next run
+                failed.append(cell.id)
+                append_jsonl(out / FAILED, {"cell": cell.id, "error": f"{type(e).__name__}: {e}"[:2000],
+                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                if console:
+                    console.print(f"[red]cell {cell.id} failed[/]: {type(e).__name__}: {str(e)[:300]}")
+            bar.advance(task)
+    return {"cells": len(cells), "done": len(cells) - len(todo), "ran": len(todo) - len(failed), "failed": failed}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+def cells_table(cells: list[Cell], done: set[str]):
+    from rich.table import Table
+
+    table = Table(title=f"{len(cells)} cells, {sum(c.id in done for c in cells)} done")
+    for h in ("model", "fingerprint", "attack", "seed", "settings", "status"):
+        table.add_column(h)
+    for c in cells:
+        table.add_row(Path(c.model).name, _fingerprint_label(c.fingerprint), c.attack["method"], str(c.seed),
+                      " ".join(f"{k}={v}" for k, v in c.grid.items()), "done" if c.id in done else "to run")
+    return table

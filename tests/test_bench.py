@@ -1,0 +1,116 @@
+"""`meraser bench`: a matrix checked whole before any cell, fingerprints made once and shared, one results store
+that a re-run completes and never duplicates, even after SIGKILLs at random points."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, TINY_PER_METHOD, write_pool
+from tiny import POOL, TINY_ERASE, TINY_RECOVER
+
+from meraser.bench import RESULTS, load_matrix, run_bench
+from meraser.utils import MeraserError, read_jsonl
+
+
+def _matrix(tmp_path, tiny_dir, out="bench", **changes) -> dict:
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    m = {"out": str(tmp_path / out), "models": [str(tiny_dir)],
+         "fingerprints": [{"method": "utf", "config": {**TINY, **TINY_PER_METHOD["utf"]}}],
+         "attacks": ["meraser", {"method": "prune-magnitude", "config": {"sparsity": 0.5}}],
+         "seeds": [0],
+         "experiment": {"mismatched": {"source": str(pool), "n": 40}, "clean": {"source": str(pool), "n": 40},
+                        "erase": {"overrides": TINY_ERASE}, "recover": {"overrides": TINY_RECOVER},
+                        "eval": {"false_positive_inputs": 4, "strict": False}, "probe_fsr": False}}
+    m.update(changes)
+    return m
+
+
+def _write(tmp_path, m, name="matrix.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(m))
+    return path
+
+
+def _table(out: Path) -> dict:
+    """(cell, stage) -> the figures a final table shows."""
+    rows = read_jsonl(out / RESULTS)
+    keys = [(r["cell"], r["stage"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a row was written twice"
+    return {(r["cell"], r["stage"]): (r.get("fsr"), r.get("false_positive_rate"),
+                                      r.get("ownership", {}).get("p_value"), r.get("erased")) for r in rows}
+
+
+def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir):
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, grid={"mismatched.n": [20, 40]}))
+    res = run_bench(load_matrix(path), progress=False)
+    out = tmp_path / "bench"
+    assert res == {"cells": 4, "done": 0, "ran": 4, "failed": []}  # 2 attacks x 2 grid values (the prune
+    assert len(list((out / "fingerprints").iterdir())) == 1  # ignores mismatched.n, but a cell is a cell)
+    rows = read_jsonl(out / RESULTS)
+    stages = {}
+    for r in rows:
+        stages.setdefault(r["attack"], set()).add(r["stage"])
+        assert r["seed"] == 0 and r["versions"]["torch"] and r["peak_rss_mb"] > 0 and r["cell_seconds"] > 0
+    assert stages == {"meraser": {"base", "fingerprinted", "erased", "recovered"},
+                      "prune-magnitude": {"base", "fingerprinted", "attacked"}}
+    fingerprinted = {r["fsr"] for r in rows if r["stage"] == "fingerprinted"}
+    assert fingerprinted == {1.0}  # every cell attacked the same shared fingerprinted model
+    assert {r["grid"]["mismatched.n"] for r in rows} == {20, 40}
+    table = _table(out)
+
+    again = run_bench(load_matrix(path), progress=False)  # a finished matrix: nothing runs, nothing is added
+    assert again == {"cells": 4, "done": 4, "ran": 0, "failed": []} and _table(out) == table
+    dry = run_bench(load_matrix(path), dry_run=True, progress=False)
+    assert dry["done"] == 4
+
+
+BAD = [
+    ({"attacks": ["prune-magnitud"]}, "matrix.yaml: attacks[0].method: unknown attack 'prune-magnitud'; "
+                                      "did you mean 'prune-magnitude'?"),
+    ({"grid": {"mismatched.nn": [1, 2]}}, "mismatched: unknown key 'nn'; did you mean 'n'?"),
+    ({"fingerprints": [{"method": "utff"}]}, "matrix.yaml: fingerprints[0].method: unknown fingerprint method "
+                                            "'utff'; did you mean 'utf'?"),
+    ({"models": ["smollm2-13m"]}, "matrix.yaml: models[0]: model 'smollm2-13m' is not a folder, an alias or a model "
+                                  "in the local Hugging Face cache (offline); did you mean 'smollm2-135m'?"),
+    ({"models": ["./no/such/model"]}, "models[0]: model folder './no/such/model' does not exist"),
+    ({"seeds": []}, "matrix.yaml: seeds: give at least one"),
+    ({"attack": ["meraser"]}, "matrix.yaml: unknown key 'attack'; did you mean 'attacks'?"),
+]
+
+
+@pytest.mark.parametrize("changes,fragment", BAD, ids=[f for _, f in BAD])
+def test_bad_matrix_is_refused_before_any_cell(tmp_path, tiny_dir, changes, fragment):
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, **changes))
+    with pytest.raises(MeraserError) as e:
+        run_bench(load_matrix(path), where=f"{path.name}: ", progress=False)
+    assert fragment in str(e.value)
+    assert not (tmp_path / "bench").exists()  # nothing was written
+
+
+def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(tmp_path, tiny_dir):
+    """Three SIGKILLs at random moments of `meraser bench`, then a run to the end: the same final table as an
+    uninterrupted run with the same seeds, and no row twice."""
+    reference = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="straight"), "straight.yaml")
+    run_bench(load_matrix(reference), progress=False)
+    killed = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="killed"), "killed.yaml")
+    cmd = [str(Path(sys.executable).with_name("meraser")), "bench", str(killed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(6, 30))  # start-up takes ~6 s; a tiny cell a few seconds
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "every run finished before its kill: the kill points are too late to test anything"
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert _table(tmp_path / "killed") == _table(tmp_path / "straight")
