@@ -114,3 +114,34 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(tmp_p
     assert kills >= 1, "every run finished before its kill: the kill points are too late to test anything"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     assert _table(tmp_path / "killed") == _table(tmp_path / "straight")
+
+
+def test_ray_executor_gives_the_sequential_results(tmp_path, tiny_dir):
+    """Two cells as Ray tasks on a local two-worker instance: the same table as one after another."""
+    pytest.importorskip("ray")
+    import ray
+
+    from meraser.bench import Executor
+
+    for out in ("seq", "ray"):
+        _write(tmp_path, _matrix(tmp_path, tiny_dir, out=out), f"{out}.yaml")
+    run_bench(load_matrix(tmp_path / "seq.yaml"), progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    try:
+        res = run_bench(load_matrix(tmp_path / "ray.yaml"), progress=False, executor=Executor("ray"))
+    finally:
+        ray.shutdown()
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": []}
+    seq, par = _table(tmp_path / "seq"), _table(tmp_path / "ray")
+    assert seq.keys() == par.keys()
+    for key in seq:  # FSR, false positives and the verdict exactly; the p-value up to float rounding
+        assert seq[key][0:2] == par[key][0:2] and seq[key][3] == par[key][3]
+        assert seq[key][2] == pytest.approx(par[key][2], rel=1e-3)
+
+
+def test_executor_is_checked():
+    from meraser.bench import Executor
+
+    with pytest.raises(MeraserError, match="unknown executor 'rey'; did you mean 'ray'"):
+        Executor("rey").check()

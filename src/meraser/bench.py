@@ -283,10 +283,38 @@ def record(out: Path, rows: list[dict]) -> None:
 FAILED = "failed.jsonl"
 
 
-def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progress: bool = True, console=None) -> dict:
-    """Check the whole matrix, then run every cell not yet in the store, one after another. Returns
-    {cells, done, ran, failed}; with `dry_run`, only lists the cells and what is already done."""
-    out = Path(matrix.out)
+EXECUTORS = ("sequential", "ray")
+
+
+@dataclass
+class Executor:
+    """How cells run: one after another here, or each as a Ray task asking for its CPUs/GPUs (`pip install
+    meraser[ray]`), on this machine or on a cluster at `address`."""
+
+    kind: str = "sequential"
+    address: str | None = None  # a Ray cluster ("auto", "ray://host:10001"); None: a local Ray instance
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
+
+    def check(self) -> None:
+        import importlib.util
+
+        if self.kind not in EXECUTORS:
+            raise MeraserError(f"unknown executor '{self.kind}'{did_you_mean(self.kind, EXECUTORS)} "
+                               f"(choices: {', '.join(EXECUTORS)})")
+        if self.kind == "ray" and importlib.util.find_spec("ray") is None:
+            raise MeraserError("--executor ray needs Ray: pip install 'meraser[ray]'")
+        if self.cpus_per_cell <= 0 or self.gpus_per_cell < 0:
+            raise MeraserError("a cell needs more than 0 CPUs and at least 0 GPUs")
+
+
+def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progress: bool = True, console=None,
+              executor: Executor | None = None) -> dict:
+    """Check the whole matrix, then run every cell not yet in the store. Returns {cells, done, ran, failed}; with
+    `dry_run`, only lists the cells and what is already done."""
+    executor = executor or Executor()
+    executor.check()
+    out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
     cells = plan_cells(matrix, where)
     check_models(matrix, where)
     done = finished_cells(out)
@@ -298,22 +326,58 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progres
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
     prepare_shared(todo, out, console)
-    failed = []
-    bar = _progress(progress)
-    with bar:
+    failed: list[str] = []
+
+    def finished(cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:
+        """The driver alone writes the store (and the failure log), whichever executor ran the cell."""
+        if error is None:
+            record(out, rows)
+            return
+        failed.append(cell.id)  # one broken cell must not stop the matrix; it is retried on the next run
+        append_jsonl(out / FAILED, {"cell": cell.id, "error": f"{type(error).__name__}: {error}"[:2000],
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if console:
+            console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
+
+    with _progress(progress) as bar:
         task = bar.add_task("matrix", total=len(cells), completed=len(cells) - len(todo))
-        for cell in todo:
-            bar.update(task, description=f"{cell.attack['method']} on {_fingerprint_label(cell.fingerprint)}")
-            try:
-                record(out, run_cell(cell, out))
-            except Exception as e:  # one broken cell must not stop the matrix; it is retried on the next run
-                failed.append(cell.id)
-                append_jsonl(out / FAILED, {"cell": cell.id, "error": f"{type(e).__name__}: {e}"[:2000],
-                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                if console:
-                    console.print(f"[red]cell {cell.id} failed[/]: {type(e).__name__}: {str(e)[:300]}")
-            bar.advance(task)
+        run = _run_on_ray if executor.kind == "ray" else _run_here
+        run(todo, out, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)))
     return {"cells": len(cells), "done": len(cells) - len(todo), "ran": len(todo) - len(failed), "failed": failed}
+
+
+def _run_here(cells: list[Cell], out: Path, executor: Executor, finished) -> None:
+    for cell in cells:
+        try:
+            rows = run_cell(cell, out)
+        except Exception as e:
+            finished(cell, None, e)
+        else:
+            finished(cell, rows, None)
+
+
+def _run_on_ray(cells: list[Cell], out: Path, executor: Executor, finished) -> None:
+    """Each cell a Ray task with the CPUs/GPUs it asks for; results come back to the driver as they finish."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=executor.address, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=executor.cpus_per_cell, num_gpus=executor.gpus_per_cell, max_retries=0)(run_cell)
+        pending = {task.remote(cell, out): cell for cell in cells}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            try:
+                rows = ray.get(ready[0])
+            except Exception as e:  # the cell's own exception, wrapped by Ray
+                finished(cell, None, getattr(e, "cause", None) or e)
+            else:
+                finished(cell, rows, None)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _progress(enabled: bool):

@@ -345,16 +345,23 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="override the matrix's output folder",
                                        show_default="the YAML's `out`"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
+    executor: str = typer.Option("sequential", help="sequential (here, one cell after another) or ray (each cell "
+                                                    "a Ray task: pip install 'meraser[ray]')"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto); default: a local instance",
+                                          show_default=False),
+    cpus_per_cell: float = typer.Option(1.0, help="CPUs each Ray task asks for"),
+    gpus_per_cell: float = typer.Option(0.0, help="GPUs each Ray task asks for (1 on a GPU machine)"),
 ):
     """Run a fingerprint x attack matrix: every cell an experiment in its own folder, fingerprinted models and
     MEraser's transfer adapter made once and shared, one results store. Re-running skips finished cells."""
-    from meraser.bench import load_matrix, run_bench
+    from meraser.bench import Executor, load_matrix, run_bench
 
     _quiet_libraries()
     m = load_matrix(matrix)
     if out:
         m.out = str(out)
-    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, console=_console())
+    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, console=_console(),
+                    executor=Executor(executor, address, cpus_per_cell, gpus_per_cell))
     if not dry_run:
         _console().print(f"{res['ran']} cells run, {res['done']} were done already, {len(res['failed'])} failed "
                          f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl")
