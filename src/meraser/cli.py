@@ -46,6 +46,12 @@ def _train_default(path: str) -> str:
     return _default(TrainConfig, path)
 
 
+def _fingerprint_methods() -> str:
+    from meraser.fingerprints import REGISTRY  # light: no torch at import
+
+    return "one of: " + ", ".join(REGISTRY)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -170,7 +176,7 @@ def _parse_sets(sets: Optional[List[str]]) -> dict:
 
 @app.command()
 def fingerprint(
-    method: str = typer.Option(..., "--method", help="if-sft, utf or chain-hash"),
+    method: str = typer.Option(..., "--method", help=_fingerprint_methods()),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model/ plus the secret fingerprint_card.json"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat",
