@@ -21,13 +21,16 @@ from meraser.utils import MeraserError, read_jsonl
 
 def _matrix(tmp_path, tiny_dir, out="bench", **changes) -> dict:
     pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    text = tmp_path / "text.txt"  # perplexity, so every cell has a utility for the leaderboard
+    text.write_text(" ".join(p.response for p in POOL[:40]))
     m = {"out": str(tmp_path / out), "models": [str(tiny_dir)],
          "fingerprints": [{"method": "utf", "config": {**TINY, **TINY_PER_METHOD["utf"]}}],
          "attacks": ["meraser", {"method": "prune-magnitude", "config": {"sparsity": 0.5}}],
          "seeds": [0],
          "experiment": {"mismatched": {"source": str(pool), "n": 40}, "clean": {"source": str(pool), "n": 40},
                         "erase": {"overrides": TINY_ERASE}, "recover": {"overrides": TINY_RECOVER},
-                        "eval": {"false_positive_inputs": 4, "strict": False}, "probe_fsr": False}}
+                        "eval": {"false_positive_inputs": 4, "strict": False, "ppl": str(text), "ppl_windows": 2,
+                                 "ppl_window": 32}, "probe_fsr": False}}
     m.update(changes)
     return m
 
@@ -69,6 +72,18 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     assert again == {"cells": 4, "done": 4, "ran": 0, "failed": []} and _table(out) == table
     dry = run_bench(load_matrix(path), dry_run=True, progress=False)
     assert dry["done"] == 4
+
+    # the report of a partial store: one cell's rows gone, another logged as failed; nothing crashes
+    from meraser.report import write_bench_report
+
+    page = write_bench_report(out, tmp_path / "full.html").read_text()
+    assert page.count("<td>done</td>") == 4 and 'alt="leaderboard: FSR against utility"' in page
+    cells = sorted({r["cell"] for r in rows})
+    (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows if r["cell"] != cells[0]))
+    (out / "failed.jsonl").write_text(json.dumps({"cell": cells[1], "error": "RuntimeError: out of memory"}) + "\n")
+    (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows if r["cell"] not in cells[:2]))
+    page = write_bench_report(out, tmp_path / "partial.html").read_text()
+    assert page.count("<td>done</td>") == 2 and "<td>missing</td>" in page and "failed: RuntimeError" in page
 
 
 BAD = [

@@ -113,3 +113,8 @@ def test_runs_report_the_strict_checks_at_every_stage_and_epoch(planted, tmp_pat
 
     page = write_report([tmp_path / "run"], tmp_path / "report.html").read_text()
     assert "erased strictly" in page and "data:image/png;base64," in page
+    import html
+
+    secret = html.escape(rows["fingerprinted"]["per_trigger"][0]["target"])  # the owner's secret stays out
+    assert secret not in page and "secret " in page
+    assert secret in write_report([tmp_path / "run"], tmp_path / "open.html", show_secrets=True).read_text()

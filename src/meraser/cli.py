@@ -369,8 +369,12 @@ def bench(
     res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, console=_console(),
                     executor=Executor(executor, address, cpus_per_cell, gpus_per_cell))
     if not dry_run:
+        from meraser.report import write_bench_report
+
+        page = write_bench_report(m.out, Path(m.out) / "report.html")
         _console().print(f"{res['ran']} cells run, {res['done']} were done already, {len(res['failed'])} failed "
-                         f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl")
+                         f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl; "
+                         f"report: {page}")
     if res["failed"]:
         raise typer.Exit(1)
 
@@ -555,14 +559,23 @@ def attack(
 
 @app.command()
 def report(
-    runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`"),
+    runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`, or one "
+                                                "`meraser bench` folder"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
     title: str = typer.Option("MEraser report", help="page title"),
+    show_secrets: bool = typer.Option(False, help="print the card's triggers, targets and matching outputs (hashed "
+                                                  "by default: a report is made to be shared)"),
 ):
-    """One HTML page for finished runs: Table 1, FSR per erase/recover epoch (plot), per-trigger outputs."""
-    from meraser.report import write_report
+    """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
+    `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
+    from meraser.report import is_bench, write_bench_report, write_report
 
-    _console().print(f"[green]report[/] written to {write_report(runs, out, title)}")
+    if len(runs) == 1 and is_bench(runs[0]):
+        page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
+                                  show_secrets)
+    else:
+        page = write_report(runs, out, title, show_secrets)
+    _console().print(f"[green]report[/] written to {page}")
 
 
 transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")
