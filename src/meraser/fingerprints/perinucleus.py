@@ -40,9 +40,11 @@ class PerinucleusConfig(FingerprintConfig):
     nucleus_t: float = field(0.8, help="nucleus mass: the target is drawn from outside the top-p = t tokens")
     nucleus_k: int = field(3, help="draw among this many tokens just outside the nucleus")
     response_tokens: int = field(1, help="target length in tokens: the drawn token, continued greedily")
-    averaging: float = field(0.75, help="after every epoch, move the weights this share back to the original ones")
+    # measured on SmolLM2-135M: 0.75 (the original script's default) with 10 epochs at 1e-4 left N=64 at FSR 1.6%,
+    # the base model's own match rate; without averaging, 5 epochs at 1e-4 reach 100% at N=16
+    averaging: float = field(0.0, help="after every epoch, move the weights this share back to the original ones")
     method: Literal["full", "lora"] = field("full", help="full fine-tuning or LoRA")
-    epochs: float = field(10.0, help="training epochs")
+    epochs: float = field(5.0, help="training epochs")
     learning_rate: float = field(1e-4, help="learning rate")
     ordinary_rows: int = field(64, help="benign rows mixed in, answered by the model itself")
 
