@@ -1,0 +1,96 @@
+"""The HTML reports in a real browser (Debian's headless Chromium, installed by scripts/test.sh): the page opens
+without a console error, its tables are there, and every image has decoded. Screenshots are kept as test
+artefacts in .pytest_artifacts/."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from meraser.utils import write_jsonl
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed (scripts/test.sh installs it)")
+ARTEFACTS = Path(__file__).resolve().parents[1] / ".pytest_artifacts"
+
+# injected at the top of a copy of the page: records every error (scripts, and images or other resources that fail
+# to load, caught in the capture phase), then, once the page has loaded, what a reader would see
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.tagName) || e.type)), true);
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const r = {images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+             tables: document.querySelectorAll('table').length, errors: window.__errors};
+  const pre = document.createElement('pre'); pre.id = '__probe'; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _browser(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def open_in_browser(page: Path, shot: str) -> dict:
+    probed = page.with_name(page.stem + ".probe.html")
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    res = _browser("--virtual-time-budget=10000", "--dump-dom", probed.resolve().as_uri())
+    found = re.search(r'<pre id="__probe">(.*?)</pre>', res.stdout, re.S)
+    assert found, f"the page never finished loading:\n{res.stderr[-2000:]}"
+    console_errors = [line for line in res.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    ARTEFACTS.mkdir(exist_ok=True)
+    _browser("--window-size=1280,2200", f"--screenshot={ARTEFACTS / shot}", page.resolve().as_uri())
+    return {**json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")), "console": console_errors}
+
+
+def _stages(fsr_final: float) -> list[dict]:
+    ppl = lambda x: {"ppl": x}  # noqa: E731
+    probes = [{"epoch": e, "fsr": f, "forced": min(1.0, f + 0.25), "loglik": -1.0} for e, f in
+              enumerate([0.75, 0.25, fsr_final], 1)]
+    return [{"stage": "base", "fsr": 0.0, "ppl": ppl(24.0), "ordinary_accuracy": 0.57},
+            {"stage": "fingerprinted", "fsr": 1.0, "ppl": ppl(26.0), "ordinary_accuracy": 0.53,
+             "per_trigger": [{"trigger": "secret trigger", "target": "secret target", "output": "secret target",
+                              "match": True}]},
+            {"stage": "erased", "fsr": 0.0, "ppl": ppl(30.0), "fsr_per_epoch": probes},
+            {"stage": "recovered", "fsr": fsr_final, "ppl": ppl(27.0), "ordinary_accuracy": 0.4, "erased": False,
+             "fsr_per_epoch": probes[:2]}]
+
+
+def test_run_report_opens_cleanly_in_chromium(tmp_path):
+    from meraser.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "results.jsonl", _stages(0.0))
+    page = write_report([run], tmp_path / "report.html")
+    seen = open_in_browser(page, "run_report.png")
+    assert seen["errors"] == [] and seen["console"] == []
+    assert seen["tables"] >= 2 and seen["images"] == 1 and seen["decoded"] == 1
+    assert (ARTEFACTS / "run_report.png").stat().st_size > 10_000
+
+
+def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir):
+    from meraser.bench import RESULTS, Matrix, plan_cells
+    from meraser.report import write_bench_report
+
+    matrix = Matrix.from_dict({"out": str(tmp_path / "bench"), "models": [str(tiny_dir)],
+                               "attacks": ["meraser", "prune-l2", "finetune"]})
+    out = Path(matrix.out)
+    out.mkdir()
+    (out / "matrix.json").write_text(json.dumps(matrix.to_dict()))
+    cells = plan_cells(matrix)
+    rows = [{"cell": c.id, "fingerprint": "utf", "attack": c.attack["method"], "model": c.model, "grid": {},
+             "cell_seconds": 12.0, "peak_rss_mb": 900, **r} for c, fsr in zip(cells[:2], (0.0, 1.0))
+            for r in _stages(fsr)]
+    write_jsonl(out / RESULTS, rows)  # the third cell is missing: the page says so
+    page = write_bench_report(out, tmp_path / "bench.html")
+    text = page.read_text()
+    assert "<td>missing</td>" in text and text.count("<td>done</td>") == 2
+    seen = open_in_browser(page, "bench_report.png")
+    assert seen["errors"] == [] and seen["console"] == []
+    assert seen["tables"] >= 3 and seen["images"] == 2 and seen["decoded"] == 2  # leaderboard and FSR curves
