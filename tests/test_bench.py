@@ -160,3 +160,19 @@ def test_executor_is_checked():
 
     with pytest.raises(MeraserError, match="unknown executor 'rey'; did you mean 'ray'"):
         Executor("rey").check()
+
+
+def test_checked_in_smollm2_matrix_plans(tmp_path):
+    """benchmarks/matrix_smollm2.yaml is a valid matrix: the paper's ablation and the merge weights as grids."""
+    from meraser.bench import plan_cells
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "matrix_smollm2.yaml"
+    cells = plan_cells(load_matrix(path), where=f"{path.name}: ")
+    per_attack = {}
+    for c in cells:
+        per_attack.setdefault(c.attack["method"], []).append(c)
+    assert len(cells) == 3 * (3 + 1 + 1 + 6 + 3 + 3 + 1 + 2)
+    assert sorted(c.experiment["mismatched"]["n"] for c in per_attack["meraser"]) == [100] * 3 + [200] * 3 + [300] * 3
+    assert sorted(c.experiment["attack"]["config"]["weights"][0] for c in per_attack["merge-dare"]) == \
+        [0.4] * 3 + [0.5] * 3 + [0.6] * 3
+    assert len({c.id for c in cells}) == len(cells)

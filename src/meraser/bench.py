@@ -48,9 +48,7 @@ class Matrix(Config):
         for name in ("models", "fingerprints", "attacks", "seeds"):
             if not getattr(self, name):
                 raise MeraserError(f"{key_path(where, name)}: give at least one")
-        for k, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise MeraserError(f"{key_path(where, 'grid.' + k)}: a non-empty list of values")
+        _check_grid(self.grid, key_path(where, "grid"))
 
 
 @dataclass
@@ -69,13 +67,25 @@ def _slug(text: str) -> str:
 
 
 def _attack(entry, where: str) -> dict:
+    """{method, config, grid}: an attack name, or a dict with its config and a grid of its own (settings that only
+    this attack varies, e.g. `mismatched.n` for meraser or `attack.config.weights` for a merge)."""
     from meraser.runner import AttackStage
 
-    a = {"method": entry} if isinstance(entry, str) else entry
-    if not isinstance(a, dict):
-        raise MeraserError(f"{where}: an attack name or {{method, config}}, got {entry!r}")
+    a = {"method": entry} if isinstance(entry, str) else dict(entry) if isinstance(entry, dict) else None
+    if a is None:
+        raise MeraserError(f"{where}: an attack name or {{method, config, grid}}, got {entry!r}")
+    grid = a.pop("grid", {})
+    _check_grid(grid, key_path(where, "grid"))
     AttackStage.from_dict(a, where=where)  # unknown attack or setting: refused with the nearest name
-    return {"method": a["method"], "config": a.get("config", {})}
+    return {"method": a["method"], "config": a.get("config", {}), "grid": grid}
+
+
+def _check_grid(grid, where: str) -> None:
+    if not isinstance(grid, dict):
+        raise MeraserError(f"{where}: a mapping of experiment keys to lists of values")
+    for k, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise MeraserError(f"{key_path(where, k)}: a non-empty list of values")
 
 
 def _fingerprint_label(fp: dict) -> str:
@@ -122,28 +132,36 @@ def _attack_with_seed(attack: dict, seed: int) -> dict:
 def plan_cells(matrix: Matrix, where: str = "") -> list[Cell]:
     """Every cell of the matrix, each cell's experiment checked (unknown keys and names refused, naming the key and
     the nearest valid name) before anything runs."""
-    from meraser.runner import Experiment, FingerprintStage
+    from meraser.runner import FingerprintStage
 
     fps = [FingerprintStage.from_dict(fp, where=f"{where}fingerprints[{i}]").to_dict()
            for i, fp in enumerate(matrix.fingerprints)]
     attacks = [_attack(a, f"{where}attacks[{i}]") for i, a in enumerate(matrix.attacks)]
-    keys = list(matrix.grid)
     cells = []
-    for model, fp, attack, seed, values in itertools.product(
-            matrix.models, fps, attacks, matrix.seeds, itertools.product(*matrix.grid.values())):
-        combo = dict(zip(keys, values))
-        exp = _seeded(_merge(matrix.experiment, _nested(combo)), seed)
-        if attack["method"] != ERASE_RECOVER:
-            exp["attack"] = _attack_with_seed(attack, seed)
-        if not fp["existing"]:
-            fp = {**fp, "config": {**fp["config"], "seed": seed}}
-        Experiment.from_dict({**exp, "model": model, "fingerprint": fp},
-                             where=f"{where}experiment/grid {json.dumps(combo) if combo else ''}: ")
-        label = "__".join([_slug(Path(model).name), _fingerprint_label(fp), _slug(attack["method"]), f"s{seed}",
-                           *(_slug(f"{k}={v}") for k, v in combo.items())])
-        cells.append(Cell(f"{label}__{_hash([model, fp, attack, seed, exp])[:8]}", model, fp, attack, seed, combo,
-                          exp))
+    for model, fp, attack, seed in itertools.product(matrix.models, fps, attacks, matrix.seeds):
+        grid = {**matrix.grid, **attack["grid"]}
+        for values in itertools.product(*grid.values()):
+            cells.append(_cell(matrix, model, fp, attack, seed, dict(zip(grid, values)), where))
     return cells
+
+
+def _cell(matrix: Matrix, model: str, fp: dict, attack: dict, seed: int, combo: dict, where: str) -> Cell:
+    """One cell, its experiment checked."""
+    from meraser.runner import Experiment
+
+    stage = {"method": attack["method"], "config": attack["config"]}
+    erase_recover = attack["method"] == ERASE_RECOVER  # its config (mismatched, clean, erase, recover) is the
+    exp = _merge(matrix.experiment, attack["config"] if erase_recover else {})  # experiment's own keys
+    exp = _seeded(_merge(exp, _nested(combo)), seed)
+    if not erase_recover:  # the grid may set attack.config.* over the attack's own config
+        exp["attack"] = _merge(_attack_with_seed(stage, seed), exp.get("attack", {}))
+    if not fp["existing"]:
+        fp = {**fp, "config": {**fp["config"], "seed": seed}}
+    Experiment.from_dict({**exp, "model": model, "fingerprint": fp},
+                         where=f"{where}experiment/grid {json.dumps(combo) if combo else ''}: ")
+    label = "__".join([_slug(Path(model).name), _fingerprint_label(fp), _slug(attack["method"]), f"s{seed}",
+                       *(_slug(f"{k}={v}") for k, v in combo.items())])
+    return Cell(f"{label}__{_hash([model, fp, stage, seed, exp])[:8]}", model, fp, stage, seed, combo, exp)
 
 
 def check_models(matrix: Matrix, where: str = "") -> None:
