@@ -176,3 +176,20 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     assert sorted(c.experiment["attack"]["config"]["weights"][0] for c in per_attack["merge-dare"]) == \
         [0.4] * 3 + [0.5] * 3 + [0.6] * 3
     assert len({c.id for c in cells}) == len(cells)
+
+
+def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
+    pool = str(tmp_path / "pool.jsonl")
+    merge = {"method": "merge-task-arithmetic",
+             "config": {"expert_data": pool, "expert_rows": 16,
+                        "expert_train": {"epochs": 1, "batch_size": 8, "save_steps": -1}},
+             "grid": {"attack.config.weights": [[1.0, 0.0], [0.5, 0.5]]}}
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[merge]))
+    res = run_bench(load_matrix(path), progress=False)
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": []}
+    shared = list((tmp_path / "bench" / "shared").iterdir())
+    assert len(shared) == 1 and shared[0].name.startswith("expert__")
+    rows = read_jsonl(tmp_path / "bench" / RESULTS)
+    attacked = {tuple(r["grid"]["attack.config.weights"]): r for r in rows if r["stage"] == "attacked"}
+    assert attacked[(1.0, 0.0)]["fsr"] == 1.0  # weight 1 on the fingerprinted model changes nothing
+    assert all(r["settings"]["attack"]["config"]["expert"] == str(shared[0]) for r in attacked.values())

@@ -212,26 +212,49 @@ def prepare_shared(cells: list[Cell], out: Path, console=None) -> None:
             if console:
                 console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
             fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"])
-        attack = cell.experiment.get("attack")
-        if attack and attack["method"] == "meraser-transfer" and not attack["config"].get("adapter"):
-            adapter = _transfer_folder(out, cell)
-            if not adapter.exists():
-                if console:
-                    console.print(f"training MEraser's transferable erase adapter on {cell.model} (seed {cell.seed})")
-                transfer_train(cell.model, adapter, progress=False)
+        kind, folder = _shared(out, cell)
+        if kind and not folder.exists():
+            if console:
+                console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
+            if kind == "transfer adapter":
+                transfer_train(cell.model, folder, progress=False)
+            else:
+                from meraser.attacks import get_attack
+                from meraser.attacks.merge import make_expert
+
+                a = cell.experiment["attack"]
+                cfg = get_attack(a["method"]).Config.from_dict(a["config"])
+                with _atomic(folder) as tmp:
+                    make_expert(cell.model, cfg, tmp, progress=False)
 
 
-def _transfer_folder(out: Path, cell: Cell) -> Path:
-    return out / "shared" / f"transfer__{_slug(Path(cell.model).name)}__s{cell.seed}"
+def _shared(out: Path, cell: Cell) -> tuple[str | None, Path | None]:
+    """What a cell's attack needs that other cells share: MEraser's transfer adapter (per model and seed), or a
+    merge's expert (per model and expert settings); (None, None) when it needs nothing shared."""
+    a = cell.experiment.get("attack")
+    model = _slug(Path(cell.model).name)
+    if a and a["method"] == "meraser-transfer" and not a["config"].get("adapter"):
+        return "transfer adapter", out / "shared" / f"transfer__{model}__s{cell.seed}"
+    if a and a["method"].startswith("merge-") and not a["config"].get("expert"):
+        keys = ("expert_data", "expert_rows", "expert_train", "seed")
+        settings = {k: a["config"].get(k) for k in keys}
+        return "merge expert", out / "shared" / f"expert__{model}__{_hash(settings)[:8]}"
+    return None, None
+
+
+def _atomic(folder: Path):
+    from meraser.utils import atomic_dir
+
+    return atomic_dir(folder, overwrite=False)
 
 
 def cell_experiment(cell: Cell, out: Path) -> dict:
     """The experiment a cell runs: its settings, its folder, the shared fingerprinted model and adapter."""
     exp = copy.deepcopy(cell.experiment)
     fp = cell.fingerprint if cell.fingerprint["existing"] else {"existing": str(_fingerprint_folder(out, cell))}
-    attack = exp.get("attack")
-    if attack and attack["method"] == "meraser-transfer" and not attack["config"].get("adapter"):
-        attack["config"]["adapter"] = str(_transfer_folder(out, cell))
+    kind, folder = _shared(out, cell)
+    if kind:
+        exp["attack"]["config"]["adapter" if kind == "transfer adapter" else "expert"] = str(folder)
     return {**exp, "model": cell.model, "out": str(out / "cells" / cell.id), "fingerprint": fp}
 
 
@@ -352,8 +375,11 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progres
             record(out, rows)
             return
         failed.append(cell.id)  # one broken cell must not stop the matrix; it is retried on the next run
+        import traceback
+
+        where_ = "".join(traceback.format_tb(error.__traceback__)[-3:]) if error.__traceback__ else ""
         append_jsonl(out / FAILED, {"cell": cell.id, "error": f"{type(error).__name__}: {error}"[:2000],
-                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                    "traceback": where_[-3000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if console:
             console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
 

@@ -136,18 +136,9 @@ class _Merge(Attack):
         """The expert's spec: given, or fine-tuned here from the base on `expert_data` (kept in the work folder)."""
         if cfg.expert:
             return cfg.expert
-        from meraser.data import load_pairs
-        from meraser.erase.datasets import build_clean
-        from meraser.models import load_model
-        from meraser.training import TrainConfig, train
-
         out = ctx.work / "expert"
         if not (out / "config.json").exists():
-            base, tok = load_model(ctx.base)
-            rows = build_clean(load_pairs(cfg.expert_data), cfg.expert_rows, cfg.seed)
-            train(base, tok, rows, TrainConfig.from_dict(cfg.expert_train, where="expert_train"), out, merge=True,
-                  overwrite=True, progress=ctx.progress)
-            del base
+            make_expert(ctx.base, cfg, out, progress=ctx.progress)
         return str(out)
 
     def apply(self, model, tokenizer, cfg, ctx):
@@ -166,6 +157,21 @@ class _Merge(Attack):
         ctx.info.update(expert=expert if cfg.expert else f"fine-tuned from the base on {cfg.expert_data}",
                         tensors_merged=n)
         return model
+
+
+def make_expert(base_spec: str, cfg: MergeConfig, out: Path, progress: bool = True) -> Path:
+    """Fine-tune the base on `cfg.expert_data` (LoRA, merged): the expert a merge needs when none is given.
+    `meraser bench` makes it once per base and expert settings and shares it between cells."""
+    from meraser.data import load_pairs
+    from meraser.erase.datasets import build_clean
+    from meraser.models import load_model
+    from meraser.training import TrainConfig, train
+
+    base, tok = load_model(base_spec)
+    rows = build_clean(load_pairs(cfg.expert_data), cfg.expert_rows, cfg.seed)
+    train(base, tok, rows, TrainConfig.from_dict(cfg.expert_train, where="expert_train"), out, merge=True,
+          overwrite=True, progress=progress)
+    return out
 
 
 def _weights(cfg):
