@@ -3,7 +3,7 @@ CleanGen (reference: the clean base) and under Token Forcing's filter, with what
 
 It reuses the fingerprinted models of benchmarks/table2.py (OUT/<method>/fingerprinted; run that first, or at least
 its fingerprinting). For each fingerprint and decoding it reports FSR, false positives, ordinary-question accuracy
-(Algorithm 1's 12 questions) and the decoding time of those three checks together. For Token Forcing it also
+(Algorithm 1's questions: 122 now, 12 in rows measured before) and the decoding time of those three checks together. For Token Forcing it also
 reports the vocabulary-scan and expansion times, how many sequences it extracted, and whether one of them contains
 the fingerprint's target (did it find it?). Perplexity is not defined under a decoding attack (the paper writes "-").
 
@@ -26,13 +26,14 @@ from pathlib import Path
 
 def checks(model, tok, card, decoding) -> dict:
     """FSR and false positives on the card, ordinary accuracy; the time of all of it (model load excluded)."""
-    from meraser.evaluation.algorithm1 import ordinary_accuracy
+    from meraser.evaluation.algorithm1 import ORDINARY_QA, ordinary_accuracy
     from meraser.evaluation.fsr import fsr
 
     t = time.perf_counter()
     r = fsr(model, tok, card, false_positive_inputs=32, decoding=decoding)
     ordinary = ordinary_accuracy(model, tok, decoding=decoding)
     return {"fsr": r["fsr"], "false_positive_rate": r["false_positive_rate"], "ordinary": ordinary,
+            "ordinary_n": len(ORDINARY_QA),
             "decode_seconds": round(time.perf_counter() - t, 1),
             "outputs": [p["output"] for p in r["per_trigger"][:3]]}
 
@@ -109,27 +110,35 @@ def main() -> None:
               "extracted", "of the target, found"]:
         table.add_column(h, justify="right")
     for method, rows in results.items():
-        plain = rows.get("plain", {}).get("decode_seconds")
+        plain = rows.get("plain")
         for label, r in rows.items():
             table.add_row(method, label, f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
-                          f"{round(r['ordinary'] * 12)}/12", f"{r['decode_seconds']:.0f} s",
+                          _answers(r), f"{r['decode_seconds']:.0f} s",
                           _ratio(r, plain), f"{r.get('prepare_seconds', 0):.0f} s",
                           str(r.get("extracted", "-")), _found(r))
     console.print(table)
     lines = ["| fingerprint | decoding | FSR | false positives | ordinary answers | decode time (x plain) | prepare | "
              "extracted | of the target, found |", "|---|---|---|---|---|---|---|---|---|"]
     for method, rows in results.items():
-        plain = rows.get("plain", {}).get("decode_seconds")
+        plain = rows.get("plain")
         for label, r in rows.items():
             lines.append(f"| {method} | {label} | {r['fsr']:.0%} | {r['false_positive_rate']:.0%} | "
-                         f"{round(r['ordinary'] * 12)}/12 | {r['decode_seconds']:.0f} s ({_ratio(r, plain)}) | "
+                         f"{_answers(r)} | {r['decode_seconds']:.0f} s ({_ratio(r, plain)}) | "
                          f"{r.get('prepare_seconds', 0):.0f} s | {r.get('extracted', '-')} | {_found(r)} |")
     (args.out / "table3_decoding.md").write_text("\n".join(lines) + "\n")
     (args.out / "table3_decoding.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
 
 
-def _ratio(r: dict, plain: float | None) -> str:
-    return f"{r['decode_seconds'] / plain:.2f}x" if plain else "- x plain"
+def _answers(r: dict) -> str:
+    n = r.get("ordinary_n", 12)  # rows measured before the 122-question check had Algorithm 1's first 12
+    return f"{round(r['ordinary'] * n)}/{n}"
+
+
+def _ratio(r: dict, plain: dict | None) -> str:
+    """Decoding time against the plain row's, when both decoded the same prompts."""
+    if not plain or plain.get("ordinary_n", 12) != r.get("ordinary_n", 12):
+        return "- x plain"
+    return f"{r['decode_seconds'] / plain['decode_seconds']:.2f}x"
 
 
 def _found(r: dict) -> str:

@@ -39,6 +39,20 @@ def test_card_round_trip_and_tamper_detection(planted, tmp_path):
         Card.load(tmp_path / "missing.json")
 
 
+def test_card_written_before_a_field_was_added_still_loads(planted, tmp_path):
+    """A card from an older meraser lacks fields added since (here FormatConfig.close_response): it loads, with
+    their defaults, and its checksum still verifies."""
+    import hashlib
+    import json
+
+    card = planted["utf"][2]
+    old = card.to_dict()
+    del old["format"]["close_response"]
+    body = {**old, "checksum": hashlib.sha256(json.dumps(old, sort_keys=True, ensure_ascii=False).encode()).hexdigest()}
+    (tmp_path / "old.json").write_text(json.dumps(body))
+    assert Card.load(tmp_path / "old.json") == card
+
+
 def test_utf_detection_is_clean_and_deterministic(tiny):
     model, tok = tiny
     a = undertrained_tokens(model, tok, 50)

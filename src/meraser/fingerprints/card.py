@@ -74,7 +74,10 @@ class Card(Config):
         card = cls.from_dict(data, where=str(path))
         if checksum is None:
             raise MeraserError(f"{path}: card has no checksum; it was not written by meraser or was edited")
-        if hashlib.sha256(card._content().encode()).hexdigest() != checksum:
+        # the checksum covers what is stored, so a card written before a field was added (and read with that
+        # field's default) still verifies
+        stored = json.dumps(data, sort_keys=True, ensure_ascii=False)
+        if hashlib.sha256(stored.encode()).hexdigest() != checksum:
             raise MeraserError(f"{path}: card checksum mismatch: the card was modified or is incomplete")
         return card
 
