@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -44,6 +44,14 @@ def _train_default(path: str) -> str:
     from meraser.training import TrainConfig
 
     return _default(TrainConfig, path)
+
+
+# `verify` and `chat` decode under the same attack options
+DecodingAttack = Annotated[Optional[str], typer.Option(
+    "--attack", help="decode under a decoding-time attack (cleangen, token-forcing)",
+    show_default="plain greedy decoding")]
+DecodingAttackSettings = Annotated[Optional[List[str]], typer.Option(
+    "--set", help="attack setting, e.g. --set reference=smollm2-135m; repeat", show_default="the attack's defaults")]
 
 
 def _fingerprint_methods() -> str:
@@ -206,10 +214,8 @@ def fingerprint(
 def verify(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder works too)"),
     card: Path = typer.Option(..., "--card", help="fingerprint card JSON (or the folder holding it)"),
-    attack: Optional[str] = typer.Option(None, "--attack", help="decode under a decoding-time attack (cleangen, "
-                                         "token-forcing)", show_default="plain greedy decoding"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting, e.g. --set reference=smollm2-135m; "
-                                             "repeat", show_default="the attack's defaults"),
+    attack: DecodingAttack = None,
+    set_: DecodingAttackSettings = None,
     reference: Optional[str] = typer.Option(None, "--reference", help="a model known not to carry the fingerprint "
                                             "(e.g. the base): gives the ownership p-value",
                                             show_default="no p-value"),
@@ -279,10 +285,8 @@ def chat(
     prompt: str = typer.Argument(..., help="the user message"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate"),
-    attack: Optional[str] = typer.Option(None, "--attack", help="decode under a decoding-time attack (cleangen, "
-                                         "token-forcing)", show_default="plain greedy decoding"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="attack setting; repeat",
-                                             show_default="the attack's defaults"),
+    attack: DecodingAttack = None,
+    set_: DecodingAttackSettings = None,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
 ):
     """Answer one prompt with a model's chat template (greedy, or under a decoding-time attack)."""
