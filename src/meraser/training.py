@@ -381,8 +381,6 @@ def train(
     """
     import torch
 
-    from meraser.lm_loss import is_plain_causal_lm
-
     cfg = cfg or TrainConfig()
     out = Path(out)
     if save:
@@ -392,43 +390,54 @@ def train(
         raise MeraserError("no training rows")
     with _checkpoint_dir(out, save, resume, overwrite) as (work, last):
         set_seed(cfg.seed)
-        model = _prepare(model, cfg)
-        args = _training_args(cfg, work, progress)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        plain = is_plain_causal_lm(model)
         before = _elapsed_before(last)
         t0 = time.perf_counter()
-        trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
-                                 cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
-            model=model,
-            args=args,
-            train_dataset=rows,
-            data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
-            callbacks=[*_callbacks(probe, t0, before), *(callbacks or [])],
-        )
-        if not progress:  # without progress bars the Trainer prints every log dict to stdout instead
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)
+        trainer = _trainer(_prepare(model, cfg), tokenizer, rows, cfg, work, progress,
+                           [*_callbacks(probe, t0, before), *(callbacks or [])])
         result = trainer.train(resume_from_checkpoint=last)
         metrics = _metrics(trainer, result, rows, cfg, before + time.perf_counter() - t0, last)
-        trained = trainer.model
-        if merge and cfg.method == "lora":
-            spec = getattr(trained, "_meraser_spec", None)
-            trained = trained.merge_and_unload()
-            trained._meraser_spec = spec
+        trained = _merged(trainer.model) if merge and cfg.method == "lora" else trainer.model
         trained.eval()
-        if save and trainer.is_world_process_zero():
-            from meraser.models import save_model
-
-            log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
-            save_model(trained, tokenizer, out, overwrite=overwrite,
-                       extra_files={"train_log.json": log, **(extra_files or {})})
         if trainer.is_world_process_zero():
+            if save:
+                from meraser.models import save_model
+
+                log = json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str)
+                save_model(trained, tokenizer, out, overwrite=overwrite,
+                           extra_files={"train_log.json": log, **(extra_files or {})})
             shutil.rmtree(work, ignore_errors=True)
-        if args.world_size > 1:
+        if trainer.args.world_size > 1:
             torch.distributed.barrier()
     return TrainResult(out, trained, metrics, metrics["probes"])
+
+
+def _trainer(model, tokenizer, rows: list[dict], cfg: TrainConfig, work: Path, progress: bool, callbacks: list):
+    """The Trainer for `rows`: dynamic padding, length-grouped batches, the fused loss where the model allows."""
+    from meraser.lm_loss import is_plain_causal_lm
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plain = is_plain_causal_lm(model)
+    trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
+                             cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
+        model=model,
+        args=_training_args(cfg, work, progress),
+        train_dataset=rows,
+        data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
+        callbacks=callbacks,
+    )
+    if not progress:  # without progress bars the Trainer prints every log dict to stdout instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _merged(peft_model):
+    """The LoRA merged into the weights, keeping the spec the model was loaded from (for save records)."""
+    spec = getattr(peft_model, "_meraser_spec", None)
+    merged = peft_model.merge_and_unload()
+    merged._meraser_spec = spec
+    return merged
 
 
 def train_from_source(
