@@ -29,7 +29,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/table1"))
     ap.add_argument("--windows", type=int, default=100, help="512-token PPL windows of held-out SQuAD text")
     ap.add_argument("--no-transfer", action="store_true")
+    ap.add_argument("--existing", nargs="*", default=[], metavar="METHOD=FOLDER",
+                    help="use a fingerprint made elsewhere for METHOD (e.g. perinucleus=runs/perinucleus/n256)")
+    ap.add_argument("--preset", default="paper", help="erase and recover preset")
     args = ap.parse_args()
+    existing = dict(e.split("=", 1) for e in args.existing)
 
     import transformers
     from meraser.utils import console as log_console
@@ -45,7 +49,9 @@ def main() -> None:
     rows = {}
     for method in args.methods:
         t = time.perf_counter()
-        exp = Experiment.from_dict({"model": args.model, "out": str(args.out / method), "fingerprint": {"method": method},
+        fp = {"existing": existing[method]} if method in existing else {"method": method}
+        exp = Experiment.from_dict({"model": args.model, "out": str(args.out / method), "fingerprint": fp,
+                                    "erase": {"preset": args.preset}, "recover": {"preset": args.preset},
                                     "eval": evalcfg})
         stages = run_experiment(exp, console=console, progress=False)
         rows[method] = {r["stage"]: r for r in stages}
@@ -66,7 +72,7 @@ def main() -> None:
         elif (args.out / "table1.json").exists():  # resumed: keep the time the adapter took when it was trained
             transfer["train_seconds"] = json.loads((args.out / "table1.json").read_text())["transfer"].get("train_seconds")
         for method in args.methods:
-            fp = args.out / method / "fingerprinted"
+            fp = Path(existing[method]) if method in existing else args.out / method / "fingerprinted"
             merged = args.out / method / "transfer_applied"
             if not (merged / "config.json").exists():
                 transfer_apply(adapter, str(fp / "model"), merged)
@@ -76,7 +82,9 @@ def main() -> None:
 
     table = Table(title=f"MEraser on {args.model}: FSR and perplexity (held-out SQuAD, {args.windows}x512 tokens)")
     for h in ["method", "base FSR", "base PPL", "fp FSR", "fp FP", "fp PPL", "fp time", "erased FSR", "erased PPL",
-              "recovered FSR", "recovered PPL", "FSR per erase epoch", "FSR per recover epoch", "Alg. 1", "transfer FSR / PPL"]:
+              "recovered FSR", "recovered PPL", "FSR per erase epoch", "FSR per recover epoch", "strict (erased / "
+              "recovered)", "p-value (fp / recovered)", "ordinary (fp / recovered / bar)", "Alg. 1",
+              "transfer FSR / PPL"]:
         table.add_column(h, justify="right")
     for method, r in rows.items():
         b, f, e, c = r["base"], r["fingerprinted"], r["erased"], r["recovered"]
@@ -84,11 +92,25 @@ def main() -> None:
         table.add_row(method, f"{b['fsr']:.1%}", f"{b['ppl']['ppl']:.2f}", f"{f['fsr']:.1%}",
                       f"{f['false_positive_rate']:.1%}", f"{f['ppl']['ppl']:.2f}", f"{f.get('fingerprint_seconds')} s",
                       f"{e['fsr']:.1%}", f"{e['ppl']['ppl']:.2f}", f"{c['fsr']:.1%}", f"{c['ppl']['ppl']:.2f}",
-                      per(e), per(c), str(c.get("erased")),
+                      per(e), per(c), _strict(e, c), _pvalues(f, c), _ordinary(f, c), str(c.get("erased")),
                       f"{transfer[method]['fsr']:.1%} / {transfer[method]['ppl']:.2f}" if method in transfer else "-")
     console.print(table)
     (args.out / "table1.json").write_text(json.dumps({"rows": rows, "transfer": transfer}, indent=2))
     console.print(f"written {args.out / 'table1.json'}")
+
+
+def _strict(e: dict, c: dict) -> str:
+    """Whether each stage is erased under the strict check (every check back at the base model's level)."""
+    return " / ".join(str(r.get("strict", {}).get("erased_strict", "-")) for r in (e, c))
+
+
+def _pvalues(f: dict, c: dict) -> str:
+    return " / ".join(f"{r['ownership']['p_value']:.2g}" if "ownership" in r else "-" for r in (f, c))
+
+
+def _ordinary(f: dict, c: dict) -> str:
+    cells = [f"{r['ordinary_accuracy']:.0%}" if r.get("ordinary_accuracy") is not None else "-" for r in (f, c)]
+    return " / ".join(cells + [f"{c['utility_bar']:.0%}" if "utility_bar" in c else "-"])
 
 
 if __name__ == "__main__":
