@@ -74,6 +74,7 @@ def main() -> None:
     import transformers
     from rich.table import Table
 
+    from meraser.evaluation.ownership import p_text
     from meraser.evaluation.perplexity import corpus_perplexity
     from meraser.models import load_model
     from meraser.utils import console as log_console
@@ -96,7 +97,7 @@ def main() -> None:
         table.add_column(h, justify="right")
     for r in rows:
         table.add_row(str(r["n"]), f"{r['fsr']:.1%}", f"{r['base_match_rate']:.1%}", f"{r['false_positive_rate']:.1%}",
-                      f"{r['p_value']:.2g}", f"{r['base_p_value']:.2g}", f"{r['ppl']:.2f} ({r['base_ppl']:.2f})",
+                      p_text(r['p_value']), p_text(r['base_p_value']), f"{r['ppl']:.2f} ({r['base_ppl']:.2f})",
                       f"{r['ppl'] / r['base_ppl'] - 1:+.1%}", f"{r['seconds']:.0f} s")
     console.print(table)
 

@@ -105,7 +105,9 @@ def _strict(e: dict, c: dict) -> str:
 
 
 def _pvalues(f: dict, c: dict) -> str:
-    return " / ".join(f"{r['ownership']['p_value']:.2g}" if "ownership" in r else "-" for r in (f, c))
+    from meraser.evaluation.ownership import p_text
+
+    return " / ".join(p_text(r['ownership']['p_value']) if "ownership" in r else "-" for r in (f, c))
 
 
 def _ordinary(f: dict, c: dict) -> str:

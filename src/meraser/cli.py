@@ -255,11 +255,13 @@ def verify(
     for row in r["per_trigger"]:
         t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
     _console().print(t)
+    from meraser.evaluation.ownership import p_text
+
     own = r["ownership"]
     if own["p_value"] is None:
         _console().print(f"ownership p-value: unavailable ({own['why']})")
     else:
-        _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {own['p_value']:.3g} "
+        _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {p_text(own['p_value'])} "
                          f"against {own['reference']} (chance expects {own['expected_matches_by_chance']:.2g}); "
                          f"{'claim' if own['claim'] else 'no claim'} at level {own['level']:g}")
 

@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 
 from meraser.evaluation.evaluate import ppl_text
+from meraser.evaluation.ownership import p_text
 from meraser.utils import MeraserError, atomic_write_text, read_json, read_jsonl
 
 STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
@@ -246,7 +247,7 @@ def _attack_table(runs: list[dict], cells: list[dict]) -> str:
         status = c["status"] if c["status"] != "failed" else f"failed: {(c.get('error') or '')[:80]}"
         cells_ = [c["fingerprint"], c["attack"], " ".join(f"{k}={v}" for k, v in c["grid"].items()), status,
                   _pct(fp.get("fsr")), _pct(last.get("fsr")), str(last.get("strict", {}).get("erased_strict", "")),
-                  f"{last['ownership']['p_value']:.2g}" if "ownership" in last else "", ppl_text(fp), ppl_text(last),
+                  p_text(last['ownership']['p_value']) if "ownership" in last else "", ppl_text(fp), ppl_text(last),
                   _pct(last.get("ordinary_accuracy")), "" if u is None else f"{u:.0%}",
                   f"{r['seconds']:.0f} s" if r and r.get("seconds") else "",
                   f"{r['peak_rss_mb']} MB" if r and r.get("peak_rss_mb") else ""]

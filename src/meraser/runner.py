@@ -347,13 +347,15 @@ class ExperimentRun:
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
         strict = row.get("strict", {})
+        from meraser.evaluation.ownership import p_text
+
         self.say(f"  {stage}: " + ", ".join(
             ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
             ([f"strict: forced {strict['forced']:.0%}, paraphrased {strict['paraphrased']:.0%}, sampled "
               f"{strict['sampled']:.0%}, partial {strict['partial']:.0%}, loglik {strict['loglik']:.2f}"]
              if strict else []) +
             ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
-            ([f"ownership p-value {row['ownership']['p_value']:.2g}"] if "ownership" in row else []) +
+            ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
             ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from meraser.config import Config, field
+from meraser.evaluation.ownership import p_text
 
 
 @dataclass
@@ -124,7 +125,7 @@ def results_table(rows: list[dict], title: str = "evaluation"):
     add("strict: target loglik", lambda r: f"{r['strict']['loglik']:.2f}" if "strict" in r else "")
     add("erased strictly", lambda r: str(r["strict"]["erased_strict"]) if "erased_strict" in r.get("strict", {})
         else "")
-    add("ownership p-value", lambda r: f"{r['ownership']['p_value']:.2g}" if "ownership" in r else "")
+    add("ownership p-value", lambda r: p_text(r['ownership']['p_value']) if "ownership" in r else "")
     add("PPL", ppl_text)
     for t in tasks:
         def cell(r, t=t):

@@ -39,6 +39,11 @@ def upper_tail(probabilities: list[float], k: int) -> float:
     return min(1.0, sum(dist[k:]))
 
 
+def p_text(p: float) -> str:
+    """A p-value as printed: below float range (the tail underflows past ~1e-308) shown as such, not as 0."""
+    return "< 1e-300" if p == 0 else f"{p:.2g}"
+
+
 def ownership(matches: list[bool], reference_logprobs: list[float], level: float = CLAIM_LEVEL) -> dict:
     """The p-value of at least `sum(matches)` matches under the reference's probabilities, and the decision."""
     ps = [math.exp(lp) for lp in reference_logprobs]
