@@ -359,8 +359,8 @@ def bench(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
     executor: str = typer.Option("sequential", help="sequential (here, one cell after another) or ray (each cell "
                                                     "a Ray task: pip install 'meraser[ray]')"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto); default: a local instance",
-                                          show_default=False),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto)",
+                                          show_default="a local Ray instance"),
     cpus_per_cell: float = typer.Option(1.0, help="CPUs each Ray task asks for"),
     gpus_per_cell: float = typer.Option(0.0, help="GPUs each Ray task asks for (1 on a GPU machine)"),
 ):
