@@ -109,26 +109,39 @@ def test_bad_matrix_is_refused_before_any_cell(tmp_path, tiny_dir, changes, frag
     assert not (tmp_path / "bench").exists()  # nothing was written
 
 
+def _run_then_kill(cmd, env, ready, delay: float) -> bool:
+    """Start `meraser bench`, wait until `ready()` (a point in its work), then `delay` seconds; SIGKILL it if it is
+    still running. True when it was killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(tmp_path, tiny_dir):
-    """Three SIGKILLs at random moments of `meraser bench`, then a run to the end: the same final table as an
-    uninterrupted run with the same seeds, and no row twice."""
+    """SIGKILLs at random moments of `meraser bench` (while the shared fingerprint is made, inside the first cell,
+    inside the second), then a run to the end: the same final table as an uninterrupted run with the same seeds,
+    and no row twice."""
     reference = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="straight"), "straight.yaml")
     run_bench(load_matrix(reference), progress=False)
     killed = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="killed"), "killed.yaml")
+    out = tmp_path / "killed"
     cmd = [str(Path(sys.executable).with_name("meraser")), "bench", str(killed)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(7)
-    kills = 0
-    for _ in range(3):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(6, 30))  # start-up takes ~6 s; a tiny cell a few seconds
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 1, "every run finished before its kill: the kill points are too late to test anything"
+    points = [lambda: (out / "fingerprints").exists(),  # the shared fingerprint is being made
+              lambda: any((out / "cells").glob("*/stages.json")),  # a cell has begun
+              lambda: (out / RESULTS).exists()]  # the first cell is in the store; the second runs
+    kills = sum(_run_then_kill(cmd, env, ready, rng.uniform(0, 1.0)) for ready in points)
+    assert kills >= 2, "the runs finished before their kill points: nothing was interrupted"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
-    assert _table(tmp_path / "killed") == _table(tmp_path / "straight")
+    assert _table(out) == _table(tmp_path / "straight")
 
 
 def test_ray_executor_gives_the_sequential_results(tmp_path, tiny_dir):
