@@ -25,7 +25,7 @@ from pathlib import Path
 
 from meraser.config import Config, field, key_path, load_yaml
 from meraser.models import DEFAULT_MODEL
-from meraser.utils import MeraserError, append_jsonl, did_you_mean, read_jsonl
+from meraser.utils import MeraserError, append_jsonl, atomic_dir, did_you_mean, read_jsonl
 
 RESULTS = "results.jsonl"
 ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and recover stages
@@ -224,7 +224,7 @@ def prepare_shared(cells: list[Cell], out: Path, console=None) -> None:
 
                 a = cell.experiment["attack"]
                 cfg = get_attack(a["method"]).Config.from_dict(a["config"])
-                with _atomic(folder) as tmp:
+                with atomic_dir(folder) as tmp:
                     make_expert(cell.model, cfg, tmp, progress=False)
 
 
@@ -241,11 +241,6 @@ def _shared(out: Path, cell: Cell) -> tuple[str | None, Path | None]:
         return "merge expert", out / "shared" / f"expert__{model}__{_hash(settings)[:8]}"
     return None, None
 
-
-def _atomic(folder: Path):
-    from meraser.utils import atomic_dir
-
-    return atomic_dir(folder, overwrite=False)
 
 
 def cell_experiment(cell: Cell, out: Path) -> dict:

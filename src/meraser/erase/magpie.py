@@ -88,9 +88,7 @@ def _finished(answer: str, tokenizer) -> str:
 
 def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[Pair]:
     """`n` (question, answer) rows the model writes and answers itself (greedy answers)."""
-    from meraser.generation import generate
+    from meraser.erase.datasets import self_answers
 
-    questions = write_questions(model, tokenizer, n, seed, exclude)
-    answers = generate(model, tokenizer, questions, max_new_tokens=MAX_ANSWER_TOKENS, batch_size=16, progress=True)
-    rows = [Pair(q, _finished(a.strip(), tokenizer)) for q, a in zip(questions, answers)]
-    return [r for r in rows if r.response]
+    rows = self_answers(model, tokenizer, write_questions(model, tokenizer, n, seed, exclude), MAX_ANSWER_TOKENS)
+    return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows]
