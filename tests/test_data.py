@@ -204,3 +204,22 @@ def test_clean_rows_never_include_algorithm1_questions():
     pool += [Pair(f"Question number {i}?", "An answer long enough.") for i in range(5)]
     rows = build_clean(pool, 5, seed=0)
     assert sorted(r.prompt for r in rows) == sorted(f"Question number {i}?" for i in range(5))
+
+
+def test_clean_set_replays_the_erase_rows_only_when_asked():
+    from meraser.erase.datasets import CleanSet, MismatchedSet
+    from meraser.utils import MeraserError
+
+    mism, _ = MismatchedSet.from_dict({"n": 20}).build()
+    plain = CleanSet.from_dict({"n": 30}).build({p.prompt for p in mism}, mismatched=mism)
+    assert len(plain) == 30 and not {p.prompt for p in plain} & {p.prompt for p in mism}
+    mixed = CleanSet.from_dict({"n": 30, "replay_mismatched": 8}).build({p.prompt for p in mism}, mismatched=mism)
+    replayed = [p for p in mixed if p in mism]
+    assert len(mixed) == 38 and len(replayed) == 8  # the erase's own (prompt, wrong response) pairs
+    assert {p.prompt for p in mixed} - {p.prompt for p in replayed} == {p.prompt for p in plain}
+    again = CleanSet.from_dict({"n": 30, "replay_mismatched": 8}).build({p.prompt for p in mism}, mismatched=mism)
+    assert again == mixed  # seeded
+    with pytest.raises(MeraserError, match="replay_mismatched needs the mismatched set"):
+        CleanSet.from_dict({"replay_mismatched": 8}).build(set())
+    with pytest.raises(MeraserError, match=r"clean\.replay_mismatched must be at least 0"):
+        CleanSet.from_dict({"replay_mismatched": -1}, where="clean")

@@ -475,6 +475,8 @@ def recover(
     self_answers: bool = typer.Option(False, help="answer the clean prompts with the model's own answers"),
     magpie: float = typer.Option(_data_default("CleanSet", "magpie"), min=0.0, max=1.0,
                                  help="share of the rows --model writes and answers itself (Magpie-style, offline)"),
+    replay_mismatched: int = typer.Option(_data_default("CleanSet", "replay_mismatched"), min=0,
+                                          help="erase rows mixed in (--model must come from `meraser erase`)"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
     preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
@@ -490,7 +492,8 @@ def recover(
 
     _quiet_libraries()
     sets = CleanSet.from_dict({"source": data, "n": n, "ready_made": ready_made, "self_answers": self_answers,
-                               "magpie": magpie, "seed": seed}, where="recover")
+                               "magpie": magpie, "replay_mismatched": replay_mismatched, "seed": seed},
+                              where="recover")
     _phase_summary("recover", recover_model(model, out, data=sets, preset_name=preset_name,
                                             overrides=_parse_sets(set_), adapter=adapter, overwrite=overwrite,
                                             resume=resume, trust_remote_code=trust_remote_code))

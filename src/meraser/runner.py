@@ -393,7 +393,7 @@ class ExperimentRun:
             clean = load_pairs(str(d / "clean.jsonl"))
         else:
             self._begin("clean")
-            clean = self.exp.clean.build({p.prompt for p in mism}, model, self.tok)
+            clean = self.exp.clean.build({p.prompt for p in mism}, model, self.tok, mism)
             write_pairs(clean, d / "clean.jsonl")
         return mism, clean
 

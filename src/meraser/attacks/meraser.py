@@ -80,7 +80,7 @@ class MEraser(Attack):
         from meraser.erase.meraser import recover
 
         erased, mism = _erase(model, tokenizer, cfg, ctx)
-        clean = cfg.clean.build({p.prompt for p in mism}, erased, tokenizer)
+        clean = cfg.clean.build({p.prompt for p in mism}, erased, tokenizer, mism)
         res = recover(erased, tokenizer, clean, cfg.recover.train_config("recover", "recover"), ctx.work / "recovered",
                       save=False, progress=ctx.progress)
         ctx.info.update(clean_rows=len(clean), recover_steps=res.metrics["steps"])

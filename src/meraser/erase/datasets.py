@@ -67,12 +67,17 @@ class CleanSet(InstructionSet):
     self_answers: bool = field(False, help="replace the responses by the model's own greedy answers (data-free)")
     magpie: float = field(0.0, help="share of the rows the model writes and answers itself from its chat template "
                                     "(Magpie-style, data-free); the rest come from `source`")
+    replay_mismatched: int = field(0, help="mismatched rows (the run's own D_m) mixed into the clean ones, so "
+                                           "recovery keeps the erased association broken; 0: the paper's recovery")
     misplaced_keys = {"by_type": "by_type applies to the mismatched set (mismatched:), not to the clean one"}
 
     def validate(self, where: str) -> None:
         super().validate(where)
         if not 0.0 <= self.magpie <= 1.0:
             raise MeraserError(f"{key_path(where, 'magpie')} is a share of the rows, in [0, 1]; got {self.magpie}")
+        if self.replay_mismatched < 0:
+            raise MeraserError(f"{key_path(where, 'replay_mismatched')} must be at least 0, got "
+                               f"{self.replay_mismatched}")
 
     @property
     def needs_model(self) -> bool:
@@ -82,9 +87,23 @@ class CleanSet(InstructionSet):
         if self.magpie < 1.0:
             super().check_inputs(where)
 
-    def build(self, exclude_prompts: set[str], model=None, tokenizer=None) -> list[Pair]:
+    def build(self, exclude_prompts: set[str], model=None, tokenizer=None, mismatched: list[Pair] | None = None
+              ) -> list[Pair]:
         """Rows disjoint from `exclude_prompts` (the mismatched prompts) and from Algorithm 1's ordinary questions;
-        answered by `model` with `self_answers`, partly written by it with `magpie`."""
+        answered by `model` with `self_answers`, partly written by it with `magpie`; with `replay_mismatched`, that
+        many of the `mismatched` rows mixed in (drawn with the seed)."""
+        rows = self._clean_rows(exclude_prompts, model, tokenizer)
+        if not self.replay_mismatched:
+            return rows
+        if not mismatched:
+            raise MeraserError("clean.replay_mismatched needs the mismatched set: it replays the erase's own rows "
+                               "(`meraser run`, the meraser attack, or `meraser recover` on a model that `meraser erase` wrote)")
+        rng = random.Random(self.seed + 3)
+        mixed = rows + rng.sample(mismatched, min(self.replay_mismatched, len(mismatched)))
+        rng.shuffle(mixed)
+        return mixed
+
+    def _clean_rows(self, exclude_prompts: set[str], model, tokenizer) -> list[Pair]:
         from meraser.data import load_pairs
         from meraser.erase.magpie import magpie_pairs
 

@@ -115,8 +115,8 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
         from meraser.data import load_pairs
 
         seen = Path(model, MISMATCHED_FILE)  # the erase rows, when this tool erased the model
-        exclude = {p.prompt for p in load_pairs(str(seen))} if seen.exists() else set()
-        rows = data.build(exclude, m, tok)
+        erase_rows = load_pairs(str(seen)) if seen.exists() else []
+        rows = data.build({p.prompt for p in erase_rows}, m, tok, erase_rows)
         res = recover(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
                       progress=progress, extra_files={CLEAN_FILE: _pairs_jsonl(rows)})
     return {"out": str(res.output_dir), "rows": len(rows), "adapter": adapter, "preset": preset_name,
