@@ -86,6 +86,17 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     assert page.count("<td>done</td>") == 2 and "<td>missing</td>" in page and "failed: RuntimeError" in page
 
 
+def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir):
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir))
+    with pytest.raises(MeraserError, match="--only prune-magnitud3: no cell id contains it"):
+        run_bench(load_matrix(path), only=["prune-magnitud3"], progress=False)
+    res = run_bench(load_matrix(path), only=["prune-magnitude"], progress=False)
+    assert res == {"cells": 2, "done": 0, "ran": 1, "failed": []}
+    assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 1  # the meraser cell, the prune one kept
+    assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
+
+
 BAD = [
     ({"attacks": ["prune-magnitud"]}, "matrix.yaml: attacks[0].method: unknown attack 'prune-magnitud'; "
                                       "did you mean 'prune-magnitude'?"),

@@ -344,21 +344,25 @@ class Executor:
             raise MeraserError("a cell needs more than 0 CPUs and at least 0 GPUs")
 
 
-def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progress: bool = True, console=None,
-              executor: Executor | None = None) -> dict:
-    """Check the whole matrix, then run every cell not yet in the store. Returns {cells, done, ran, failed}; with
-    `dry_run`, only lists the cells and what is already done."""
+def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: list[str] | None = None,
+              progress: bool = True, console=None, executor: Executor | None = None) -> dict:
+    """Check the whole matrix, then run every cell not yet in the store (with `only`, those whose id contains one
+    of its strings). Returns {cells, done, ran, failed}; with `dry_run`, only lists the cells and what is done."""
     executor = executor or Executor()
     executor.check()
     out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
     cells = plan_cells(matrix, where)
     check_models(matrix, where)
     done = finished_cells(out)
-    todo = [c for c in cells if c.id not in done]
+    todo = [c for c in cells if c.id not in done and (not only or any(o in c.id for o in only))]
+    if only and not any(any(o in c.id for o in only) for c in cells):
+        raise MeraserError(f"{where}--only {' '.join(only)}: no cell id contains it (ids look like "
+                           f"{cells[0].id})")
     if console:
         console.print(cells_table(cells, done))
+    n_done = sum(c.id in done for c in cells)
     if dry_run or not todo:
-        return {"cells": len(cells), "done": len(cells) - len(todo), "ran": 0, "failed": []}
+        return {"cells": len(cells), "done": n_done, "ran": 0, "failed": []}
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
     prepare_shared(todo, out, console)
@@ -379,10 +383,10 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, progres
             console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
 
     with _progress(progress) as bar:
-        task = bar.add_task("matrix", total=len(cells), completed=len(cells) - len(todo))
+        task = bar.add_task("matrix", total=n_done + len(todo), completed=n_done)
         run = _run_on_ray if executor.kind == "ray" else _run_here
         run(todo, out, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)))
-    return {"cells": len(cells), "done": len(cells) - len(todo), "ran": len(todo) - len(failed), "failed": failed}
+    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed}
 
 
 def _run_here(cells: list[Cell], out: Path, executor: Executor, finished) -> None:

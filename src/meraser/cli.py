@@ -357,8 +357,11 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="override the matrix's output folder",
                                        show_default="the YAML's `out`"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
+    only: Optional[List[str]] = typer.Option(None, help="run only the cells whose id contains this text (e.g. an "
+                                                        "attack or fingerprint name); repeat for several",
+                                             show_default="every cell"),
     executor: str = typer.Option("sequential", help="sequential (here, one cell after another) or ray (each cell "
-                                                    "a Ray task: pip install 'meraser[ray]')"),
+                                                    "a Ray task: pip install 'meraser\\[ray]')"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto)",
                                           show_default="a local Ray instance"),
     cpus_per_cell: float = typer.Option(1.0, help="CPUs each Ray task asks for"),
@@ -372,7 +375,7 @@ def bench(
     m = load_matrix(matrix)
     if out:
         m.out = str(out)
-    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, console=_console(),
+    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(),
                     executor=Executor(executor, address, cpus_per_cell, gpus_per_cell))
     if not dry_run:
         from meraser.report import write_bench_report
