@@ -70,27 +70,37 @@ def test_run_report_opens_cleanly_in_chromium(tmp_path):
     page = write_report([run], tmp_path / "report.html")
     seen = open_in_browser(page, "run_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 2 and seen["images"] == 1 and seen["decoded"] == 1
+    assert seen["tables"] >= 2 and seen["images"] == 2 and seen["decoded"] == 2  # FSR per stage and per epoch
     assert (ARTEFACTS / "run_report.png").stat().st_size > 10_000
 
 
-def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir):
+def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     from meraser.bench import RESULTS, Matrix, plan_cells
-    from meraser.report import write_bench_report
 
     matrix = Matrix.from_dict({"out": str(tmp_path / "bench"), "models": [str(tiny_dir)],
-                               "attacks": ["meraser", "prune-l2", "finetune"]})
+                               "attacks": [{"method": "meraser", "grid": {"mismatched.n": [100, 300]}}, "prune-l2",
+                                           "finetune"]})
     out = Path(matrix.out)
     out.mkdir()
     (out / "matrix.json").write_text(json.dumps(matrix.to_dict()))
     cells = plan_cells(matrix)
-    rows = [{"cell": c.id, "fingerprint": "utf", "attack": c.attack["method"], "model": c.model, "grid": {},
-             "cell_seconds": 12.0, "peak_rss_mb": 900, **r} for c, fsr in zip(cells[:2], (0.0, 1.0))
+    rows = [{"cell": c.id, "fingerprint": "utf", "attack": c.attack["method"], "model": c.model, "grid": c.grid,
+             "cell_seconds": 12.0, "peak_rss_mb": 900, **r} for c, fsr in zip(cells[:3], (0.0, 0.5, 1.0))
             for r in _stages(fsr)]
-    write_jsonl(out / RESULTS, rows)  # the third cell is missing: the page says so
-    page = write_bench_report(out, tmp_path / "bench.html")
+    for r in rows:  # accuracy per task, as `eval.tasks` records it
+        r["tasks"] = {"bb_arithmetic": {"acc": 0.5 if r["stage"] != "erased" else 0.25, "acc_stderr": 0.05}}
+    write_jsonl(out / RESULTS, rows)  # the fourth cell is missing: the page says so
+    code, printed, _ = cli("report", out, "-o", tmp_path / "bench.html")
+    assert code == 0
+    for title in ("attacks: every cell", "Table 1: FSR and PPL at every stage", "downstream accuracy per task"):
+        assert title in printed  # the tables, in the terminal too
+    assert "missing" in printed and "arithmetic" in printed
+    page = tmp_path / "bench.html"
     text = page.read_text()
-    assert "<td>missing</td>" in text and text.count("<td>done</td>") == 2
+    assert "<td>missing</td>" in text and text.count("<td>done</td>") == 3
+    for alt in ("leaderboard: FSR against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n"):
+        assert f'alt="{alt}"' in text
+    assert "<h2>Downstream accuracy per task</h2>" in text and "<td>0.250</td>" in text
     seen = open_in_browser(page, "bench_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 3 and seen["images"] == 2 and seen["decoded"] == 2  # leaderboard and FSR curves
+    assert seen["tables"] >= 4 and seen["images"] == 4 and seen["decoded"] == 4

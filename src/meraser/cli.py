@@ -580,14 +580,19 @@ def report(
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
-    from meraser.report import is_bench, write_bench_report, write_report
+    from meraser.report import is_bench, load_bench, load_run, terminal_tables, write_bench_report, write_report
 
+    console = _console(200)
     if len(runs) == 1 and is_bench(runs[0]):
         page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
                                   show_secrets)
+        tables = terminal_tables(*load_bench(runs[0]))
     else:
         page = write_report(runs, out, title, show_secrets)
-    _console().print(f"[green]report[/] written to {page}")
+        tables = terminal_tables([load_run(r) for r in runs])
+    for table in tables:
+        console.print(table)
+    console.print(f"[green]report[/] written to {page}")
 
 
 transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")

@@ -34,11 +34,7 @@ def load_run(path: str | Path) -> dict:
 
 def _fsr_curve_png(runs: list[dict]) -> str | None:
     """FSR vs epoch across erase then recover, one line per run; None when no run recorded probes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     drawn = False
     boundary = 0
@@ -73,6 +69,13 @@ def _fsr_curve_png(runs: list[dict]) -> str | None:
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _png(fig) -> str:
+    """A finished matplotlib figure as base64 PNG (closed), to embed in the page."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -80,24 +83,138 @@ def _fsr_curve_png(runs: list[dict]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _last(run: dict) -> dict:
+    """The row of a run's final stage: recovered (erase and recover) or attacked."""
+    return run["stages"].get("recovered", run["stages"].get("attacked", {}))
+
+
+def _stage_fsr_png(runs: list[dict]) -> str | None:
+    """FSR at every stage, one group of bars per erase-and-recover run (the paper's Table 1 as a figure); a cross
+    marks the strict forced-prefix check where it was measured."""
+    shown = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]][:16]
+    if not shown:
+        return None
+    plt = _pyplot()
+    stages = [s for s in STAGES[:4] if any(s in r["stages"] for r in shown)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(shown) + 2), 3.6), dpi=110)
+    width = 0.8 / len(stages)
+    for i, stage in enumerate(stages):
+        xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(shown))]
+        ax.bar(xs, [r["stages"].get(stage, {}).get("fsr") or 0.0 for r in shown], width, label=stage)
+        forced = [(x, r["stages"][stage]["strict"]["forced"]) for x, r in zip(xs, shown)
+                  if "forced" in r["stages"].get(stage, {}).get("strict", {})]
+        if forced:
+            ax.scatter(*zip(*forced), marker="x", color="black", s=25,
+                       label="strict: target prefix forced" if i == 0 else None)
+    ax.set_xticks(range(len(shown)), [_run_label(r) for r in shown], fontsize=7, rotation=15)
+    ax.set_ylabel("FSR")
+    ax.set_ylim(0, 1.1)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=len(stages) + 1, loc="upper right")
+    return _png(fig)
+
+
+def _run_label(run: dict) -> str:
+    grid = " ".join(f"{k.split('.')[-2] if k.endswith('.n') else k.split('.')[-1]}={v}"
+                    for k, v in run.get("grid", {}).items())
+    return " ".join(x for x in (run["method"], run.get("attack", ""), grid) if x)
+
+
+def _ablation_pngs(runs: list[dict]) -> list[tuple[str, str]]:
+    """For every numeric grid setting with two or more values (the mismatched-set size, erase epochs...): the final
+    FSR (and the strict forced-prefix check) against it, one line per fingerprint and attack."""
+    keys = sorted({k for r in runs for k, v in r.get("grid", {}).items() if isinstance(v, (int, float))})
+    figures = []
+    for key in keys:
+        lines: dict[tuple, list] = {}
+        for r in runs:
+            v, last = r.get("grid", {}).get(key), _last(r)
+            if isinstance(v, (int, float)) and last.get("fsr") is not None:
+                lines.setdefault((r["method"], r.get("attack", "")), []).append(
+                    (v, last["fsr"], last.get("strict", {}).get("forced")))
+        if not any(len({p[0] for p in pts}) > 1 for pts in lines.values()):
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+        for (method, attack), pts in sorted(lines.items()):
+            pts.sort()
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} / {attack}")[0]
+            if all(p[2] is not None for p in pts):
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", linestyle=":",
+                        color=line.get_color(), label=f"{method}: forced prefix (strict)")
+        ax.set_xlabel(key)
+        ax.set_ylabel("FSR after the attack")
+        ax.set_ylim(-0.05, 1.1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        figures.append((key, _png(fig)))
+    return figures
+
+
+def _tasks_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Downstream accuracy per task at every stage (lm-eval and BIG-bench tasks, where `eval.tasks` was set)."""
+    head = ["run", "task"] + list(STAGES)
+    rows = []
+    for run in runs:
+        st = run["stages"]
+        tasks = list(dict.fromkeys(t for r in st.values() if isinstance(r.get("tasks"), dict) for t in r["tasks"]))
+        for t in tasks:
+            accs = []
+            for s in STAGES:
+                a = st.get(s, {}).get("tasks")
+                a = a.get(t) if isinstance(a, dict) else None
+                accs.append(f"{a['acc']:.3f}" if a and a.get("acc") is not None else "")
+            rows.append([_run_label(run), t.removeprefix("bb_"), *accs])
+    return head, rows
+
+
+def _html_table(head: list[str], rows: list[list]) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join(out + ["</table>"])
+
+
+def rich_table(title: str, head: list[str], rows: list[list]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(str(c) for c in row))
+    return table
+
+
 def _pct(x) -> str:
     return "" if x is None else f"{x:.1%}"
 
 
-def _table(runs: list[dict]) -> str:
-    head = ["run", "method"] + [f"{s} {k}" for s in STAGES for k in ("FSR", "PPL")] + ["Alg. 1 erased",
+def _table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """The paper's Table 1: FSR and PPL at every stage, and both verdicts on the final model."""
+    stages = [s for s in STAGES if any(s in r["stages"] for r in runs)] or list(STAGES[:4])
+    head = ["run", "method"] + [f"{s} {k}" for s in stages for k in ("FSR", "PPL")] + ["Alg. 1 erased",
                                                                                       "erased strictly"]
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    rows = []
     for run in runs:
-        st = run["stages"]
+        st, last = run["stages"], _last(run)
         cells = [run["name"], run["method"]]
-        for s in STAGES:
-            r = st.get(s, {})
-            cells += [_pct(r.get("fsr")), ppl_text(r)]
-        last = st.get("recovered", st.get("attacked", {}))
-        cells += [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))]
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return "\n".join(out + ["</table>"])
+        for s in stages:
+            cells += [_pct(st.get(s, {}).get("fsr")), ppl_text(st.get(s, {}))]
+        rows.append(cells + [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))])
+    return head, rows
+
+
+def _table(runs: list[dict]) -> str:
+    return _html_table(*_table1_rows(runs))
 
 
 def redact(text: str) -> str:
@@ -126,18 +243,27 @@ def _outputs(runs: list[dict], show_secrets: bool = False) -> str:
     return "\n".join(parts)
 
 
+def _figure(alt: str, png: str | None, missing: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">' if png else f"<p>{missing}</p>"
+
+
 def render(runs: list[dict], title: str = "MEraser report", show_secrets: bool = False) -> str:
-    png = _fsr_curve_png(runs)
-    plot = f'<img alt="FSR per epoch" src="data:image/png;base64,{png}">' if png else "<p>No per-epoch probes.</p>"
+    table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] or runs
+    head, task_rows = _tasks_rows(runs)
+    tasks = f"<h2>Downstream accuracy per task</h2>{_html_table(head, task_rows)}" if task_rows else ""
+    stage_png = _stage_fsr_png(runs)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-th{{background:#f3f3f3}}td{{text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+th{{background:#f3f3f3}}td{{text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
+<body>
 <h1>{html.escape(title)}</h1>
 <p>FSR: fraction of the card's triggers whose greedy output carries the target. PPL: perplexity of the evaluation
 source. Alg. 1: no trigger yields its target and ordinary questions are still answered (MEraser Algorithm 1).</p>
-<h2>Table 1</h2>{_table(runs)}
-<h2>FSR during erase and recovery</h2>{plot}
+<h2>Table 1</h2>{_table(table1)}
+{_figure("FSR per stage", stage_png, "") if stage_png else ""}
+<h2>FSR during erase and recovery</h2>{_figure("FSR per epoch", _fsr_curve_png(runs), "No per-epoch probes.")}
+{tasks}
 <h2>Per-trigger outputs</h2>{"" if show_secrets else "<p>Triggers, targets and outputs are the owner's secret: "
 "shown as short hashes (meraser report --show-secrets shows them).</p>"}{_outputs(runs, show_secrets)}
 </body></html>"""
@@ -202,11 +328,7 @@ WIN_UTILITY = 0.9  # an attack "wins" a cell: FSR 0 with at least this much of t
 def _leaderboard_png(runs: list[dict]) -> str | None:
     """FSR after the attack against the attacked model's relative utility, one point per cell; the region where
     the attack wins is shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     points = [(utility(r), r["stages"].get("recovered", r["stages"].get("attacked", {})).get("fsr"), r)
               for r in runs]
     points = [(u, f, r) for u, f, r in points if u is not None and f is not None]
@@ -226,18 +348,15 @@ def _leaderboard_png(runs: list[dict]) -> str | None:
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
-def _attack_table(runs: list[dict], cells: list[dict]) -> str:
+def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[list]]:
+    """Every cell of the matrix (done, failed or missing) with the attack's effect and cost."""
     head = ["fingerprint", "attack", "settings", "status", "FSR before", "FSR after", "erased strictly",
             "ownership p-value", "PPL before", "PPL after", "ordinary acc. after", "utility", "wall time", "peak memory"]
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     by_id = {r["name"]: r for r in runs}
+    rows = []
     for c in cells or [{"id": r["name"], "fingerprint": r["method"], "attack": r["attack"], "grid": r["grid"],
                         "status": "done"} for r in runs]:
         r = by_id.get(c["id"])
@@ -245,23 +364,42 @@ def _attack_table(runs: list[dict], cells: list[dict]) -> str:
         fp, last = st.get("fingerprinted", {}), st.get("recovered", st.get("attacked", {}))
         u = utility(r) if r else None
         status = c["status"] if c["status"] != "failed" else f"failed: {(c.get('error') or '')[:80]}"
-        cells_ = [c["fingerprint"], c["attack"], " ".join(f"{k}={v}" for k, v in c["grid"].items()), status,
-                  _pct(fp.get("fsr")), _pct(last.get("fsr")), str(last.get("strict", {}).get("erased_strict", "")),
-                  p_text(last['ownership']['p_value']) if "ownership" in last else "", ppl_text(fp), ppl_text(last),
-                  _pct(last.get("ordinary_accuracy")), "" if u is None else f"{u:.0%}",
-                  f"{r['seconds']:.0f} s" if r and r.get("seconds") else "",
-                  f"{r['peak_rss_mb']} MB" if r and r.get("peak_rss_mb") else ""]
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells_) + "</tr>")
-    return "\n".join(out + ["</table>"])
+        rows.append([c["fingerprint"], c["attack"], " ".join(f"{k}={v}" for k, v in c["grid"].items()), status,
+                     _pct(fp.get("fsr")), _pct(last.get("fsr")), str(last.get("strict", {}).get("erased_strict", "")),
+                     p_text(last['ownership']['p_value']) if "ownership" in last else "", ppl_text(fp),
+                     ppl_text(last), _pct(last.get("ordinary_accuracy")), "" if u is None else f"{u:.0%}",
+                     f"{r['seconds']:.0f} s" if r and r.get("seconds") else "",
+                     f"{r['peak_rss_mb']} MB" if r and r.get("peak_rss_mb") else ""])
+    return head, rows
+
+
+def terminal_tables(runs: list[dict], cells: list[dict] | None = None) -> list:
+    """What `meraser report` prints: the attack table (a bench), Table 1, and accuracy per task where measured."""
+    tables = []
+    if cells is not None:  # the page's columns, paired up to fit a terminal: before -> after
+        _, rows = _attack_rows(runs, cells)
+        head = ["fingerprint", "attack", "settings", "status", "FSR", "erased strictly", "p-value", "PPL",
+                "utility", "time"]
+        tables.append(rich_table("attacks: every cell", head, [
+            r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[11],
+                     r[12]] for r in rows]))
+    table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] if cells is not None else runs
+    if table1:
+        tables.append(rich_table("Table 1: FSR and PPL at every stage", *_table1_rows(table1)))
+    head, rows = _tasks_rows(runs)
+    if rows:
+        tables.append(rich_table("downstream accuracy per task", head, rows))
+    return tables
 
 
 def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: bool = False) -> str:
-    png = _leaderboard_png(runs)
-    board = (f'<img alt="leaderboard: FSR against utility" src="data:image/png;base64,{png}">' if png
-             else "<p>No finished cell has both an FSR and a utility measure yet.</p>")
+    board = _figure("leaderboard: FSR against utility", _leaderboard_png(runs),
+                    "No finished cell has both an FSR and a utility measure yet.")
+    ablations = "".join(f"<h2>FSR against {html.escape(key)}</h2>{_figure(f'FSR against {key}', png, '')}"
+                        for key, png in _ablation_pngs(runs))
     page = render(runs, title, show_secrets)
-    extra = (f"<h2>Attacks: every cell of the matrix</h2>{_attack_table(runs, cells)}"
-             f"<h2>Leaderboard: fingerprint survival against utility</h2>{board}")
+    extra = (f"<h2>Attacks: every cell of the matrix</h2>{_html_table(*_attack_rows(runs, cells))}"
+             f"<h2>Leaderboard: fingerprint survival against utility</h2>{board}{ablations}")
     return page.replace("<h2>Table 1</h2>", extra + "<h2>Table 1</h2>", 1)
 
 
