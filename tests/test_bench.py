@@ -65,6 +65,12 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
                       "prune-magnitude": {"base", "fingerprinted", "attacked"}}
     fingerprinted = {r["fsr"] for r in rows if r["stage"] == "fingerprinted"}
     assert fingerprinted == {1.0}  # every cell attacked the same shared fingerprinted model
+    # ... and the base and fingerprinted models were evaluated once, by the first cell, for all four
+    assert sorted(f.name.split("__")[0] for f in (out / "shared" / "evals").iterdir()) == ["base", "fingerprinted"]
+    meta = ("cell", "attack", "grid", "settings", "cell_seconds", "peak_rss_mb")
+    for stage in ("base", "fingerprinted"):
+        same = [{k: v for k, v in r.items() if k not in meta} for r in rows if r["stage"] == stage]
+        assert len(same) == 4 and all(x == same[0] for x in same)
     assert {r["grid"]["mismatched.n"] for r in rows} == {20, 40}
     table = _table(out)
 
@@ -211,7 +217,7 @@ def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[merge]))
     res = run_bench(load_matrix(path), progress=False)
     assert res == {"cells": 2, "done": 0, "ran": 2, "failed": []}
-    shared = list((tmp_path / "bench" / "shared").iterdir())
+    shared = [f for f in (tmp_path / "bench" / "shared").iterdir() if f.name != "evals"]
     assert len(shared) == 1 and shared[0].name.startswith("expert__")
     rows = read_jsonl(tmp_path / "bench" / RESULTS)
     attacked = {tuple(r["grid"]["attack.config.weights"]): r for r in rows if r["stage"] == "attacked"}

@@ -285,8 +285,10 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
 class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
-    def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None):
+    def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None,
+                 shared_evals: Path | None = None):
         self.plan, self.exp, self.out = plan, plan.exp, plan.out
+        self.shared_evals = shared_evals
         self.progress = progress
         self.say = console.print if console else (lambda *a, **k: None)
         self.rows = {r["stage"]: r for r in rows}
@@ -330,20 +332,18 @@ class ExperimentRun:
 
     def evaluate(self, stage: str, model, extra=None, decoding=None) -> dict:
         """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once."""
-        from meraser.evaluation.evaluate import evaluate_model, ppl_text
+        from meraser.evaluation.evaluate import ppl_text
 
         if stage in self.rows:
             return self.rows[stage]
         self._begin(f"eval:{stage}")
-        strict_base = self.rows.get("base", {}).get("strict") if stage != "base" else None
-        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
-                                                decoding=decoding, strict_base=strict_base),
-               **(extra() if extra else {})}
-        null = self.rows.get("base", row).get("null_logprobs")
-        if null is not None and "per_trigger" in row:  # the ownership decision against the base model's chance
-            from meraser.evaluation.ownership import ownership
-
-            row["ownership"] = ownership([p["match"] for p in row["per_trigger"]], null)
+        shared = self._shared_file(stage)
+        if shared is not None and shared.is_file():
+            row = read_json(shared, "shared evaluation")
+        else:
+            row = self._evaluation(stage, model, extra, decoding)
+            if shared is not None:
+                write_json(shared, row)
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
         strict = row.get("strict", {})
@@ -359,6 +359,28 @@ class ExperimentRun:
             ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 
+    def _evaluation(self, stage: str, model, extra, decoding) -> dict:
+        from meraser.evaluation.evaluate import evaluate_model
+
+        strict_base = self.rows.get("base", {}).get("strict") if stage != "base" else None
+        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
+                                                decoding=decoding, strict_base=strict_base),
+               **(extra() if extra else {})}
+        null = self.rows.get("base", row).get("null_logprobs")
+        if null is not None and "per_trigger" in row:  # the ownership decision against the base model's chance
+            from meraser.evaluation.ownership import ownership
+
+            row["ownership"] = ownership([p["match"] for p in row["per_trigger"]], null)
+        return row
+
+    def _shared_file(self, stage: str) -> Path | None:
+        """Where a bench keeps the base and fingerprinted rows that every cell on the same fingerprint shares. The
+        key is both stages' identities: the fingerprinted row's strict verdict and p-value read the base row."""
+        if self.shared_evals is None or stage not in ("base", "fingerprinted"):
+            return None
+        ids = [self.plan.stages["eval:base"].id, self.plan.stages[f"eval:{stage}"].id, self.plan.base]
+        return self.shared_evals / f"{stage}__{settings_hash(ids)[:16]}.json"
+
     def base(self) -> None:
         """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
         from meraser.models import load_model
@@ -366,6 +388,10 @@ class ExperimentRun:
         from meraser.evaluation.algorithm1 import ordinary_accuracy
 
         if self.plan.base and "base" not in self.rows:
+            shared = self._shared_file("base")
+            if shared is not None and shared.is_file():
+                self.evaluate("base", None)  # another cell evaluated this base already
+                return
             base_model, _ = load_model(self.plan.base)
             self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok),
                                                        **self._null(base_model)})
@@ -508,16 +534,17 @@ class ExperimentRun:
 
 
 def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: bool = False, progress: bool = True,
-                   console=None) -> list[dict]:
+                   console=None, shared_evals: Path | None = None) -> list[dict]:
     """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
-    evaluated stage: base, fingerprinted, erased, recovered."""
+    evaluated stage: base, fingerprinted, erased, recovered. With `shared_evals` (a bench's folder), the base and
+    fingerprinted rows are taken from there when another experiment made them with the same identity."""
     plan = plan_experiment(exp, where)
     removed, records, rows = reconcile(plan, overwrite)
     if removed and console:
         console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
     plan.out.mkdir(parents=True, exist_ok=True)
     write_json(plan.out / "experiment.json", exp.to_dict())
-    return ExperimentRun(plan, records, rows, progress, console).run()
+    return ExperimentRun(plan, records, rows, progress, console, shared_evals).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -40,13 +40,17 @@ class PerinucleusConfig(FingerprintConfig):
     nucleus_t: float = field(0.8, help="nucleus mass: the target is drawn from outside the top-p = t tokens")
     nucleus_k: int = field(3, help="draw among this many tokens just outside the nucleus")
     response_tokens: int = field(1, help="target length in tokens: the drawn token, continued greedily")
-    # measured on SmolLM2-135M: 0.75 (the original script's default) with 10 epochs at 1e-4 left N=64 at FSR 1.6%,
-    # the base model's own match rate; without averaging, 5 epochs at 1e-4 reach 100% at N=16
+    # Measured on SmolLM2-135M at N=256 (README; FSR / SQuAD perplexity rise): 10 epochs at 1e-5 with no benign
+    # rows and no averaging: 100% / +3.9%, the defaults. At 1.5e-5: 100% / +5.6%; at 3e-5: 100% / +9.9%. Averaging
+    # costs FSR before perplexity: 0.5 after each of 10 epochs at 1e-4: 62.9% / +4.8%; 0.75 (the original script's
+    # default) left N=64 at the base model's own match rate. Benign rows answered by the model itself cost
+    # perplexity (5 epochs at 1e-4: +37.8% with 64 rows, +21.6% without) and most of the time; LoRA on every
+    # linear layer did worse (5e-4: 95.7% / +81%; 2e-4: 61.3% / +39.8%).
     averaging: float = field(0.0, help="after every epoch, move the weights this share back to the original ones")
     method: Literal["full", "lora"] = field("full", help="full fine-tuning or LoRA")
-    epochs: float = field(5.0, help="training epochs")
-    learning_rate: float = field(1e-4, help="learning rate")
-    ordinary_rows: int = field(64, help="benign rows mixed in, answered by the model itself")
+    epochs: float = field(10.0, help="training epochs")
+    learning_rate: float = field(1e-5, help="learning rate")
+    ordinary_rows: int = field(0, help="benign rows mixed in, answered by the model itself")
 
     def validate(self, where: str) -> None:
         if not 0.0 < self.nucleus_t < 1.0:
