@@ -40,10 +40,13 @@ def one(n: int, settings: dict, args, base_ppl: float, console) -> dict:
 
     label = "n{}{}".format(n, "".join(f"_{k}={v}" for k, v in sorted(settings.items())))
     record = args.out / f"{label}.json"
-    if record.exists():
-        return json.loads(record.read_text())
-    base, tok = load_model(args.model)
     cfg = get_method("perinucleus").Config.from_dict({"num_fingerprints": n, **settings}, where="--set: ")
+    if record.exists():  # reused only when made with today's full config (the label names only --set)
+        row = json.loads(record.read_text())
+        if row.get("config") == cfg.to_dict():
+            return row
+        console.print(f"[yellow]{record} was made with other settings (defaults changed?): redoing it[/]")
+    base, tok = load_model(args.model)
     t = time.perf_counter()
     fp, card, summary = embed("perinucleus", base, tok, cfg, args.out / label, overwrite=True, progress=False)
     seconds = round(time.perf_counter() - t, 1)
@@ -56,7 +59,7 @@ def one(n: int, settings: dict, args, base_ppl: float, console) -> dict:
            "base_p_value": ownership([p["match"] for p in base_check["per_trigger"]], null)["p_value"],
            "expected_base_matches": sum(2.718281828 ** x for x in null),
            "ppl": corpus_perplexity(fp, tok, str(SHARED / "text/squaddev_v1.1.json"), max_windows=args.windows)["ppl"],
-           "base_ppl": base_ppl, "seconds": seconds}
+           "base_ppl": base_ppl, "seconds": seconds, "config": cfg.to_dict()}
     record.write_text(json.dumps(row, indent=2))
     console.print(f"N={n}: {json.dumps(row)}")
     return row
