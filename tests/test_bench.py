@@ -103,6 +103,18 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir)
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
 
 
+def test_cells_that_differ_only_in_recovery_share_one_erase(tmp_path, tiny_dir):
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "meraser", "grid": {"clean.n": [20, 40]}}]))
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 2
+    out = tmp_path / "bench"
+    assert len(list((out / "shared" / "erased").iterdir())) == 1  # made by the first cell, copied by the second
+    assert len(list((out / "shared" / "recovered").iterdir())) == 2
+    logs = [(c / "erased" / "train_log.json").read_text() for c in (out / "cells").iterdir()]
+    assert len(logs) == 2 and logs[0] == logs[1]
+    erased = [r for r in read_jsonl(out / RESULTS) if r["stage"] == "erased"]
+    assert erased[0]["fsr"] == erased[1]["fsr"] and erased[0]["ppl"] == erased[1]["ppl"]
+
+
 BAD = [
     ({"attacks": ["prune-magnitud"]}, "matrix.yaml: attacks[0].method: unknown attack 'prune-magnitud'; "
                                       "did you mean 'prune-magnitude'?"),

@@ -298,7 +298,7 @@ def run_cell(cell: Cell, out: Path) -> list[dict]:
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False,
-                              shared_evals=out / "shared" / "evals")
+                              shared=out / "shared")
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": _fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),

@@ -25,8 +25,8 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (MeraserError, append_jsonl, unknown_name, read_json, read_jsonl, settings_hash,
-                           write_json, write_jsonl)
+from meraser.utils import (MeraserError, append_jsonl, atomic_dir, unknown_name, read_json, read_jsonl,
+                           settings_hash, write_json, write_jsonl)
 
 RESULTS = "results.jsonl"
 STAGE_RECORD = "stages.json"
@@ -286,9 +286,9 @@ class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
     def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None,
-                 shared_evals: Path | None = None):
+                 shared: Path | None = None):
         self.plan, self.exp, self.out = plan, plan.exp, plan.out
-        self.shared_evals = shared_evals
+        self.shared = shared
         self.progress = progress
         self.say = console.print if console else (lambda *a, **k: None)
         self.rows = {r["stage"]: r for r in rows}
@@ -376,10 +376,10 @@ class ExperimentRun:
     def _shared_file(self, stage: str) -> Path | None:
         """Where a bench keeps the base and fingerprinted rows that every cell on the same fingerprint shares. The
         key is both stages' identities: the fingerprinted row's strict verdict and p-value read the base row."""
-        if self.shared_evals is None or stage not in ("base", "fingerprinted"):
+        if self.shared is None or stage not in ("base", "fingerprinted"):
             return None
         ids = [self.plan.stages["eval:base"].id, self.plan.stages[f"eval:{stage}"].id, self.plan.base]
-        return self.shared_evals / f"{stage}__{settings_hash(ids)[:16]}.json"
+        return self.shared / "evals" / f"{stage}__{settings_hash(ids)[:16]}.json"
 
     def base(self) -> None:
         """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
@@ -439,6 +439,11 @@ class ExperimentRun:
         from meraser.models import load_model
 
         folder = self.out / name
+        shared = self.shared / name / self.plan.stages[name].id if self.shared is not None else None
+        if not self._made(name) and shared is not None and shared.is_dir():
+            self._begin(name)  # another cell of the bench made this very stage: same model, data and settings
+            with atomic_dir(folder, overwrite=True) as tmp:
+                shutil.copytree(shared, tmp, dirs_exist_ok=True)
         if self._made(name):
             done, _ = load_model(str(folder), base=base_spec)
             probes = read_json(folder / "train_log.json", "training log").get("metrics", {}).get("probes", [])
@@ -451,6 +456,9 @@ class ExperimentRun:
             res = run(model, self.tok, rows, cfg, folder, merge_out=False, resume=True, probe=self._probe(),
                       progress=self.progress)
             done, probes = res.model.merge_and_unload(), res.probes
+            if shared is not None and not shared.exists():
+                with atomic_dir(shared) as tmp:
+                    shutil.copytree(folder, tmp, dirs_exist_ok=True)
         done._meraser_spec = str(folder)
         return done, probes
 
@@ -534,17 +542,18 @@ class ExperimentRun:
 
 
 def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: bool = False, progress: bool = True,
-                   console=None, shared_evals: Path | None = None) -> list[dict]:
+                   console=None, shared: Path | None = None) -> list[dict]:
     """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
-    evaluated stage: base, fingerprinted, erased, recovered. With `shared_evals` (a bench's folder), the base and
-    fingerprinted rows are taken from there when another experiment made them with the same identity."""
+    evaluated stage: base, fingerprinted, erased, recovered. With `shared` (a bench's folder), the base and
+    fingerprinted rows and the erase and recover adapters are taken from there when another experiment made them
+    with the same identity, and left there when this one makes them."""
     plan = plan_experiment(exp, where)
     removed, records, rows = reconcile(plan, overwrite)
     if removed and console:
         console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
     plan.out.mkdir(parents=True, exist_ok=True)
     write_json(plan.out / "experiment.json", exp.to_dict())
-    return ExperimentRun(plan, records, rows, progress, console, shared_evals).run()
+    return ExperimentRun(plan, records, rows, progress, console, shared).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:
