@@ -220,6 +220,33 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     assert len({c.id for c in cells}) == len(cells)
 
 
+def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
+    """benchmarks/matrix_erasure.yaml: four fingerprints x four blind recipes that share one erase per fingerprint;
+    benchmarks/matrix_perinucleus.yaml plans once its fingerprinted model exists (a stand-in folder here)."""
+    from meraser.bench import describe, plan_cells
+    from meraser.runner import plan_experiment, Experiment
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    cells = plan_cells(load_matrix(bench / "matrix_erasure.yaml"))
+    assert len(cells) == 4 * 4 and len({c.id for c in cells}) == 16
+    assert {describe(c) for c in cells} == {
+        "", "clean.replay_mismatched=150", "recover.overrides.lora.target_modules=['gate_proj', 'up_proj', "
+        "'down_proj']", "clean.replay_mismatched=150 recover.overrides.lora.target_modules=['gate_proj', "
+        "'up_proj', 'down_proj']"}
+    per_fp = {}
+    for c in cells:  # the erase stage's identity is the same for every recipe on one fingerprint
+        exp = Experiment.from_dict({**c.experiment, "model": c.model, "fingerprint": c.fingerprint,
+                                    "out": str(tmp_path / c.id)})
+        per_fp.setdefault(c.fingerprint["method"], set()).add(plan_experiment(exp).stages["erased"].id)
+    assert all(len(ids) == 1 for ids in per_fp.values()) and len(per_fp) == 4
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/perinucleus-n/n256").mkdir(parents=True)
+    cells = plan_cells(load_matrix(bench / "matrix_perinucleus.yaml"))
+    assert len(cells) == 16 and cells[0].attack["method"] == "meraser"
+    assert {c.fingerprint["existing"] for c in cells} == {"runs/perinucleus-n/n256"}
+
+
 def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
     pool = str(tmp_path / "pool.jsonl")
     merge = {"method": "merge-task-arithmetic",

@@ -431,6 +431,14 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
+def describe(cell: Cell) -> str:
+    """A cell's own settings in one line: the attack's config (dotted) and the grid values."""
+    from meraser.runner import _flat
+
+    return " ".join(f"{k}={v}" for k, v in {**_flat(cell.attack["config"]), **cell.grid}.items()
+                    if not k.endswith("seed"))
+
+
 def cells_table(cells: list[Cell], done: set[str]):
     from rich.table import Table
 
@@ -439,5 +447,5 @@ def cells_table(cells: list[Cell], done: set[str]):
         table.add_column(h)
     for c in cells:
         table.add_row(Path(c.model).name, _fingerprint_label(c.fingerprint), c.attack["method"], str(c.seed),
-                      " ".join(f"{k}={v}" for k, v in c.grid.items()), "done" if c.id in done else "to run")
+                      describe(c), "done" if c.id in done else "to run")
     return table

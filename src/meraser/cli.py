@@ -375,7 +375,7 @@ def bench(
     m = load_matrix(matrix)
     if out:
         m.out = str(out)
-    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(),
+    res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(200),
                     executor=Executor(executor, address, cpus_per_cell, gpus_per_cell))
     if not dry_run:
         from meraser.report import write_bench_report

@@ -124,9 +124,12 @@ def _stage_fsr_png(runs: list[dict]) -> str | None:
 
 
 def _run_label(run: dict) -> str:
-    grid = " ".join(f"{k.split('.')[-2] if k.endswith('.n') else k.split('.')[-1]}={v}"
-                    for k, v in run.get("grid", {}).items())
-    return " ".join(x for x in (run["method"], run.get("attack", ""), grid) if x)
+    """fingerprint, attack and the cell's own settings (dotted keys shortened to their last part), for figures."""
+    import re
+
+    settings = re.sub(r"\b[\w.]+\.(\w+)=", r"\1=", run.get("settings", ""))
+    label = " ".join(x for x in (run["method"], run.get("attack", ""), settings) if x)
+    return label if len(label) <= 48 else label[:47] + "…"
 
 
 def _ablation_pngs(runs: list[dict]) -> list[tuple[str, str]]:
@@ -288,7 +291,7 @@ def is_bench(path: str | Path) -> bool:
 def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(runs, cells): a run per finished cell (as `load_run` gives), and every cell of the matrix with its status:
     done, failed (with the error) or missing. A partial store is fine."""
-    from meraser.bench import FAILED, RESULTS, Matrix, plan_cells
+    from meraser.bench import FAILED, RESULTS, Matrix, describe, plan_cells
 
     p = Path(path)
     by_cell: dict[str, dict] = {}
@@ -303,9 +306,12 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
     except MeraserError:  # the matrix names something this installation no longer has: show what was stored
         planned = []
     cells = [{"id": c.id, "fingerprint": c.fingerprint.get("method") or Path(c.fingerprint["existing"]).name,
-              "attack": c.attack["method"], "grid": c.grid,
+              "attack": c.attack["method"], "grid": c.grid, "settings": describe(c),
               "status": "done" if c.id in by_cell else "failed" if c.id in errors else "missing",
               "error": errors.get(c.id)} for c in planned]
+    for c in cells:  # a run's label names its settings, which only the plan knows in full
+        if c["id"] in by_cell:
+            by_cell[c["id"]]["settings"] = c["settings"]
     return list(by_cell.values()), cells
 
 
@@ -364,7 +370,8 @@ def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[l
         fp, last = st.get("fingerprinted", {}), st.get("recovered", st.get("attacked", {}))
         u = utility(r) if r else None
         status = c["status"] if c["status"] != "failed" else f"failed: {(c.get('error') or '')[:80]}"
-        rows.append([c["fingerprint"], c["attack"], " ".join(f"{k}={v}" for k, v in c["grid"].items()), status,
+        settings = c.get("settings", " ".join(f"{k}={v}" for k, v in c["grid"].items()))
+        rows.append([c["fingerprint"], c["attack"], settings, status,
                      _pct(fp.get("fsr")), _pct(last.get("fsr")), str(last.get("strict", {}).get("erased_strict", "")),
                      p_text(last['ownership']['p_value']) if "ownership" in last else "", ppl_text(fp),
                      ppl_text(last), _pct(last.get("ordinary_accuracy")), "" if u is None else f"{u:.0%}",
