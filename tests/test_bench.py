@@ -221,18 +221,18 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
 
 
 def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
-    """benchmarks/matrix_erasure.yaml: four fingerprints x four blind recipes that share one erase per fingerprint;
+    """benchmarks/matrix_erasure.yaml: four fingerprints x five blind recipes that share one erase per fingerprint;
     benchmarks/matrix_perinucleus.yaml plans once its fingerprinted model exists (a stand-in folder here)."""
     from meraser.bench import describe, plan_cells
     from meraser.runner import plan_experiment, Experiment
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     cells = plan_cells(load_matrix(bench / "matrix_erasure.yaml"))
-    assert len(cells) == 4 * 4 and len({c.id for c in cells}) == 16
+    assert len(cells) == 4 * 5 and len({c.id for c in cells}) == 20
     assert {describe(c) for c in cells} == {
         "", "clean.replay_mismatched=150", "recover.overrides.lora.target_modules=['gate_proj', 'up_proj', "
         "'down_proj']", "clean.replay_mismatched=150 recover.overrides.lora.target_modules=['gate_proj', "
-        "'up_proj', 'down_proj']"}
+        "'up_proj', 'down_proj']", "clean.magpie=1.0"}
     per_fp = {}
     for c in cells:  # the erase stage's identity is the same for every recipe on one fingerprint
         exp = Experiment.from_dict({**c.experiment, "model": c.model, "fingerprint": c.fingerprint,
