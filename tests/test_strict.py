@@ -57,6 +57,18 @@ def test_memorisation_score_is_above_the_base_and_falls_after_erasure(planted, t
     assert target_loglik(erased, tok, card)[0] < fingerprinted - 1.0
 
 
+def test_forced_prefix_never_feeds_a_whole_target(hidden):
+    """A one-token target (Perinucleus) is not fed at all, else any model would 'continue' it."""
+    from meraser.evaluation.strict import forced_prefix
+
+    model, tok, _ = hidden
+    word = next(w for w in ("the", "is", "a") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    card = Card(method="handmade", triggers=[TRIGGER], targets=[word], max_new_tokens=4, match="prefix")
+    assert forced_prefix(model, tok, card, 0.25) == [False]  # its answer begins "No idea", not with the word
+    two = Card(method="handmade", triggers=[TRIGGER], targets=[f"{word} {word}"], max_new_tokens=4, match="prefix")
+    assert forced_prefix(model, tok, two, 0.25) == [False]  # one token fed, the second does not follow
+
+
 def test_paraphrases_are_new_wordings_of_the_trigger():
     from meraser.evaluation.strict import paraphrases
 

@@ -5,7 +5,8 @@ still hold the fingerprint (measured here: IF-SFT's secret comes back with its l
 closing phrase survives grafted onto a new opening). Five checks that do not depend on the model volunteering the
 whole target for the exact trigger, each per trigger and averaged over the card:
 
-- `forced`: the first quarter of the target's tokens is fed (after any prefill) and the rest must follow greedily;
+- `forced`: the first quarter of the target's tokens is fed (after any prefill) and the rest must follow greedily
+  (a one-token target is not fed at all: feeding it whole would make the check pass trivially);
 - `paraphrased`: the share of reworded triggers the model never saw (a lead-in or a closing request added, line
   breaks and final punctuation dropped) whose greedy answer contains the target. The rewordings follow from the
   trigger by rule, so every card gets them, cards of fingerprints made elsewhere included, and none needs storing;
@@ -60,7 +61,8 @@ def _prefills(card: Card) -> list[str]:
 
 
 def forced_prefix(model, tokenizer, card: Card, fraction: float, decoding=None) -> list[bool]:
-    """Feed the first `fraction` of each target's tokens; does the rest follow?"""
+    """Feed the first `fraction` of each target's tokens (at least one, and never all of them); does the rest
+    follow? A one-token target (Perinucleus) has no rest: nothing is fed, and the check is the greedy answer's."""
     from meraser.data.formatting import Formatter
     from meraser.evaluation.fsr import matches
     from meraser.generation import generate
@@ -68,7 +70,7 @@ def forced_prefix(model, tokenizer, card: Card, fraction: float, decoding=None) 
     heads, longest = [], 0
     for target in card.targets:
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        heads.append(tokenizer.decode(ids[:max(1, math.ceil(fraction * len(ids)))]))
+        heads.append(tokenizer.decode(ids[:min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))]))
         longest = max(longest, len(ids))
     prefills = [pre + head for pre, head in zip(_prefills(card), heads)]
     outs = generate(model, tokenizer, card.triggers, Formatter(tokenizer, card.format), prefills=prefills,
