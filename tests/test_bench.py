@@ -262,3 +262,14 @@ def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
     attacked = {tuple(r["grid"]["attack.config.weights"]): r for r in rows if r["stage"] == "attacked"}
     assert attacked[(1.0, 0.0)]["fsr"] == 1.0  # weight 1 on the fingerprinted model changes nothing
     assert all(r["settings"]["attack"]["config"]["expert"] == str(shared[0]) for r in attacked.values())
+
+
+def test_report_names_an_existing_fingerprint_by_its_cards_method(tmp_path):
+    from meraser.report import _fingerprint_name
+
+    folder = tmp_path / "n256"
+    folder.mkdir()
+    assert _fingerprint_name({"existing": str(folder)}) == "n256"  # no card: the folder's name
+    (folder / "fingerprint_card.json").write_text(json.dumps({"method": "perinucleus"}))
+    assert _fingerprint_name({"existing": str(folder)}) == "perinucleus (n256)"
+    assert _fingerprint_name({"method": "utf", "existing": None}) == "utf"

@@ -305,14 +305,28 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
         planned = plan_cells(Matrix.from_dict(read_json(p / "matrix.json", "matrix record")))
     except MeraserError:  # the matrix names something this installation no longer has: show what was stored
         planned = []
-    cells = [{"id": c.id, "fingerprint": c.fingerprint.get("method") or Path(c.fingerprint["existing"]).name,
+    cells = [{"id": c.id, "fingerprint": _fingerprint_name(c.fingerprint),
               "attack": c.attack["method"], "grid": c.grid, "settings": describe(c),
               "status": "done" if c.id in by_cell else "failed" if c.id in errors else "missing",
               "error": errors.get(c.id)} for c in planned]
-    for c in cells:  # a run's label names its settings, which only the plan knows in full
+    for c in cells:  # a run's label names its fingerprint and settings, which only the plan knows in full
         if c["id"] in by_cell:
-            by_cell[c["id"]]["settings"] = c["settings"]
+            by_cell[c["id"]].update(settings=c["settings"], method=c["fingerprint"])
     return list(by_cell.values()), cells
+
+
+def _fingerprint_name(fp: dict) -> str:
+    """A fingerprint as the report names it: its method, or for an existing model the method on its card and the
+    folder's name ("perinucleus (n256)")."""
+    if not fp.get("existing"):
+        return fp["method"]
+    folder = Path(fp["existing"])
+    card = Path(fp.get("card") or folder / "fingerprint_card.json")
+    try:
+        method = read_json(card, "card").get("method") if card.is_file() else None
+    except MeraserError:
+        method = None
+    return f"{method} ({folder.name})" if method and method not in folder.name else folder.name
 
 
 def utility(run: dict) -> float | None:
