@@ -90,8 +90,11 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     for r in rows:  # accuracy per task, as `eval.tasks` records it
         r["tasks"] = {"bb_arithmetic": {"acc": 0.5 if r["stage"] != "erased" else 0.25, "acc_stderr": 0.05}}
     write_jsonl(out / RESULTS, rows)  # the fourth cell is missing: the page says so
-    code, printed, _ = cli("report", out, "-o", tmp_path / "bench.html")
+    code, printed, _ = cli("report", out, "-o", tmp_path / "bench.html", "--markdown", tmp_path / "tables.md")
     assert code == 0
+    md = (tmp_path / "tables.md").read_text()
+    assert "**attacks: every cell**" in md and "| utf | finetune |  | missing |" in md
+    assert "| utf meraser n=300 | utf | 0.0% | 24.00 | 100.0% | 26.00 | 0.0% | 30.00 | 50.0% | 27.00 |" in md
     for title in ("attacks: every cell", "Table 1: FSR and PPL at every stage", "downstream accuracy per task"):
         assert title in printed  # the tables, in the terminal too
     assert "missing" in printed and "arithmetic" in printed

@@ -577,21 +577,27 @@ def report(
     title: str = typer.Option("MEraser report", help="page title"),
     show_secrets: bool = typer.Option(False, help="print the card's triggers, targets and matching outputs (hashed "
                                                   "by default: a report is made to be shared)"),
+    markdown: Optional[Path] = typer.Option(None, help="also write the tables as Markdown to this file"),
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
-    from meraser.report import is_bench, load_bench, load_run, terminal_tables, write_bench_report, write_report
+    from meraser.report import (is_bench, load_bench, load_run, markdown_tables, terminal_tables,
+                                write_bench_report, write_report)
+    from meraser.utils import atomic_write_text
 
     console = _console(200)
     if len(runs) == 1 and is_bench(runs[0]):
         page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
                                   show_secrets)
-        tables = terminal_tables(*load_bench(runs[0]))
+        loaded = load_bench(runs[0])
     else:
         page = write_report(runs, out, title, show_secrets)
-        tables = terminal_tables([load_run(r) for r in runs])
-    for table in tables:
+        loaded = ([load_run(r) for r in runs],)
+    for table in terminal_tables(*loaded):
         console.print(table)
+    if markdown:
+        atomic_write_text(markdown, markdown_tables(*loaded))
+        console.print(f"[green]tables[/] written to {markdown}")
     console.print(f"[green]report[/] written to {page}")
 
 

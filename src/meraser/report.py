@@ -209,7 +209,7 @@ def _table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     rows = []
     for run in runs:
         st, last = run["stages"], _last(run)
-        cells = [run["name"], run["method"]]
+        cells = [_run_label(run) if "attack" in run else run["name"], run["method"]]
         for s in stages:
             cells += [_pct(st.get(s, {}).get("fsr")), ppl_text(st.get(s, {}))]
         rows.append(cells + [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))])
@@ -394,23 +394,37 @@ def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[l
     return head, rows
 
 
-def terminal_tables(runs: list[dict], cells: list[dict] | None = None) -> list:
-    """What `meraser report` prints: the attack table (a bench), Table 1, and accuracy per task where measured."""
+def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tuple[str, list[str], list[list]]]:
+    """(title, head, rows) of what `meraser report` prints and writes as Markdown: the attack table (a bench),
+    Table 1, and accuracy per task where measured."""
     tables = []
     if cells is not None:  # the page's columns, paired up to fit a terminal: before -> after
         _, rows = _attack_rows(runs, cells)
         head = ["fingerprint", "attack", "settings", "status", "FSR", "erased strictly", "p-value", "PPL",
-                "utility", "time"]
-        tables.append(rich_table("attacks: every cell", head, [
-            r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[11],
-                     r[12]] for r in rows]))
+                "ordinary acc.", "utility", "time"]
+        tables.append(("attacks: every cell", head, [
+            r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[10],
+                     r[11], r[12]] for r in rows]))
     table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] if cells is not None else runs
     if table1:
-        tables.append(rich_table("Table 1: FSR and PPL at every stage", *_table1_rows(table1)))
+        tables.append(("Table 1: FSR and PPL at every stage", *_table1_rows(table1)))
     head, rows = _tasks_rows(runs)
     if rows:
-        tables.append(rich_table("downstream accuracy per task", head, rows))
+        tables.append(("downstream accuracy per task", head, rows))
     return tables
+
+
+def terminal_tables(runs: list[dict], cells: list[dict] | None = None) -> list:
+    return [rich_table(*t) for t in summary_tables(runs, cells)]
+
+
+def markdown_tables(runs: list[dict], cells: list[dict] | None = None) -> str:
+    """The same tables as Markdown, to paste into a README or a paper's notes."""
+    out = []
+    for title, head, rows in summary_tables(runs, cells):
+        out += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+    return "\n".join(out)
 
 
 def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: bool = False) -> str:
