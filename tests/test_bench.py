@@ -61,13 +61,14 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     for r in rows:
         stages.setdefault(r["attack"], set()).add(r["stage"])
         assert r["seed"] == 0 and r["versions"]["torch"] and r["peak_rss_mb"] > 0 and r["cell_seconds"] > 0
+        assert 0 < r["rss_at_start_mb"] <= r["peak_rss_mb"] + 1
     assert stages == {"meraser": {"base", "fingerprinted", "erased", "recovered"},
                       "prune-magnitude": {"base", "fingerprinted", "attacked"}}
     fingerprinted = {r["fsr"] for r in rows if r["stage"] == "fingerprinted"}
     assert fingerprinted == {1.0}  # every cell attacked the same shared fingerprinted model
     # ... and the base and fingerprinted models were evaluated once, by the first cell, for all four
     assert sorted(f.name.split("__")[0] for f in (out / "shared" / "evals").iterdir()) == ["base", "fingerprinted"]
-    meta = ("cell", "attack", "grid", "settings", "cell_seconds", "peak_rss_mb")
+    meta = ("cell", "attack", "grid", "settings", "cell_seconds", "peak_rss_mb", "rss_at_start_mb")
     for stage in ("base", "fingerprinted"):
         same = [{k: v for k, v in r.items() if k not in meta} for r in rows if r["stage"] == stage]
         assert len(same) == 4 and all(x == same[0] for x in same)

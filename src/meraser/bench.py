@@ -255,7 +255,9 @@ def cell_experiment(cell: Cell, out: Path) -> dict:
 
 class PeakMemory:
     """The peak resident memory of this process while a cell runs, sampled every 0.2 s (the cell runs here, so the
-    process-wide high-water mark would carry over from earlier cells)."""
+    process-wide high-water mark would carry over from earlier cells), and what was resident when it started.
+    On exit the memory a finished cell freed is handed back to the system: on the Perinucleus matrix, before this,
+    the peak grew from 5.9 to 8.3 GB over 12 cells in one process (`rss_at_start_mb` shows what carries over)."""
 
     def __enter__(self):
         import threading
@@ -263,6 +265,7 @@ class PeakMemory:
         import psutil
 
         self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.start = self.proc.memory_info().rss
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -276,6 +279,19 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Collect the finished cell's objects and return freed heap pages to the system (glibc keeps them otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def versions() -> dict:
@@ -302,7 +318,7 @@ def run_cell(cell: Cell, out: Path) -> list[dict]:
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": _fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mb": round(mem.peak / 2**20)}
+            "peak_rss_mb": round(mem.peak / 2**20), "rss_at_start_mb": round(mem.start / 2**20)}
     return [{**meta, **row} for row in rows]
 
 

@@ -457,8 +457,11 @@ class ExperimentRun:
                       progress=self.progress)
             done, probes = res.model.merge_and_unload(), res.probes
             if shared is not None and not shared.exists():
-                with atomic_dir(shared) as tmp:
-                    shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                try:
+                    with atomic_dir(shared) as tmp:
+                        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                except MeraserError:  # another cell (a Ray task) shared the same stage first
+                    pass
         done._meraser_spec = str(folder)
         return done, probes
 
