@@ -371,8 +371,9 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     cells = plan_cells(matrix, where)
     check_models(matrix, where)
     done = finished_cells(out)
-    todo = [c for c in cells if c.id not in done and (not only or any(o in c.id for o in only))]
-    if only and not any(any(o in c.id for o in only) for c in cells):
+    wanted = [c for c in cells if not only or any(o in c.id for o in only)]
+    todo = [c for c in wanted if c.id not in done]
+    if not wanted:
         raise MeraserError(f"{where}--only {' '.join(only)}: no cell id contains it (ids look like "
                            f"{cells[0].id})")
     if console:

@@ -333,7 +333,7 @@ def utility(run: dict) -> float | None:
     """The attacked model's utility relative to the fingerprinted model's: the mean of its perplexity ratio
     (fingerprinted / attacked) and its ordinary-accuracy ratio (attacked / fingerprinted), of those measured."""
     st = run["stages"]
-    fp, last = st.get("fingerprinted", {}), st.get("recovered", st.get("attacked", {}))
+    fp, last = st.get("fingerprinted", {}), _last(run)
     ratios = []
     if isinstance(fp.get("ppl"), dict) and isinstance(last.get("ppl"), dict):
         ratios.append(fp["ppl"]["ppl"] / last["ppl"]["ppl"])
@@ -349,7 +349,7 @@ def _leaderboard_png(runs: list[dict]) -> str | None:
     """FSR after the attack against the attacked model's relative utility, one point per cell; the region where
     the attack wins is shaded."""
     plt = _pyplot()
-    points = [(utility(r), r["stages"].get("recovered", r["stages"].get("attacked", {})).get("fsr"), r)
+    points = [(utility(r), _last(r).get("fsr"), r)
               for r in runs]
     points = [(u, f, r) for u, f, r in points if u is not None and f is not None]
     if not points:
@@ -381,7 +381,7 @@ def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[l
                         "status": "done"} for r in runs]:
         r = by_id.get(c["id"])
         st = r["stages"] if r else {}
-        fp, last = st.get("fingerprinted", {}), st.get("recovered", st.get("attacked", {}))
+        fp, last = st.get("fingerprinted", {}), _last(r) if r else {}
         u = utility(r) if r else None
         status = c["status"] if c["status"] != "failed" else f"failed: {(c.get('error') or '')[:80]}"
         settings = c.get("settings", " ".join(f"{k}={v}" for k, v in c["grid"].items()))
