@@ -106,7 +106,15 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dir, tmp_path):
                              str(data), "--out", str(out), "--epochs", "400", "--batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(work_dir(out).glob("checkpoint-*")) and proc.poll() is None:
+    def complete(state):
+        try:
+            return bool(json.loads(state.read_text()))
+        except (OSError, ValueError):
+            return False
+
+    # wait for a complete checkpoint: one interrupted while being written is dropped (by design), leaving none
+    while time.time() < deadline and not any(map(complete, work_dir(out).glob("checkpoint-*/trainer_state.json"))) \
+            and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -91,6 +91,11 @@ def test_interrupted_training_resumes_from_checkpoint(tiny, tmp_path):
     state = json.loads((work_dir(out) / "checkpoint-4" / "trainer_state.json").read_text())
     before = [h["elapsed_s"] for h in state["log_history"] if "elapsed_s" in h][-1]
     assert before > 0
+    # a later checkpoint cut off while its state file was being written is skipped and removed
+    import shutil
+
+    cut = shutil.copytree(work_dir(out) / "checkpoint-4", work_dir(out) / "checkpoint-6")
+    (cut / "trainer_state.json").write_text((cut / "trainer_state.json").read_text()[:40])
     t0 = time.perf_counter()
     res = train(model, tok, PAIRS, cfg, out, progress=False, resume=True)
     resumed_part = time.perf_counter() - t0

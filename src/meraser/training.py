@@ -157,10 +157,19 @@ def _last_checkpoint(work: Path) -> str | None:
     found = sorted((p for p in work.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in found:
-        if (ckpt / "trainer_state.json").exists() and any(ckpt.glob("*.safetensors")):
+        if _complete(ckpt):
             return str(ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
+
+
+def _complete(ckpt: Path) -> bool:
+    """Whether the Trainer finished writing `ckpt`: its state file (written last) exists and parses."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(ckpt.glob("*.safetensors"))
 
 
 def work_dir(out: Path) -> Path:
