@@ -104,6 +104,25 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir)
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
 
 
+def test_two_matrices_with_one_shared_folder_share_the_fingerprint_and_evaluations(tmp_path, tiny_dir):
+    prune = [{"method": "prune-magnitude", "config": {"sparsity": 0.5}}]
+    share = tmp_path / "common"
+    first = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="a", shared=str(share), attacks=prune), "a.yaml")
+    second = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="b", shared=str(share),
+                                      attacks=[{**prune[0], "config": {"sparsity": 0.3}}]), "b.yaml")
+    assert run_bench(load_matrix(first), progress=False)["ran"] == 1
+    made = {p: p.stat().st_mtime_ns for p in share.rglob("*") if p.is_file()}
+    assert run_bench(load_matrix(second), progress=False)["ran"] == 1
+    assert not (tmp_path / "b" / "fingerprints").exists() and not (tmp_path / "b" / "shared").exists()
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # nothing in the shared folder made again
+    assert len(list((share / "fingerprints").iterdir())) == 1 and len(list((share / "shared" / "evals").iterdir())) == 2
+    a, b = (read_jsonl(tmp_path / o / RESULTS) for o in "ab")
+    for stage in ("base", "fingerprinted"):
+        ra, rb = ([{k: v for k, v in r.items() if k in ("fsr", "ppl", "strict", "per_trigger")}
+                   for r in rows if r["stage"] == stage] for rows in (a, b))
+        assert ra == rb and ra[0]["fsr"] is not None
+
+
 def test_cells_that_differ_only_in_recovery_share_one_erase(tmp_path, tiny_dir):
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "meraser", "grid": {"clean.n": [20, 40]}}]))
     assert run_bench(load_matrix(path), progress=False)["ran"] == 2

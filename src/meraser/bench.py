@@ -3,8 +3,9 @@
 Every cell is an experiment (`meraser.runner`) in its own folder, OUT/cells/<cell id>/: `meraser` runs erase and
 recover as stages (the rows of the paper's Table 1, with FSR after every epoch), any other registered attack runs
 as the experiment's `attack:` stage (Tables 2 and 3). What several cells need is made once, before them, and shared:
-each fingerprinted model (per model, fingerprint and seed, in OUT/fingerprints/) and MEraser's transferable erase
-adapter (per model and seed, in OUT/shared/).
+each fingerprinted model (per model, fingerprint and seed, in SHARED/fingerprints/) and MEraser's transferable erase
+adapter (per model and seed, in SHARED/shared/), where SHARED is the matrix's `shared` folder (its `out` by default);
+cells also share their base and fingerprinted evaluations and identical erase/recover stages there.
 
 The results store, OUT/results.jsonl, holds one row per cell and stage, with the cell's full settings, package
 versions, seed, wall time and peak memory. Only this driver writes it, and only after a cell has finished, all of
@@ -33,7 +34,10 @@ ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and
 
 @dataclass
 class Matrix(Config):
-    out: str = field("runs/bench", help="output folder: cells/, fingerprints/, shared/ and the results store")
+    out: str = field("runs/bench", help="output folder: cells/ and the results store (and fingerprints/ and shared/ "
+                                        "unless `shared` says where)")
+    shared: str | None = field(None, help="folder for what cells share (fingerprints/, shared/): give two matrices "
+                                          "on the same model the same one and they share those too (default: out)")
     models: list[str] = field([DEFAULT_MODEL], help="base models (folders, hub ids or the embedded alias)")
     fingerprints: list[dict] = field([{"method": "utf"}], help="each an experiment's `fingerprint:` stage: "
                                                                "{method, config} to make, or {existing, card}")
@@ -196,23 +200,28 @@ def load_matrix(path: str | Path) -> Matrix:
     return Matrix.from_dict(load_yaml(path), where=f"{path}: ")
 
 
-def _fingerprint_folder(out: Path, cell: Cell) -> Path:
-    return out / "fingerprints" / f"{_slug(Path(cell.model).name)}__{_fingerprint_label(cell.fingerprint)}__s{cell.seed}"
+def shared_root(matrix: Matrix) -> Path:
+    """Where the matrix keeps what cells share (absolute: cells may run in other processes or on other machines)."""
+    return Path(matrix.shared or matrix.out).resolve()
 
 
-def prepare_shared(cells: list[Cell], out: Path, console=None) -> None:
+def _fingerprint_folder(share: Path, cell: Cell) -> Path:
+    return share / "fingerprints" / f"{_slug(Path(cell.model).name)}__{_fingerprint_label(cell.fingerprint)}__s{cell.seed}"
+
+
+def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
     """Make what several cells share, once: each fingerprinted model, and MEraser's transfer adapter where a cell
     asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused."""
     from meraser.erase.transfer import transfer_train
     from meraser.fingerprints.embed import fingerprint
 
     for cell in cells:
-        folder = _fingerprint_folder(out, cell)
+        folder = _fingerprint_folder(share, cell)
         if not cell.fingerprint["existing"] and not folder.exists():
             if console:
                 console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
             fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"])
-        kind, folder = _shared(out, cell)
+        kind, folder = _shared(share, cell)
         if kind and not folder.exists():
             if console:
                 console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
@@ -228,26 +237,27 @@ def prepare_shared(cells: list[Cell], out: Path, console=None) -> None:
                     make_expert(cell.model, cfg, tmp, progress=False)
 
 
-def _shared(out: Path, cell: Cell) -> tuple[str | None, Path | None]:
+def _shared(share: Path, cell: Cell) -> tuple[str | None, Path | None]:
     """What a cell's attack needs that other cells share: MEraser's transfer adapter (per model and seed), or a
     merge's expert (per model and expert settings); (None, None) when it needs nothing shared."""
     a = cell.experiment.get("attack")
     model = _slug(Path(cell.model).name)
     if a and a["method"] == "meraser-transfer" and not a["config"].get("adapter"):
-        return "transfer adapter", out / "shared" / f"transfer__{model}__s{cell.seed}"
+        return "transfer adapter", share / "shared" / f"transfer__{model}__s{cell.seed}"
     if a and a["method"].startswith("merge-") and not a["config"].get("expert"):
         keys = ("expert_data", "expert_rows", "expert_train", "seed")
         settings = {k: a["config"].get(k) for k in keys}
-        return "merge expert", out / "shared" / f"expert__{model}__{_hash(settings)[:8]}"
+        return "merge expert", share / "shared" / f"expert__{model}__{_hash(settings)[:8]}"
     return None, None
 
 
 
-def cell_experiment(cell: Cell, out: Path) -> dict:
+def cell_experiment(cell: Cell, out: Path, share: Path | None = None) -> dict:
     """The experiment a cell runs: its settings, its folder, the shared fingerprinted model and adapter."""
+    share = share or out
     exp = copy.deepcopy(cell.experiment)
-    fp = cell.fingerprint if cell.fingerprint["existing"] else {"existing": str(_fingerprint_folder(out, cell))}
-    kind, folder = _shared(out, cell)
+    fp = cell.fingerprint if cell.fingerprint["existing"] else {"existing": str(_fingerprint_folder(share, cell))}
+    kind, folder = _shared(share, cell)
     if kind:
         exp["attack"]["config"]["adapter" if kind == "transfer adapter" else "expert"] = str(folder)
     return {**exp, "model": cell.model, "out": str(out / "cells" / cell.id), "fingerprint": fp}
@@ -306,15 +316,16 @@ def versions() -> dict:
     return out
 
 
-def run_cell(cell: Cell, out: Path) -> list[dict]:
+def run_cell(cell: Cell, out: Path, share: Path | None = None) -> list[dict]:
     """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs."""
     from meraser.runner import Experiment, run_experiment
 
-    exp = cell_experiment(cell, out)
+    share = share or out
+    exp = cell_experiment(cell, out, share)
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False,
-                              shared=out / "shared")
+                              shared=share / "shared")
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": _fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
@@ -368,6 +379,7 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     executor = executor or Executor()
     executor.check()
     out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
+    share = shared_root(matrix)
     cells = plan_cells(matrix, where)
     check_models(matrix, where)
     done = finished_cells(out)
@@ -383,7 +395,7 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
         return {"cells": len(cells), "done": n_done, "ran": 0, "failed": []}
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
-    prepare_shared(todo, out, console)
+    prepare_shared(todo, share, console)
     failed: list[str] = []
 
     def finished(cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:
@@ -403,21 +415,21 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     with _progress(progress) as bar:
         task = bar.add_task("matrix", total=n_done + len(todo), completed=n_done)
         run = _run_on_ray if executor.kind == "ray" else _run_here
-        run(todo, out, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)))
+        run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)))
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed}
 
 
-def _run_here(cells: list[Cell], out: Path, executor: Executor, finished) -> None:
+def _run_here(cells: list[Cell], out: Path, share: Path, executor: Executor, finished) -> None:
     for cell in cells:
         try:
-            rows = run_cell(cell, out)
+            rows = run_cell(cell, out, share)
         except Exception as e:
             finished(cell, None, e)
         else:
             finished(cell, rows, None)
 
 
-def _run_on_ray(cells: list[Cell], out: Path, executor: Executor, finished) -> None:
+def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, finished) -> None:
     """Each cell a Ray task with the CPUs/GPUs it asks for; results come back to the driver as they finish."""
     import ray
 
@@ -426,7 +438,7 @@ def _run_on_ray(cells: list[Cell], out: Path, executor: Executor, finished) -> N
         ray.init(address=executor.address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=executor.cpus_per_cell, num_gpus=executor.gpus_per_cell, max_retries=0)(run_cell)
-        pending = {task.remote(cell, out): cell for cell in cells}
+        pending = {task.remote(cell, out, share): cell for cell in cells}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
