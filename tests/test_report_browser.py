@@ -52,13 +52,21 @@ def _stages(fsr_final: float) -> list[dict]:
     ppl = lambda x: {"ppl": x}  # noqa: E731
     probes = [{"epoch": e, "fsr": f, "forced": min(1.0, f + 0.25), "loglik": -1.0} for e, f in
               enumerate([0.75, 0.25, fsr_final], 1)]
-    return [{"stage": "base", "fsr": 0.0, "ppl": ppl(24.0), "ordinary_accuracy": 0.57},
+    def strict(forced, loglik, base=None):
+        checks = {"paper_fsr": 0.0, "forced": forced, "paraphrased": 0.0, "sampled": 0.0, "partial": 0.0,
+                  "loglik": loglik}
+        return {**checks, **({"at_base_level": {k: v <= base[k] + (0.5 if k == "loglik" else 0)
+                                                for k, v in checks.items()}} if base else {})}
+
+    base = strict(0.0, -4.0)
+    return [{"stage": "base", "fsr": 0.0, "ppl": ppl(24.0), "ordinary_accuracy": 0.57, "strict": base},
             {"stage": "fingerprinted", "fsr": 1.0, "ppl": ppl(26.0), "ordinary_accuracy": 0.53,
+             "strict": strict(1.0, -0.5, base),
              "per_trigger": [{"trigger": "secret trigger", "target": "secret target", "output": "secret target",
                               "match": True}]},
             {"stage": "erased", "fsr": 0.0, "ppl": ppl(30.0), "fsr_per_epoch": probes},
             {"stage": "recovered", "fsr": fsr_final, "ppl": ppl(27.0), "ordinary_accuracy": 0.4, "erased": False,
-             "fsr_per_epoch": probes[:2]}]
+             "fsr_per_epoch": probes[:2], "strict": strict(0.5, -3.0, base)}]
 
 
 def test_run_report_opens_cleanly_in_chromium(tmp_path):
@@ -70,7 +78,9 @@ def test_run_report_opens_cleanly_in_chromium(tmp_path):
     page = write_report([run], tmp_path / "report.html")
     seen = open_in_browser(page, "run_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 2 and seen["images"] == 2 and seen["decoded"] == 2  # FSR per stage and per epoch
+    # Table 1 and its strict checks; FSR per stage, FSR per epoch and the strict checks per epoch
+    assert seen["tables"] >= 3 and seen["images"] == 3 and seen["decoded"] == 3
+    assert 'alt="strict checks per epoch"' in page.read_text()
     assert (ARTEFACTS / "run_report.png").stat().st_size > 10_000
 
 
@@ -95,15 +105,20 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     md = (tmp_path / "tables.md").read_text()
     assert "**attacks: every cell**" in md and "| utf | finetune |  | missing |" in md
     assert "| utf meraser n=300 | utf | 0.0% | 24.00 | 100.0% | 26.00 | 0.0% | 30.00 | 50.0% | 27.00 |" in md
-    for title in ("attacks: every cell", "Table 1: FSR and PPL at every stage", "downstream accuracy per task"):
+    # the strict checks: the recovered model is still above the base with the target's prefix forced
+    assert "| utf meraser n=300 | recovered | 0.0% | 50.0% | 0.0% | 0.0% | 0.0% | -3.00 | forced, loglik |" in md
+    assert "| utf meraser n=300 | base | 0.0% | 0.0% | 0.0% | 0.0% | 0.0% | -4.00 | (reference) |" in md
+    for title in ("attacks: every cell", "Table 1: FSR and PPL at every stage", "Table 1, strict: every check at "
+                  "every stage", "downstream accuracy per task"):
         assert title in printed  # the tables, in the terminal too
     assert "missing" in printed and "arithmetic" in printed
     page = tmp_path / "bench.html"
     text = page.read_text()
     assert "<td>missing</td>" in text and text.count("<td>done</td>") == 3
-    for alt in ("leaderboard: FSR against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n"):
+    for alt in ("leaderboard: FSR against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n",
+                "strict checks per epoch"):
         assert f'alt="{alt}"' in text
     assert "<h2>Downstream accuracy per task</h2>" in text and "<td>0.250</td>" in text
     seen = open_in_browser(page, "bench_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 4 and seen["images"] == 4 and seen["decoded"] == 4
+    assert seen["tables"] >= 5 and seen["images"] == 5 and seen["decoded"] == 5

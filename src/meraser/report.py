@@ -216,6 +216,73 @@ def _table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+STRICT_CHECKS = ("paper_fsr", "forced", "paraphrased", "sampled", "partial", "loglik")
+
+
+def _strict_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Every strict check at every evaluated stage (Table 1's strict columns), and which checks are still above the
+    base model's level: a fingerprint that only hides shows here while its paper FSR is 0."""
+    head = ["run", "stage", "paper FSR", "forced prefix", "paraphrased", "sampled", "partial", "target loglik",
+            "above the base model"]
+    rows = []
+    for run in runs:
+        for stage in STAGES:
+            strict = run["stages"].get(stage, {}).get("strict")
+            if not strict:
+                continue
+            above = [k for k, ok in strict.get("at_base_level", {}).items() if not ok]
+            verdict = "(reference)" if stage == "base" else ", ".join(above) if above else \
+                "none: erased" if "at_base_level" in strict else ""
+            rows.append([_run_label(run), stage, *(_pct(strict.get(k)) for k in STRICT_CHECKS[:-1]),
+                         "" if strict.get("loglik") is None else f"{strict['loglik']:.2f}", verdict])
+    return head, rows
+
+
+def _strict_curve_png(runs: list[dict]) -> str | None:
+    """The per-epoch strict probes through erase and recovery, one panel per fingerprint: the forced-prefix rate and
+    the target's log-likelihood (dashed: the base model's), so a curve shows whether the fingerprint dies or hides."""
+    by_method: dict[str, list[dict]] = {}
+    for run in runs:
+        st = run["stages"]
+        probes = st.get("erased", {}).get("fsr_per_epoch", []) + st.get("recovered", {}).get("fsr_per_epoch", [])
+        if probes and all("loglik" in p for p in probes):
+            by_method.setdefault(run["method"], []).append(run)
+    if not by_method:
+        return None
+    plt = _pyplot()
+    cols = len(by_method)
+    fig, axes = plt.subplots(2, cols, figsize=(max(6.0, 4.2 * cols), 6), dpi=100, squeeze=False, sharex="col")
+    for j, (method, shown) in enumerate(sorted(by_method.items())):
+        top, bottom = axes[0][j], axes[1][j]
+        n_erase = 0
+        for run in shown:
+            st = run["stages"]
+            erase, rec = st["erased"].get("fsr_per_epoch", []), st.get("recovered", {}).get("fsr_per_epoch", [])
+            n_erase = max(n_erase, len(erase))
+            fp = st.get("fingerprinted", {}).get("strict", {})
+            points = ([fp] if fp else []) + erase + rec
+            xs = list(range(len(points))) if fp else list(range(1, len(points) + 1))
+            label = _run_label(run).removeprefix(method).strip() or run.get("attack") or run["name"]
+            line = top.plot(xs, [p.get("forced") for p in points], marker="x", label=label)[0]
+            bottom.plot(xs, [p.get("loglik") for p in points], marker="o", color=line.get_color())
+        base = next((r["stages"]["base"]["strict"]["loglik"] for r in shown
+                     if r["stages"].get("base", {}).get("strict", {}).get("loglik") is not None), None)
+        if base is not None:
+            bottom.axhline(base, color="black", linestyle="--", linewidth=1, label="base model")
+            bottom.legend(fontsize=7)
+        for ax in (top, bottom):
+            ax.axvline(n_erase + 0.5, color="grey", linestyle="--", linewidth=1)
+            ax.grid(alpha=0.3)
+        top.set_title(method, fontsize=10)
+        top.set_ylim(-0.05, 1.1)
+        top.legend(fontsize=6)
+        bottom.set_xlabel("epoch (0: fingerprinted; erase, then recover after the grey line)")
+    axes[0][0].set_ylabel("forced prefix (strict)")
+    axes[1][0].set_ylabel("target log-likelihood / token")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _table(runs: list[dict]) -> str:
     return _html_table(*_table1_rows(runs))
 
@@ -255,6 +322,11 @@ def render(runs: list[dict], title: str = "MEraser report", show_secrets: bool =
     head, task_rows = _tasks_rows(runs)
     tasks = f"<h2>Downstream accuracy per task</h2>{_html_table(head, task_rows)}" if task_rows else ""
     stage_png = _stage_fsr_png(runs)
+    head, strict_rows = _strict_rows(table1)
+    strict = f"<h2>Table 1, strict: every check at every stage</h2>{_html_table(head, strict_rows)}" if strict_rows else ""
+    curve_png = _strict_curve_png(runs)
+    curves = (f"<h2>Strict checks during erase and recovery</h2>"
+              f"{_figure('strict checks per epoch', curve_png, '')}") if curve_png else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px}}
@@ -265,7 +337,9 @@ th{{background:#f3f3f3}}td{{text-align:right}}td:first-child{{text-align:left}}i
 source. Alg. 1: no trigger yields its target and ordinary questions are still answered (MEraser Algorithm 1).</p>
 <h2>Table 1</h2>{_table(table1)}
 {_figure("FSR per stage", stage_png, "") if stage_png else ""}
+{strict}
 <h2>FSR during erase and recovery</h2>{_figure("FSR per epoch", _fsr_curve_png(runs), "No per-epoch probes.")}
+{curves}
 {tasks}
 <h2>Per-trigger outputs</h2>{"" if show_secrets else "<p>Triggers, targets and outputs are the owner's secret: "
 "shown as short hashes (meraser report --show-secrets shows them).</p>"}{_outputs(runs, show_secrets)}
@@ -408,6 +482,9 @@ def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tu
     table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] if cells is not None else runs
     if table1:
         tables.append(("Table 1: FSR and PPL at every stage", *_table1_rows(table1)))
+    head, rows = _strict_rows(table1 or runs)
+    if rows:
+        tables.append(("Table 1, strict: every check at every stage", head, rows))
     head, rows = _tasks_rows(runs)
     if rows:
         tables.append(("downstream accuracy per task", head, rows))
