@@ -259,6 +259,17 @@ def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch)
                                     "out": str(tmp_path / c.id)})
         per_fp.setdefault(c.fingerprint["method"], set()).add(plan_experiment(exp).stages["erased"].id)
     assert all(len(ids) == 1 for ids in per_fp.values()) and len(per_fp) == 4
+    # the erase-side search: four erases per fingerprint, each unlike the paper's, on the same fingerprinted models
+    from meraser.bench import shared_root
+
+    search = load_matrix(bench / "matrix_erasure_search.yaml")
+    assert shared_root(search) == shared_root(load_matrix(bench / "matrix_erasure.yaml"))
+    erases = {}
+    for c in plan_cells(search):
+        exp = Experiment.from_dict({**c.experiment, "model": c.model, "fingerprint": c.fingerprint,
+                                    "out": str(tmp_path / c.id)})
+        erases.setdefault(c.fingerprint["method"], set()).add(plan_experiment(exp).stages["erased"].id)
+    assert {k: len(v | per_fp[k]) for k, v in erases.items()} == {"if-sft": 5, "subject-sentence": 5}
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs/perinucleus-n/n256").mkdir(parents=True)
