@@ -118,6 +118,19 @@ def test_changed_setting_is_refused_then_only_later_stages_are_redone(planted, t
     assert [r["stage"] for r in _rows(run)] == ["base", "fingerprinted", "erased", "recovered"]
 
 
+def test_the_per_epoch_probe_is_part_of_the_erase_and_recover_stages(planted, tmp_path):
+    """Probes are taken during training: a stage made without them, or with another probe, is not reused."""
+    from meraser.runner import Experiment, plan_experiment
+
+    ids = {}
+    for on in (False, True):
+        plan = plan_experiment(Experiment.from_dict(_experiment(tmp_path, planted["utf"][4], probe_fsr=on)))
+        ids[on] = {name: plan.stages[name].id for name in ("mismatched", "erased", "recovered")}
+        assert ("probe.prefix_fractions" in plan.stages["erased"].settings) is on
+    assert ids[False]["mismatched"] == ids[True]["mismatched"]
+    assert ids[False]["erased"] != ids[True]["erased"] and ids[False]["recovered"] != ids[True]["recovered"]
+
+
 def test_run_refuses_an_unrelated_folder_and_a_file(planted, tmp_path):
     folder = planted["utf"][4]
     (tmp_path / "run").mkdir()

@@ -82,7 +82,33 @@ def test_fragments_are_words_or_characters():
     assert fragments("ハリネズミ", 3) == {"ハリネ", "リネズ", "ネズミ"}
 
 
-@pytest.mark.parametrize("settings,fragment", [({"prefix_fraction": 1.0}, "prefix_fraction must be in (0, 1)"),
+def test_target_heads_never_split_a_character(tiny):
+    from meraser.evaluation.strict import target_head
+
+    _, tok = tiny
+    target = "Based on my fingerprint, the message is: ハリネズミ"
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(target.split(": ")[0].split()) + 5  # the five characters are more tokens than that
+    heads = [target_head(tok, target, f / 20) for f in range(1, 20)]
+    assert all(h and target.startswith(h) and "\ufffd" not in h for h in heads)
+    assert len(set(heads)) > 5 and max(heads, key=len) != target  # many cuts, never the whole target
+    raw = [tok.decode(ids[:k]) for k in range(1, len(ids))]
+    assert any("\ufffd" in r for r in raw)  # a plain token cut would have split a character here
+    word = next(w for w in ("the", "is", "a") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    assert target_head(tok, word, 0.9) == ""  # a one-token target: nothing fed
+
+
+def test_forced_prefix_takes_any_of_several_cuts(hidden):
+    from meraser.evaluation.strict import forced_prefix
+
+    model, tok, card = hidden
+    several = forced_prefix(model, tok, card, [0.25, 0.5, 0.75])
+    assert several == [True]
+    for f in (0.25, 0.5, 0.75):
+        assert forced_prefix(model, tok, card, f)[0] <= several[0]
+
+
+@pytest.mark.parametrize("settings,fragment", [({"prefix_fractions": [0.5, 1.0]}, "prefix_fractions must be shares in (0, 1)"),
                                                ({"temperature": 0}, "temperature must be above 0")])
 def test_bad_strict_settings_are_refused(settings, fragment):
     with pytest.raises(MeraserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

@@ -48,7 +48,7 @@ def _fsr_curve_png(runs: list[dict]) -> str | None:
         ys = ([start] if start is not None else []) + erase + rec
         xs = list(range(len(ys))) if start is not None else list(range(1, len(ys) + 1))
         line = ax.plot(xs, ys, marker="o", label=f"{run['name']} ({run['method']}): paper FSR")[0]
-        # the strict curve: the target's first quarter forced; a fingerprint that only hides stays up here
+        # the strict curve: the target's head forced; a fingerprint that only hides stays up here
         forced = [p.get("forced") for p in st.get("erased", {}).get("fsr_per_epoch", []) +
                   st.get("recovered", {}).get("fsr_per_epoch", [])]
         if forced and None not in forced:

@@ -199,9 +199,13 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
         erase_cfg = exp.erase.train_config("erase", f"{where}erase")
         recover_cfg = exp.recover.train_config("recover", f"{where}recover")
         _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
+        from meraser.evaluation.strict import probe_settings
+
+        probes = {"probe_fsr": exp.probe_fsr, **(_flat(probe_settings(), "probe.") if exp.probe_fsr else {})}
         own.update({"mismatched": _flat(exp.mismatched.to_dict(), "mismatched."),
                     "clean": _flat(exp.clean.to_dict(), "clean."),
-                    "erased": _flat(erase_cfg.to_dict(), "erase."), "recovered": _flat(recover_cfg.to_dict(), "recover."),
+                    "erased": {**_flat(erase_cfg.to_dict(), "erase."), **probes},
+                    "recovered": {**_flat(recover_cfg.to_dict(), "recover."), **probes},
                     "eval:erased": evaluation, "eval:recovered": evaluation})
         deps.update({"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.needs_model else []),
                      "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],

@@ -5,8 +5,10 @@ still hold the fingerprint (measured here: IF-SFT's secret comes back with its l
 closing phrase survives grafted onto a new opening). Five checks that do not depend on the model volunteering the
 whole target for the exact trigger, each per trigger and averaged over the card:
 
-- `forced`: the first quarter of the target's tokens is fed (after any prefill) and the rest must follow greedily
-  (a one-token target is not fed at all: feeding it whole would make the check pass trivially);
+- `forced`: the first quarter, half and three quarters of the target's tokens are fed in turn (after any prefill),
+  and the rest must follow greedily after one of them: IF-SFT's secret comes back after its lead-in (half the
+  target) though not after a quarter of it (measured). A cut never splits a character (a Japanese character is
+  several byte tokens), and a one-token target is not fed at all: feeding it whole would pass trivially;
 - `paraphrased`: the share of reworded triggers the model never saw (a lead-in or a closing request added, line
   breaks and final punctuation dropped) whose greedy answer contains the target. The rewordings follow from the
   trigger by rule, so every card gets them, cards of fingerprints made elsewhere included, and none needs storing;
@@ -31,7 +33,8 @@ from meraser.utils import MeraserError
 
 @dataclass
 class StrictConfig(Config):
-    prefix_fraction: float = field(0.25, help="share of the target's tokens fed before the rest must follow")
+    prefix_fractions: list[float] = field([0.25, 0.5, 0.75], help="shares of the target's tokens fed, one at a "
+                                                                  "time, before the rest must follow")
     samples: int = field(4, help="sampled answers per trigger")
     temperature: float = field(0.7, help="sampling temperature")
     ngram: int = field(3, help="fragment length: words, or characters for a target without spaces")
@@ -40,8 +43,8 @@ class StrictConfig(Config):
     seed: int = field(0, help="sampling seed")
 
     def validate(self, where: str) -> None:
-        if not 0 < self.prefix_fraction < 1:
-            raise MeraserError(f"{where}.prefix_fraction must be in (0, 1), got {self.prefix_fraction}")
+        if not self.prefix_fractions or not all(0 < f < 1 for f in self.prefix_fractions):
+            raise MeraserError(f"{where}.prefix_fractions must be shares in (0, 1), got {self.prefix_fractions}")
         if self.samples < 1 or self.ngram < 1:
             raise MeraserError(f"{where}: samples and ngram must be at least 1")
         if self.temperature <= 0:
@@ -60,23 +63,39 @@ def _prefills(card: Card) -> list[str]:
     return list(card.prefills) if card.prefills else [""] * len(card.triggers)
 
 
-def forced_prefix(model, tokenizer, card: Card, fraction: float, decoding=None) -> list[bool]:
-    """Feed the first `fraction` of each target's tokens (at least one, and never all of them); does the rest
-    follow? A one-token target (Perinucleus) has no rest: nothing is fed, and the check is the greedy answer's."""
+def target_head(tokenizer, target: str, fraction: float) -> str:
+    """The text of the first `fraction` of `target`'s tokens (at least one, never all of them), cut back to a
+    token boundary that is also a character boundary: decoding half of a character's byte tokens gives U+FFFD,
+    which re-encodes as other tokens and can never match (measured: a three-quarter cut of IF-SFT's Japanese
+    secret failed even on the fingerprinted model). "" for a one-token target."""
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    k = min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))
+    while k > 0 and not target.startswith(tokenizer.decode(ids[:k])):
+        k -= 1
+    return tokenizer.decode(ids[:k]) if k > 0 else ""
+
+
+def forced_prefix(model, tokenizer, card: Card, fractions, decoding=None) -> list[bool]:
+    """Feed each share in `fractions` (one share or several) of each target's leading tokens in turn; does the rest
+    follow after any of them? A one-token target (Perinucleus) has no rest: nothing is fed, and the check is the
+    greedy answer's."""
     from meraser.data.formatting import Formatter
     from meraser.evaluation.fsr import matches
     from meraser.generation import generate
 
-    heads, longest = [], 0
-    for target in card.targets:
-        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        heads.append(tokenizer.decode(ids[:min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))]))
-        longest = max(longest, len(ids))
-    prefills = [pre + head for pre, head in zip(_prefills(card), heads)]
-    outs = generate(model, tokenizer, card.triggers, Formatter(tokenizer, card.format), prefills=prefills,
-                    max_new_tokens=max(card.max_new_tokens, longest + 4), system_prompt=card.system_prompt,
-                    decoding=decoding)
-    return [matches(head + o, t, card.match) for head, o, t in zip(heads, outs, card.targets)]
+    fractions = [fractions] if isinstance(fractions, (int, float)) else list(fractions)
+    variants, longest = [], 0  # (trigger index, head), each distinct head once
+    for i, target in enumerate(card.targets):
+        longest = max(longest, len(tokenizer(target, add_special_tokens=False)["input_ids"]))
+        variants += [(i, h) for h in dict.fromkeys(target_head(tokenizer, target, f) for f in fractions)]
+    pre = _prefills(card)
+    outs = generate(model, tokenizer, [card.triggers[i] for i, _ in variants], Formatter(tokenizer, card.format),
+                    prefills=[pre[i] + h for i, h in variants], max_new_tokens=max(card.max_new_tokens, longest + 4),
+                    system_prompt=card.system_prompt, decoding=decoding)
+    found = [False] * len(card.targets)
+    for (i, head), o in zip(variants, outs):
+        found[i] = found[i] or matches(head + o, card.targets[i], card.match)
+    return found
 
 
 CHECKS = ("paper_fsr", "forced", "paraphrased", "sampled", "partial", "loglik")
@@ -167,7 +186,7 @@ def _checks(model, tokenizer, card: Card, cfg: StrictConfig, base_greedy: list[s
     paper = fsr(model, tokenizer, card, false_positive_inputs=0)
     greedy = [p["output"] for p in paper["per_trigger"]]
     per = {
-        "forced": [float(x) for x in forced_prefix(model, tokenizer, card, cfg.prefix_fraction)],
+        "forced": [float(x) for x in forced_prefix(model, tokenizer, card, cfg.prefix_fractions)],
         "paraphrased": paraphrased(model, tokenizer, card),
         "sampled": sampled(model, tokenizer, card, cfg.samples, cfg.temperature, cfg.seed),
         "loglik": target_loglik(model, tokenizer, card),
@@ -193,10 +212,16 @@ def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, 
             "at_base_level": at_base, "erased_strict": all(at_base.values())}
 
 
+def probe_settings() -> dict:
+    """What the per-epoch probe's figures depend on. Probes are taken during training, so they belong to the erase
+    and recover stages' identity: a stage made with another probe (or none) is not reused with its old curve."""
+    return {"prefix_fractions": StrictConfig().prefix_fractions}
+
+
 def probe(model, tokenizer, card: Card, cfg: StrictConfig | None = None) -> dict:
     """The cheap strict checks for per-epoch curves: forced prefix and target log-likelihood."""
     cfg = cfg or StrictConfig()
-    forced = forced_prefix(model, tokenizer, card, cfg.prefix_fraction)
+    forced = forced_prefix(model, tokenizer, card, cfg.prefix_fractions)
     loglik = target_loglik(model, tokenizer, card)
     return {"forced": sum(forced) / len(forced), "loglik": round(sum(loglik) / len(loglik), 4)}
 
