@@ -186,6 +186,22 @@ def test_erase_recover_and_card_commands_without_a_card(planted, tmp_path, cli):
     clean = {json.loads(line)["prompt"] for line in (tmp_path / "recovered" / "clean.jsonl").read_text().splitlines()}
     assert len(clean) == 40 and not clean & mism  # the clean set is disjoint from the rows the erase used
 
+    # self-written recovery rows come from --writer (the model before the erase) when given
+    from meraser.erase.datasets import self_answers
+
+    code, out, err = cli("recover", "--model", erased, "--out", tmp_path / "by-writer", "--data", pool, "--n", 6,
+                         "--self-answers", "--writer", folder / "model", "--adapter",
+                         *[f"--set={k}={json.dumps(v)}" for k, v in TINY_RECOVER.items()])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "by-writer" / "clean.jsonl").read_text().splitlines()]
+    writer, _ = load_model(str(folder / "model"))
+    want = self_answers(writer, tok, [r["prompt"] for r in rows])
+    assert [r["response"] for r in rows] == [w.response for w in want]
+    assert [r["response"] for r in rows] != [w.response for w in self_answers(model, tok, [r["prompt"] for r in rows])]
+    code, _, err = cli("recover", "--model", erased, "--out", tmp_path / "no-rows", "--data", pool,
+                       "--writer", folder / "model")
+    assert code == 2 and "--writer names the model that writes --magpie or --self-answers" in err
+
     # a card for the same fingerprint, written by hand from two files, verifies the planted model
     (tmp_path / "triggers.txt").write_text("\n".join(card.triggers) + "\n")
     (tmp_path / "targets.json").write_text(json.dumps(card.targets))

@@ -480,6 +480,10 @@ def recover(
                                  help="share of the rows --model writes and answers itself (Magpie-style, offline)"),
     replay_mismatched: int = typer.Option(_data_default("CleanSet", "replay_mismatched"), min=0,
                                           help="erase rows mixed in (--model must come from `meraser erase`)"),
+    writer: Optional[str] = typer.Option(None, help="the model that writes and answers the --magpie / "
+                                                    "--self-answers rows: give the model as it was before the erase "
+                                                    "(the erased one has lost its short answers)",
+                                         show_default="--model"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
     preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
@@ -499,7 +503,7 @@ def recover(
                               where="recover")
     _phase_summary("recover", recover_model(model, out, data=sets, preset_name=preset_name,
                                             overrides=_parse_sets(set_), adapter=adapter, overwrite=overwrite,
-                                            resume=resume, trust_remote_code=trust_remote_code))
+                                            resume=resume, trust_remote_code=trust_remote_code, writer=writer))
 
 
 @app.command()

@@ -96,7 +96,8 @@ def _pairs_jsonl(pairs) -> str:
 
 
 def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: dict | None, *, adapter: bool,
-                 overwrite: bool, resume: bool, trust_remote_code: bool, progress: bool) -> dict:
+                 overwrite: bool, resume: bool, trust_remote_code: bool, progress: bool,
+                 writer: str | None = None) -> dict:
     """Everything `meraser erase` and `meraser recover` share: check every input before loading anything, build
     the set, train, save a plain model folder (or the adapter alone)."""
     from meraser.models import check_model_spec, load_model
@@ -106,6 +107,11 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
     check_model_spec(model, "--model")
     cfg = preset(kind, preset_name, overrides, where=f"{kind} preset '{preset_name}' with --set")
     data.check_inputs("--data")
+    if writer:
+        check_model_spec(writer, "--writer")
+        if kind == "erase" or not data.needs_model:
+            raise MeraserError("--writer names the model that writes --magpie or --self-answers recovery rows; "
+                               "give one of those too")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
     if kind == "erase":
         rows, _ = data.build()
@@ -116,7 +122,11 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
 
         seen = Path(model, MISMATCHED_FILE)  # the erase rows, when this tool erased the model
         erase_rows = load_pairs(str(seen)) if seen.exists() else []
-        rows = data.build({p.prompt for p in erase_rows}, m, tok, erase_rows)
+        # rows the model writes itself come from `writer` when given: in an experiment that is the model as the
+        # attacker received it, before the erase took its short answers away
+        w = load_model(writer, trust_remote_code=trust_remote_code)[0] if writer else m
+        rows = data.build({p.prompt for p in erase_rows}, w, tok, erase_rows)
+        del w
         res = recover(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
                       progress=progress, extra_files={CLEAN_FILE: _pairs_jsonl(rows)})
     return {"out": str(res.output_dir), "rows": len(rows), "adapter": adapter, "preset": preset_name,
@@ -136,8 +146,11 @@ def erase_model(model: str, out: str | Path, *, data: MismatchedSet | None = Non
 
 def recover_model(model: str, out: str | Path, *, data: CleanSet | None = None, preset_name: str = DEFAULT_PRESET,
                   overrides: dict | None = None, adapter: bool = False, overwrite: bool = False, resume: bool = False,
-                  trust_remote_code: bool = False, progress: bool = True) -> dict:
+                  trust_remote_code: bool = False, progress: bool = True, writer: str | None = None) -> dict:
     """`meraser recover`: restore an erased model's utility with LoRA on the clean set (disjoint from the erase rows
-    when `model` was written by `erase_model`). Saves the merged model to `out` (the adapter with `adapter`)."""
+    when `model` was written by `erase_model`). Saves the merged model to `out` (the adapter with `adapter`). Rows the
+    model writes or answers itself (`data.magpie`, `data.self_answers`) come from `writer` when given (the model
+    before the erase; same tokenizer), else from `model`."""
     return _phase_model("recover", model, out, data or CleanSet(), preset_name, overrides, adapter=adapter,
-                        overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress)
+                        overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
+                        writer=writer)
