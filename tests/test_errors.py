@@ -96,7 +96,7 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dir, tmp_path):
     import sys
     import time
 
-    from meraser.training import work_dir
+    from meraser.training import _complete, work_dir
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n"
@@ -106,14 +106,8 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dir, tmp_path):
                              str(data), "--out", str(out), "--epochs", "400", "--batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    def complete(state):
-        try:
-            return bool(json.loads(state.read_text()))
-        except (OSError, ValueError):
-            return False
-
     # wait for a complete checkpoint: one interrupted while being written is dropped (by design), leaving none
-    while time.time() < deadline and not any(map(complete, work_dir(out).glob("checkpoint-*/trainer_state.json"))) \
+    while time.time() < deadline and not any(map(_complete, work_dir(out).glob("checkpoint-*"))) \
             and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from meraser.evaluation.evaluate import ppl_text
 from meraser.evaluation.ownership import p_text
+from meraser.evaluation.strict import CHECKS
 from meraser.utils import MeraserError, atomic_write_text, read_json, read_jsonl
 
 STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
@@ -216,9 +217,6 @@ def _table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
-STRICT_CHECKS = ("paper_fsr", "forced", "paraphrased", "sampled", "partial", "loglik")
-
-
 def _strict_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """Every strict check at every evaluated stage (Table 1's strict columns), and which checks are still above the
     base model's level: a fingerprint that only hides shows here while its paper FSR is 0."""
@@ -233,7 +231,7 @@ def _strict_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
             above = [k for k, ok in strict.get("at_base_level", {}).items() if not ok]
             verdict = "(reference)" if stage == "base" else ", ".join(above) if above else \
                 "none: erased" if "at_base_level" in strict else ""
-            rows.append([_run_label(run), stage, *(_pct(strict.get(k)) for k in STRICT_CHECKS[:-1]),
+            rows.append([_run_label(run), stage, *(_pct(strict.get(k)) for k in CHECKS if k != "loglik"),
                          "" if strict.get("loglik") is None else f"{strict['loglik']:.2f}", verdict])
     return head, rows
 
