@@ -304,3 +304,18 @@ def test_report_names_an_existing_fingerprint_by_its_cards_method(tmp_path):
     (folder / "fingerprint_card.json").write_text(json.dumps({"method": "perinucleus"}))
     assert _fingerprint_name({"existing": str(folder)}) == "perinucleus (n256)"
     assert _fingerprint_name({"method": "utf", "existing": None}) == "utf"
+
+
+def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():
+    from meraser.report import utility
+
+    def row(ppl, ordinary, acc):
+        return {"ppl": {"ppl": ppl}, "ordinary_accuracy": ordinary,
+                "tasks": {"bb_a": {"acc": acc}, "bb_b": {"acc": acc}}}
+
+    run = {"stages": {"fingerprinted": row(20.0, 0.5, 0.6), "attacked": row(40.0, 0.25, 0.3)}}
+    assert utility(run) == pytest.approx(0.5)  # every measure halved
+    run["stages"]["attacked"]["tasks"] = {"bb_a": {"acc": 0.6}}  # one task left: compared on that task alone
+    assert utility(run) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    del run["stages"]["attacked"]["tasks"], run["stages"]["attacked"]["ordinary_accuracy"]
+    assert utility(run) == pytest.approx(0.5)  # perplexity alone

@@ -116,9 +116,9 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     text = page.read_text()
     assert "<td>missing</td>" in text and text.count("<td>done</td>") == 3
     for alt in ("leaderboard: FSR against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n",
-                "strict checks per epoch"):
+                "strict checks per epoch", "accuracy per task before and after"):
         assert f'alt="{alt}"' in text
     assert "<h2>Downstream accuracy per task</h2>" in text and "<td>0.250</td>" in text
     seen = open_in_browser(page, "bench_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 5 and seen["images"] == 5 and seen["decoded"] == 5
+    assert seen["tables"] >= 5 and seen["images"] == 6 and seen["decoded"] == 6

@@ -181,6 +181,46 @@ def _tasks_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+def _task_accs(row: dict) -> dict[str, float]:
+    """{task: accuracy} of one stage's row (tasks without an accuracy left out)."""
+    tasks = row.get("tasks") if isinstance(row.get("tasks"), dict) else {}
+    return {t.removeprefix("bb_"): a["acc"] for t, a in tasks.items() if isinstance(a, dict) and a.get("acc") is not None}
+
+
+def _tasks_png(runs: list[dict]) -> str | None:
+    """Accuracy per task before and after: for every run, a line from the fingerprinted model's accuracy (grey dot)
+    to the final model's (coloured dot), with the base model's as a dashed line; one panel per task."""
+    shown = [r for r in runs if _task_accs(_last(r))][:40]
+    tasks = list(dict.fromkeys(t for r in shown for t in _task_accs(_last(r))))
+    if not tasks:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 2.5, 0.28 * len(shown) + 1.4), dpi=110,
+                             sharey=True, squeeze=False)
+    labels = [_run_label(r) for r in shown]
+    for ax, task in zip(axes[0], tasks):
+        for y, r in enumerate(shown):
+            before = _task_accs(r["stages"].get("fingerprinted", {})).get(task)
+            after = _task_accs(_last(r)).get(task)
+            if before is not None and after is not None:
+                ax.plot([before, after], [y, y], color="lightgrey", zorder=1)
+            if before is not None:
+                ax.scatter(before, y, color="grey", s=18, zorder=2, label="fingerprinted" if y == 0 else None)
+            if after is not None:
+                ax.scatter(after, y, color="tab:red", s=22, zorder=3, label="after erase / attack" if y == 0 else None)
+        base = [a for r in shown for a in [_task_accs(r["stages"].get("base", {})).get(task)] if a is not None]
+        if base:
+            ax.axvline(sum(base) / len(base), color="tab:blue", linestyle="--", linewidth=1, label="base model")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("accuracy")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(range(len(shown)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _html_table(head: list[str], rows: list[list]) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
@@ -319,7 +359,8 @@ def _figure(alt: str, png: str | None, missing: str) -> str:
 def render(runs: list[dict], title: str = "MEraser report", show_secrets: bool = False) -> str:
     table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] or runs
     head, task_rows = _tasks_rows(runs)
-    tasks = f"<h2>Downstream accuracy per task</h2>{_html_table(head, task_rows)}" if task_rows else ""
+    tasks = (f"<h2>Downstream accuracy per task</h2>{_html_table(head, task_rows)}"
+             f"{_figure('accuracy per task before and after', _tasks_png(runs), '')}") if task_rows else ""
     stage_png = _stage_fsr_png(runs)
     head, strict_rows = _strict_rows(table1)
     strict = f"<h2>Table 1, strict: every check at every stage</h2>{_html_table(head, strict_rows)}" if strict_rows else ""
@@ -404,7 +445,8 @@ def _fingerprint_name(fp: dict) -> str:
 
 def utility(run: dict) -> float | None:
     """The attacked model's utility relative to the fingerprinted model's: the mean of its perplexity ratio
-    (fingerprinted / attacked) and its ordinary-accuracy ratio (attacked / fingerprinted), of those measured."""
+    (fingerprinted / attacked), its ordinary-accuracy ratio and its mean task-accuracy ratio (attacked /
+    fingerprinted, over the tasks both measured), of those measured."""
     st = run["stages"]
     fp, last = st.get("fingerprinted", {}), _last(run)
     ratios = []
@@ -412,6 +454,10 @@ def utility(run: dict) -> float | None:
         ratios.append(fp["ppl"]["ppl"] / last["ppl"]["ppl"])
     if fp.get("ordinary_accuracy") and last.get("ordinary_accuracy") is not None:
         ratios.append(last["ordinary_accuracy"] / fp["ordinary_accuracy"])
+    before, after = _task_accs(fp), _task_accs(last)
+    both = [t for t in before if t in after]
+    if both and sum(before[t] for t in both) > 0:
+        ratios.append(sum(after[t] for t in both) / sum(before[t] for t in both))
     return sum(ratios) / len(ratios) if ratios else None
 
 
