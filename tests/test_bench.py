@@ -241,18 +241,18 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
 
 
 def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
-    """benchmarks/matrix_erasure.yaml: four fingerprints x five blind recipes that share one erase per fingerprint;
+    """benchmarks/matrix_erasure.yaml: four fingerprints x six blind recipes that share one erase per fingerprint;
     benchmarks/matrix_perinucleus.yaml plans once its fingerprinted model exists (a stand-in folder here)."""
     from meraser.bench import describe, plan_cells
     from meraser.runner import plan_experiment, Experiment
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     cells = plan_cells(load_matrix(bench / "matrix_erasure.yaml"))
-    assert len(cells) == 4 * 5 and len({c.id for c in cells}) == 20
+    assert len(cells) == 4 * 6 and len({c.id for c in cells}) == 24
     assert {describe(c) for c in cells} == {
         "", "clean.replay_mismatched=150", "recover.overrides.lora.target_modules=['gate_proj', 'up_proj', "
         "'down_proj']", "clean.replay_mismatched=150 recover.overrides.lora.target_modules=['gate_proj', "
-        "'up_proj', 'down_proj']", "clean.magpie=1.0"}
+        "'up_proj', 'down_proj']", "clean.magpie=1.0", "clean.magpie=0.5"}
     per_fp = {}
     for c in cells:  # the erase stage's identity is the same for every recipe on one fingerprint
         exp = Experiment.from_dict({**c.experiment, "model": c.model, "fingerprint": c.fingerprint,
@@ -276,6 +276,9 @@ def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch)
     cells = plan_cells(load_matrix(bench / "matrix_perinucleus.yaml"))
     assert len(cells) == 16 and cells[0].attack["method"] == "meraser"
     assert {c.fingerprint["existing"] for c in cells} == {"runs/perinucleus-n/n256"}
+    # merge weights set in the config (5:5) and by the grid (4:6, 6:4) read alike in tables
+    assert {describe(c) for c in cells if c.attack["method"] == "merge-dare"} == {
+        "weights=[0.5, 0.5]", "weights=[0.4, 0.6]", "weights=[0.6, 0.4]"}
 
 
 def test_merge_cells_share_one_expert(tmp_path, tiny_dir):

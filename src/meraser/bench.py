@@ -461,11 +461,12 @@ def _progress(enabled: bool):
 
 
 def describe(cell: Cell) -> str:
-    """A cell's own settings in one line: the attack's config (dotted) and the grid values."""
+    """A cell's own settings in one line: the attack's config (dotted) and the grid values, a grid over the attack's
+    config named as the config itself is (`weights=...`, set either way)."""
     from meraser.runner import _flat
 
-    return " ".join(f"{k}={v}" for k, v in {**_flat(cell.attack["config"]), **cell.grid}.items()
-                    if not k.endswith("seed"))
+    grid = {k.removeprefix("attack.config."): v for k, v in cell.grid.items()}
+    return " ".join(f"{k}={v}" for k, v in {**_flat(cell.attack["config"]), **grid}.items() if not k.endswith("seed"))
 
 
 def cells_table(cells: list[Cell], done: set[str]):
