@@ -1,6 +1,7 @@
 """`meraser bench`: a matrix checked whole before any cell, fingerprints made once and shared, one results store
 that a re-run completes and never duplicates, even after SIGKILLs at random points."""
 
+import html
 import json
 import os
 import random
@@ -85,6 +86,14 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
 
     page = write_bench_report(out, tmp_path / "full.html").read_text()
     assert page.count("<td>done</td>") == 4 and 'alt="leaderboard: FSR against utility"' in page
+    # the matrix's wall time: the cells' own, and the shared fingerprinting's, logged when it was made
+    made = read_jsonl(out / "made.jsonl")
+    assert [m["what"] for m in made] == ["fingerprinted model"] and made[0]["seconds"] > 0
+    from meraser.report import bench_time, load_bench
+
+    timing = bench_time(out, *load_bench(out))
+    assert timing.startswith("4 of 4 cells done, ") and "of shared work" in timing and "not recorded" not in timing
+    assert html.escape(timing) in page
     cells = sorted({r["cell"] for r in rows})
     (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows if r["cell"] != cells[0]))
     (out / "failed.jsonl").write_text(json.dumps({"cell": cells[1], "error": "RuntimeError: out of memory"}) + "\n")

@@ -209,6 +209,9 @@ def _fingerprint_folder(share: Path, cell: Cell) -> Path:
     return share / "fingerprints" / f"{_slug(Path(cell.model).name)}__{_fingerprint_label(cell.fingerprint)}__s{cell.seed}"
 
 
+MADE = "made.jsonl"  # in the shared folder: what prepare_shared made, and its wall time (a matrix's shared work)
+
+
 def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
     """Make what several cells share, once: each fingerprinted model, and MEraser's transfer adapter where a cell
     asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused."""
@@ -220,21 +223,50 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
         if not cell.fingerprint["existing"] and not folder.exists():
             if console:
                 console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
-            fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"])
+            _timed(share, "fingerprinted model", folder,
+                   lambda: fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"]))
         kind, folder = _shared(share, cell)
         if kind and not folder.exists():
             if console:
                 console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
-            if kind == "transfer adapter":
-                transfer_train(cell.model, folder, progress=False)
-            else:
-                from meraser.attacks import get_attack
-                from meraser.attacks.merge import make_expert
+            _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder, transfer_train))
 
-                a = cell.experiment["attack"]
-                cfg = get_attack(a["method"]).Config.from_dict(a["config"])
-                with atomic_dir(folder) as tmp:
-                    make_expert(cell.model, cfg, tmp, progress=False)
+
+def _make_shared(kind: str, cell: Cell, folder: Path, transfer_train) -> None:
+    if kind == "transfer adapter":
+        transfer_train(cell.model, folder, progress=False)
+        return
+    from meraser.attacks import get_attack
+    from meraser.attacks.merge import make_expert
+
+    a = cell.experiment["attack"]
+    cfg = get_attack(a["method"]).Config.from_dict(a["config"])
+    with atomic_dir(folder) as tmp:
+        make_expert(cell.model, cfg, tmp, progress=False)
+
+
+def _timed(share: Path, what: str, folder: Path, make) -> None:
+    t0 = time.perf_counter()
+    make()
+    append_jsonl(share / MADE, {"what": what, "folder": folder.name, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def shared_work(matrix: Matrix, cells: list[Cell]) -> tuple[float, list[str]]:
+    """The wall time of the shared work `cells` use (fingerprinted models, transfer adapters, merge experts), and
+    the folders whose time was not recorded (made before meraser logged it, or by hand)."""
+    share = shared_root(matrix)
+    made = {r["folder"]: r["seconds"] for r in read_jsonl(share / MADE, "shared-work log", torn_tail_ok=True)}
+    folders = {_fingerprint_folder(share, c) for c in cells if not c.fingerprint["existing"]}
+    folders |= {f for c in cells for k, f in [_shared(share, c)] if k}
+    seconds, unknown = 0.0, []
+    for f in sorted(folders):
+        summary = f / "fingerprint_summary.json"  # a fingerprinted model records its own time
+        t = made.get(f.name, json.loads(summary.read_text()).get("seconds") if summary.is_file() else None)
+        if t is None:
+            unknown.append(f.name)
+        else:
+            seconds += t
+    return seconds, unknown
 
 
 def _shared(share: Path, cell: Cell) -> tuple[str | None, Path | None]:

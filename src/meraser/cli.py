@@ -585,22 +585,26 @@ def report(
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
-    from meraser.report import (is_bench, load_bench, load_run, markdown_tables, terminal_tables,
+    from meraser.report import (bench_time, is_bench, load_bench, load_run, markdown_tables, terminal_tables,
                                 write_bench_report, write_report)
     from meraser.utils import atomic_write_text
 
     console = _console(200)
+    timing = ""
     if len(runs) == 1 and is_bench(runs[0]):
         page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
                                   show_secrets)
         loaded = load_bench(runs[0])
+        timing = bench_time(runs[0], *loaded)
     else:
         page = write_report(runs, out, title, show_secrets)
         loaded = ([load_run(r) for r in runs],)
     for table in terminal_tables(*loaded):
         console.print(table)
+    if timing:
+        console.print(timing)
     if markdown:
-        atomic_write_text(markdown, markdown_tables(*loaded))
+        atomic_write_text(markdown, (f"{timing}\n\n" if timing else "") + markdown_tables(*loaded))
         console.print(f"[green]tables[/] written to {markdown}")
     console.print(f"[green]report[/] written to {page}")
 

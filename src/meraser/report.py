@@ -549,13 +549,38 @@ def markdown_tables(runs: list[dict], cells: list[dict] | None = None) -> str:
     return "\n".join(out)
 
 
-def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: bool = False) -> str:
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+def bench_time(path: str | Path, runs: list[dict], cells: list[dict]) -> str:
+    """One line for a bench folder: cells done, their wall time, and that of the shared work they use."""
+    from meraser.bench import Matrix, plan_cells, shared_work
+
+    text = (f"{len(runs)} of {len(cells)} cells done, {_duration(sum(r.get('seconds') or 0 for r in runs))} of cell "
+            f"time (each cell's own wall time, summed)")
+    try:
+        matrix = Matrix.from_dict(read_json(Path(path) / "matrix.json", "matrix record"))
+        seconds, unknown = shared_work(matrix, plan_cells(matrix))
+    except MeraserError:
+        return text
+    if seconds or not unknown:
+        text += f", plus {_duration(seconds)} of shared work (fingerprinted models, transfer adapter, merge experts)"
+    return text + (f"; the shared work's time is not recorded for {', '.join(unknown)}" if unknown else "")
+
+
+def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: bool = False,
+                 timing: str = "") -> str:
     board = _figure("leaderboard: FSR against utility", _leaderboard_png(runs),
                     "No finished cell has both an FSR and a utility measure yet.")
     ablations = "".join(f"<h2>FSR against {html.escape(key)}</h2>{_figure(f'FSR against {key}', png, '')}"
                         for key, png in _ablation_pngs(runs))
     page = render(runs, title, show_secrets)
-    extra = (f"<h2>Attacks: every cell of the matrix</h2>{_html_table(*_attack_rows(runs, cells))}"
+    extra = (f"<h2>Attacks: every cell of the matrix</h2><p>{html.escape(timing)}</p>"
+             f"{_html_table(*_attack_rows(runs, cells))}"
              f"<h2>Leaderboard: fingerprint survival against utility</h2>{board}{ablations}")
     return page.replace("<h2>Table 1</h2>", extra + "<h2>Table 1</h2>", 1)
 
@@ -566,5 +591,5 @@ def write_bench_report(path: str | Path, out: str | Path, title: str = "meraser 
 
     check_parents(out)
     runs, cells = load_bench(path)
-    atomic_write_text(out, render_bench(runs, cells, title, show_secrets))
+    atomic_write_text(out, render_bench(runs, cells, title, show_secrets, bench_time(path, runs, cells)))
     return Path(out)
