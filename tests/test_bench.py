@@ -331,3 +331,22 @@ def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():
     assert utility(run) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
     del run["stages"]["attacked"]["tasks"], run["stages"]["attacked"]["ordinary_accuracy"]
     assert utility(run) == pytest.approx(0.5)  # perplexity alone
+
+
+def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tiny_dir):
+    """The shared folder is named by the matrix's fingerprint settings; if a default under them has changed since
+    it was made, the bench says so instead of attacking an old fingerprint under the new settings' name."""
+    from meraser.bench import _fingerprint_folder, plan_cells, prepare_shared, shared_root
+    from meraser.fingerprints import get_method
+
+    matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir)))
+    cell = plan_cells(matrix)[0]
+    folder = _fingerprint_folder(shared_root(matrix), cell)
+    folder.mkdir(parents=True)
+    made = get_method("utf").Config.from_dict(cell.fingerprint["config"]).to_dict()
+    (folder / "fingerprint_summary.json").write_text(json.dumps({"config": made}))
+    prepare_shared([cell], shared_root(matrix))  # the same settings: reused, nothing made
+    assert sorted(p.name for p in folder.iterdir()) == ["fingerprint_summary.json"]
+    (folder / "fingerprint_summary.json").write_text(json.dumps({"config": {**made, "epochs": made["epochs"] + 1}}))
+    with pytest.raises(MeraserError, match=r"made with other settings \(epochs: .*a default has changed"):
+        prepare_shared([cell], shared_root(matrix))

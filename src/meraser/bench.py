@@ -220,6 +220,8 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
 
     for cell in cells:
         folder = _fingerprint_folder(share, cell)
+        if not cell.fingerprint["existing"] and folder.exists():
+            _check_fingerprint_folder(folder, cell)
         if not cell.fingerprint["existing"] and not folder.exists():
             if console:
                 console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
@@ -230,6 +232,24 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
             if console:
                 console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
             _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder, transfer_train))
+
+
+def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
+    """A shared fingerprinted model is named by the matrix's settings, not by the defaults under them: refuse one
+    made with other settings (a default changed since), rather than attack it under the new settings' name."""
+    from meraser.fingerprints import get_method
+    from meraser.runner import _changes
+
+    summary = folder / "fingerprint_summary.json"
+    if not summary.is_file():
+        return  # made elsewhere and copied in: nothing recorded to compare
+    made = json.loads(summary.read_text()).get("config")
+    wanted = get_method(cell.fingerprint["method"]).Config.from_dict(cell.fingerprint["config"]).to_dict()
+    if made is not None and made != wanted:
+        raise MeraserError(f"{folder}: this shared fingerprinted model was made with other settings "
+                           f"({_changes(made, wanted)}); a default has changed since. Move the folder away to "
+                           f"make it again (and the cells on it: their ids name it), or give the old settings in "
+                           f"the matrix's fingerprint config")
 
 
 def _make_shared(kind: str, cell: Cell, folder: Path, transfer_train) -> None:
