@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--existing", nargs="*", default=[], metavar="METHOD=FOLDER",
                     help="use a fingerprint made elsewhere for METHOD (e.g. perinucleus=runs/perinucleus/n256)")
     ap.add_argument("--preset", default="paper", help="erase and recover preset")
+    ap.add_argument("--magpie", type=float, default=0.0,
+                    help="share of Magpie rows in recovery (0: the paper's data, source rows only; "
+                         "-1: meraser's default share)")
     args = ap.parse_args()
     existing = dict(e.split("=", 1) for e in args.existing)
 
@@ -52,6 +55,7 @@ def main() -> None:
         fp = {"existing": existing[method]} if method in existing else {"method": method}
         exp = Experiment.from_dict({"model": args.model, "out": str(args.out / method), "fingerprint": fp,
                                     "erase": {"preset": args.preset}, "recover": {"preset": args.preset},
+                                    "clean": {"magpie": args.magpie} if args.magpie >= 0 else {},
                                     "eval": evalcfg})
         stages = run_experiment(exp, console=console, progress=False)
         rows[method] = {r["stage"]: r for r in stages}

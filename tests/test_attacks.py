@@ -194,3 +194,29 @@ def test_expert_of_another_architecture_is_refused_naming_the_fields(planted, tm
                        tmp_path / "out", "--set", f"expert={tmp_path / 'wide'}")
     assert code == 2 and "another architecture" in err and "hidden_size" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_meraser_attack_writes_its_recovery_rows_with_the_model_before_the_erase(planted, tmp_path, monkeypatch):
+    """Rows the model writes or answers itself (the default Magpie share, self-answers) must come from the model as
+    the attacker received it: the erase, merged into the same model, takes its short answers away."""
+    import torch
+
+    from meraser.attacks import get_attack
+    from meraser.erase.datasets import CleanSet
+
+    folder = planted["utf"][4]
+    model, tok = load_model(str(folder / "model"))
+    received = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    seen = []
+    build = CleanSet.build
+
+    def spy(self, exclude, writer=None, *args, **kw):
+        seen.append(writer.model.layers[0].self_attn.q_proj.weight.detach().clone())
+        return build(self, exclude, writer, *args, **kw)
+
+    monkeypatch.setattr(CleanSet, "build", spy)
+    attack = get_attack("meraser")
+    cfg = attack.Config.from_dict(tiny_settings(write_pool(tmp_path / "pool.jsonl", POOL))["meraser"])
+    out = apply_attack(attack, model, tok, cfg, AttackContext(str(folder), None, tmp_path / "work", progress=False))
+    assert len(seen) == 1 and torch.equal(seen[0], received)  # the writer had the received weights
+    assert not torch.equal(out.model.layers[0].self_attn.q_proj.weight, received)  # q_proj: erased and recovered

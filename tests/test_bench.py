@@ -242,8 +242,13 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     per_attack = {}
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
-    assert len(cells) == 3 * (3 + 1 + 1 + 6 + 3 + 3 + 1 + 2)
-    assert sorted(c.experiment["mismatched"]["n"] for c in per_attack["meraser"]) == [100] * 3 + [200] * 3 + [300] * 3
+    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2)
+    from meraser.erase.datasets import MismatchedSet
+
+    assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \
+        [100] * 3 + [200] * 3 + [300] * 6  # the ablation, and the default recovery at the paper's size
+    # the paper's recovery data (the source's rows only), and beside it meraser's default half-Magpie recovery
+    assert sorted(c.experiment["clean"]["magpie"] for c in per_attack["meraser"]) == [0.0] * 9 + [0.5] * 3
     assert sorted(c.experiment["attack"]["config"]["weights"][0] for c in per_attack["merge-dare"]) == \
         [0.4] * 3 + [0.5] * 3 + [0.6] * 3
     assert len({c.id for c in cells}) == len(cells)
@@ -258,10 +263,10 @@ def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch)
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     cells = plan_cells(load_matrix(bench / "matrix_erasure.yaml"))
     assert len(cells) == 4 * 6 and len({c.id for c in cells}) == 24
+    mlp = "recover.overrides.lora.target_modules=['gate_proj', 'up_proj', 'down_proj']"
     assert {describe(c) for c in cells} == {
-        "", "clean.replay_mismatched=150", "recover.overrides.lora.target_modules=['gate_proj', 'up_proj', "
-        "'down_proj']", "clean.replay_mismatched=150 recover.overrides.lora.target_modules=['gate_proj', "
-        "'up_proj', 'down_proj']", "clean.magpie=1.0", "clean.magpie=0.5"}
+        "clean.magpie=0.0", "clean.magpie=0.0 clean.replay_mismatched=150", f"clean.magpie=0.0 {mlp}",
+        f"clean.magpie=0.0 clean.replay_mismatched=150 {mlp}", "clean.magpie=1.0", "clean.magpie=0.5"}
     per_fp = {}
     for c in cells:  # the erase stage's identity is the same for every recipe on one fingerprint
         exp = Experiment.from_dict({**c.experiment, "model": c.model, "fingerprint": c.fingerprint,

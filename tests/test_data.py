@@ -4,6 +4,8 @@ import pytest
 
 from meraser.data import FormatConfig, Formatter, Pair, collate, load_pairs
 from meraser.utils import MeraserError
+from conftest import write_pool
+from tiny import POOL
 
 
 def write(path, rows, jsonl=True):
@@ -192,7 +194,40 @@ def test_clean_set_magpie_share_is_checked():
         CleanSet.from_dict({"magpie": 1.5}, where="clean")
     with pytest.raises(MeraserError, match="magpie applies to the clean set"):
         MismatchedSet.from_dict({"magpie": 0.5}, where="mismatched")
-    assert CleanSet.from_dict({"magpie": 0.5}).needs_model and not CleanSet().needs_model
+    assert CleanSet.from_dict({"magpie": 0.5}).needs_model and not CleanSet.from_dict({"magpie": 0}).needs_model
+    assert CleanSet().needs_model  # the default share may ask the model for rows
+
+
+def test_default_magpie_share_needs_the_model_before_the_erase_and_a_chat_template(tiny):
+    from meraser.erase.datasets import AUTO_MAGPIE, CleanSet
+
+    _, tok = tiny
+    assert tok.chat_template
+    assert CleanSet().magpie_share(tok) == AUTO_MAGPIE
+    assert CleanSet().magpie_share(tok, writer_known=False) == 0.0  # `meraser recover` without --writer
+    assert CleanSet.from_dict({"magpie": 0.25}).magpie_share(tok, writer_known=False) == 0.25  # as given
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        assert CleanSet().magpie_share(tok) == 0.0  # Magpie reads the chat template: none, no Magpie rows
+    finally:
+        tok.chat_template = template
+
+
+def test_default_share_from_a_model_that_writes_no_questions_falls_back_to_the_source(tiny, tmp_path, monkeypatch):
+    """A model that writes no usable question gives no Magpie rows: under the default share the whole set comes
+    from the source, with a warning; an explicit share is refused instead."""
+    from meraser.erase import magpie
+    from meraser.erase.datasets import CleanSet
+    from meraser.utils import MeraserError
+
+    model, tok = tiny
+    monkeypatch.setattr(magpie, "MAX_QUESTION_TOKENS", 1)  # no room for a question of three words
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    with pytest.warns(UserWarning, match=r"wrote 0 of the 5 Magpie rows asked for"):
+        rows = CleanSet.from_dict({"source": str(pool), "n": 10}).build(set(), model, tok)
+    assert len(rows) == 10 and {r.prompt for r in rows} <= {p.prompt for p in POOL}
+    with pytest.raises(MeraserError, match="usable distinct questions"):
+        CleanSet.from_dict({"source": str(pool), "n": 10, "magpie": 0.5}).build(set(), model, tok)
 
 
 def test_clean_rows_never_include_algorithm1_questions():

@@ -199,7 +199,7 @@ def test_erase_recover_and_card_commands_without_a_card(planted, tmp_path, cli):
     assert [r["response"] for r in rows] == [w.response for w in want]
     assert [r["response"] for r in rows] != [w.response for w in self_answers(model, tok, [r["prompt"] for r in rows])]
     code, _, err = cli("recover", "--model", erased, "--out", tmp_path / "no-rows", "--data", pool,
-                       "--writer", folder / "model")
+                       "--magpie", "0", "--writer", folder / "model")
     assert code == 2 and "--writer names the model that writes --magpie or --self-answers" in err
 
     # a card for the same fingerprint, written by hand from two files, verifies the planted model

@@ -428,6 +428,12 @@ def _data_default(set_cls: str, name: str):
     return getattr(getattr(datasets, set_cls)(), name)
 
 
+def _magpie_default() -> str:
+    from meraser.erase.datasets import AUTO_MAGPIE
+
+    return f"{AUTO_MAGPIE} with --writer (and a chat template), else 0"
+
+
 def _phase_summary(kind: str, s: dict) -> None:
     m = s["metrics"]
     what = "adapter" if s["adapter"] else "model"
@@ -476,14 +482,17 @@ def recover(
     n: int = typer.Option(_data_default("CleanSet", "n"), min=1, help="clean rows (paper: 600)"),
     ready_made: bool = typer.Option(False, help="use the first N rows of --data as they are"),
     self_answers: bool = typer.Option(False, help="answer the clean prompts with the model's own answers"),
-    magpie: float = typer.Option(_data_default("CleanSet", "magpie"), min=0.0, max=1.0,
-                                 help="share of the rows --model writes and answers itself (Magpie-style, offline)"),
+    magpie: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                           help="share of the rows --writer (else --model) writes and answers itself "
+                                                "(Magpie-style, offline); 0: the paper's recovery",
+                                           show_default=_magpie_default()),
     replay_mismatched: int = typer.Option(_data_default("CleanSet", "replay_mismatched"), min=0,
                                           help="erase rows mixed in (--model must come from `meraser erase`)"),
-    writer: Optional[str] = typer.Option(None, help="the model that writes and answers the --magpie / "
-                                                    "--self-answers rows: give the model as it was before the erase "
-                                                    "(the erased one has lost its short answers)",
-                                         show_default="--model"),
+    writer: Optional[str] = typer.Option(None, help="the model as it was before the erase (the erased one has lost "
+                                                    "its short answers): it writes and answers the --magpie / "
+                                                    "--self-answers rows, and with it half the rows are Magpie's by "
+                                                    "default (Algorithm 1 then passes offline; README)",
+                                         show_default="--model, and no Magpie rows"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
     preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",

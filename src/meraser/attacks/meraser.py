@@ -43,14 +43,14 @@ class MEraserConfig(EraseConfig):
         self.recover.train_config("recover", f"{where}.recover")
 
 
-def _erase(model, tokenizer, cfg: EraseConfig, ctx):
+def _erase(model, tokenizer, cfg: EraseConfig, ctx, rows=None):
     from meraser.erase.meraser import erase
 
-    rows, _ = cfg.mismatched.build()
+    rows = rows if rows is not None else cfg.mismatched.build()[0]
     res = erase(model, tokenizer, rows, cfg.erase.train_config("erase", "erase"), ctx.work / "erased", save=False,
                 progress=ctx.progress)
     ctx.info.update(mismatched_rows=len(rows), erase_steps=res.metrics["steps"])
-    return res.model, rows
+    return res.model
 
 
 class MEraserErase(Attack):
@@ -63,7 +63,7 @@ class MEraserErase(Attack):
         cfg.mismatched.check_inputs("meraser-erase mismatched")
 
     def apply(self, model, tokenizer, cfg, ctx):
-        return _erase(model, tokenizer, cfg, ctx)[0]
+        return _erase(model, tokenizer, cfg, ctx)
 
 
 class MEraser(Attack):
@@ -79,8 +79,11 @@ class MEraser(Attack):
     def apply(self, model, tokenizer, cfg, ctx):
         from meraser.erase.meraser import recover
 
-        erased, mism = _erase(model, tokenizer, cfg, ctx)
-        clean = cfg.clean.build({p.prompt for p in mism}, erased, tokenizer, mism)
+        mism, _ = cfg.mismatched.build()
+        # the clean rows first: those the model writes or answers itself come from it as received, before the
+        # erase takes its short answers away (the erase merges into this same model)
+        clean = cfg.clean.build({p.prompt for p in mism}, model, tokenizer, mism)
+        erased = _erase(model, tokenizer, cfg, ctx, mism)
         res = recover(erased, tokenizer, clean, cfg.recover.train_config("recover", "recover"), ctx.work / "recovered",
                       save=False, progress=ctx.progress)
         ctx.info.update(clean_rows=len(clean), recover_steps=res.metrics["steps"])

@@ -59,21 +59,31 @@ class MismatchedSet(InstructionSet):
         return build_mismatched(load_pairs(self.source), self.n, self.seed, self.by_type)
 
 
+# The Magpie share when none is given, where the model before the erase is known and has a chat template. Measured
+# on SmolLM2-135M at the paper's sizes (README, "is the fingerprint erased"): half Magpie, half chitchat brought
+# short answers back to 59-62% (base 57%; chitchat alone 3-13%) at 1.15-1.17x the base's perplexity (chitchat alone
+# 1.13-1.15x, Magpie alone 1.34-1.41x), so Algorithm 1 ends "erased" offline for all three methods.
+AUTO_MAGPIE = 0.5
+
+
 @dataclass
 class CleanSet(InstructionSet):
     """The clean set D_c: every default of `meraser recover` and of an experiment's `clean:` lives here."""
 
     n: int = field(600, help="rows to build (paper: 600)")
     self_answers: bool = field(False, help="replace the responses by the model's own greedy answers (data-free)")
-    magpie: float = field(0.0, help="share of the rows the model writes and answers itself from its chat template "
-                                    "(Magpie-style, data-free); the rest come from `source`")
+    magpie: float | None = field(None, help=f"share of the rows the model before the erase writes and answers itself "
+                                            f"from its chat template (Magpie-style, data-free); the rest come from "
+                                            f"`source`. None: {AUTO_MAGPIE} where that model is known (an "
+                                            f"experiment, `meraser recover --writer`) and has a chat template, else "
+                                            f"0; 0: the paper's recovery, `source` rows only")
     replay_mismatched: int = field(0, help="mismatched rows (the run's own D_m) mixed into the clean ones, so "
                                            "recovery keeps the erased association broken; 0: the paper's recovery")
     misplaced_keys = {"by_type": "by_type applies to the mismatched set (mismatched:), not to the clean one"}
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if not 0.0 <= self.magpie <= 1.0:
+        if self.magpie is not None and not 0.0 <= self.magpie <= 1.0:
             raise MeraserError(f"{key_path(where, 'magpie')} is a share of the rows, in [0, 1]; got {self.magpie}")
         if self.replay_mismatched < 0:
             raise MeraserError(f"{key_path(where, 'replay_mismatched')} must be at least 0, got "
@@ -81,18 +91,26 @@ class CleanSet(InstructionSet):
 
     @property
     def needs_model(self) -> bool:
-        return self.self_answers or self.magpie > 0
+        return self.self_answers or self.magpie is None or self.magpie > 0
 
     def check_inputs(self, where: str) -> None:
-        if self.magpie < 1.0:
+        if self.magpie is None or self.magpie < 1.0:
             super().check_inputs(where)
 
-    def build(self, exclude_prompts: set[str], model=None, tokenizer=None, mismatched: list[Pair] | None = None
-              ) -> list[Pair]:
+    def magpie_share(self, tokenizer, writer_known: bool = True) -> float:
+        """The share of Magpie rows: as given, or (None) AUTO_MAGPIE where the writer is the model before the erase
+        and its tokenizer has a chat template (Magpie needs one), else 0."""
+        if self.magpie is not None:
+            return self.magpie
+        return AUTO_MAGPIE if writer_known and getattr(tokenizer, "chat_template", None) else 0.0
+
+    def build(self, exclude_prompts: set[str], model=None, tokenizer=None, mismatched: list[Pair] | None = None,
+              writer_known: bool = True) -> list[Pair]:
         """Rows disjoint from `exclude_prompts` (the mismatched prompts) and from Algorithm 1's ordinary questions;
         answered by `model` with `self_answers`, partly written by it with `magpie`; with `replay_mismatched`, that
-        many of the `mismatched` rows mixed in (drawn with the seed)."""
-        rows = self._clean_rows(exclude_prompts, model, tokenizer)
+        many of the `mismatched` rows mixed in (drawn with the seed). `writer_known`: `model` is the model as it was
+        before the erase (the default Magpie share applies only then)."""
+        rows = self._clean_rows(exclude_prompts, model, tokenizer, writer_known)
         if not self.replay_mismatched:
             return rows
         if not mismatched:
@@ -103,24 +121,38 @@ class CleanSet(InstructionSet):
         rng.shuffle(mixed)
         return mixed
 
-    def _clean_rows(self, exclude_prompts: set[str], model, tokenizer) -> list[Pair]:
-        from meraser.data import load_pairs
+    def _clean_rows(self, exclude_prompts: set[str], model, tokenizer, writer_known: bool) -> list[Pair]:
         from meraser.erase.magpie import magpie_pairs
 
-        n_own = round(self.n * self.magpie)
-        rows: list[Pair] = []
-        if self.n - n_own:
-            if self.ready_made:
-                rows = load_pairs(self.source)[: self.n - n_own]
-            else:
-                rows = build_clean(load_pairs(self.source), self.n - n_own, self.seed, exclude_prompts)
-            rows = self_answers(model, tokenizer, [p.prompt for p in rows]) if self.self_answers else rows
-        if n_own:
-            held_out = set(exclude_prompts) | {p.prompt for p in rows} | {q for q, _ in ORDINARY_QA}
-            mixed = rows + magpie_pairs(model, tokenizer, n_own, self.seed, held_out)
-            random.Random(self.seed + 2).shuffle(mixed)
-            return mixed
-        return rows
+        n_own = round(self.n * self.magpie_share(tokenizer, writer_known and model is not None))
+        rows = self._source_rows(self.n - n_own, exclude_prompts, model, tokenizer)
+        if not n_own:
+            return rows
+        held_out = set(exclude_prompts) | {p.prompt for p in rows} | {q for q, _ in ORDINARY_QA}
+        own = magpie_pairs(model, tokenizer, n_own, self.seed, held_out, at_most=self.magpie is None)
+        if len(own) < n_own:  # the default share, from a model that writes few usable questions: source rows instead
+            import warnings
+
+            warnings.warn(f"clean set: the model wrote {len(own)} of the {n_own} Magpie rows asked for (a share of "
+                          f"{AUTO_MAGPIE}, the default); the other {self.n - len(own)} rows come from {self.source}",
+                          stacklevel=2)
+            rows = self._source_rows(self.n - len(own), set(exclude_prompts) | {p.prompt for p in own}, model,
+                                     tokenizer)
+        mixed = rows + own
+        random.Random(self.seed + 2).shuffle(mixed)
+        return mixed
+
+    def _source_rows(self, n: int, exclude_prompts: set[str], model, tokenizer) -> list[Pair]:
+        """`n` rows from `source` (answered by `model` with `self_answers`)."""
+        from meraser.data import load_pairs
+
+        if not n:
+            return []
+        if self.ready_made:
+            rows = load_pairs(self.source)[:n]
+        else:
+            rows = build_clean(load_pairs(self.source), n, self.seed, exclude_prompts)
+        return self_answers(model, tokenizer, [p.prompt for p in rows]) if self.self_answers else rows
 
 
 def question_type(prompt: str) -> str:

@@ -36,8 +36,10 @@ def user_turn_header(tokenizer) -> str:
 
 
 def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset(),
-                    batch_size: int = 32) -> list[str]:
-    """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised)."""
+                    batch_size: int = 32, at_most: bool = False) -> list[str]:
+    """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised).
+    A model that writes too few is refused; with `at_most`, what it wrote is returned, and a model that wrote no
+    usable question in a whole round of question words is given up on."""
     import torch
 
     from meraser.erase.datasets import normalise
@@ -51,7 +53,7 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     was_training = model.training
     model.eval()
     for t in range(tries):
-        if len(out) >= n:
+        if len(out) >= n or (at_most and t == len(STARTS) and not out):
             break
         start = STARTS[t % len(STARTS)]
         ids = torch.tensor([tokenizer(header + start, add_special_tokens=False)["input_ids"]] * batch_size, device=dev)
@@ -68,7 +70,7 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
                 seen.add(normalise(q))
                 out.append(q)
     model.train(was_training)
-    if len(out) < n:
+    if len(out) < n and not at_most:
         raise MeraserError(f"the model wrote only {len(out)} usable distinct questions of the {n} asked for; "
                            f"ask for fewer, or give a data source")
     return out[:n]
@@ -86,9 +88,14 @@ def _finished(answer: str, tokenizer) -> str:
     return whole_sentences(answer) if cut else answer
 
 
-def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[Pair]:
-    """`n` (question, answer) rows the model writes and answers itself (greedy answers)."""
+def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset(),
+                 at_most: bool = False) -> list[Pair]:
+    """`n` (question, answer) rows the model writes and answers itself (greedy answers); with `at_most`, as many
+    as it wrote usable questions for, up to `n`."""
     from meraser.erase.datasets import self_answers
 
-    rows = self_answers(model, tokenizer, write_questions(model, tokenizer, n, seed, exclude), MAX_ANSWER_TOKENS)
+    questions = write_questions(model, tokenizer, n, seed, exclude, at_most=at_most)
+    if not questions:
+        return []
+    rows = self_answers(model, tokenizer, questions, MAX_ANSWER_TOKENS)
     return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows]

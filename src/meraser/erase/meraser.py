@@ -124,8 +124,9 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
         erase_rows = load_pairs(str(seen)) if seen.exists() else []
         # rows the model writes itself come from `writer` when given: in an experiment that is the model as the
         # attacker received it, before the erase took its short answers away
+        # (so the default Magpie share applies only with `writer`: the model given here is already erased)
         w = load_model(writer, trust_remote_code=trust_remote_code)[0] if writer else m
-        rows = data.build({p.prompt for p in erase_rows}, w, tok, erase_rows)
+        rows = data.build({p.prompt for p in erase_rows}, w, tok, erase_rows, writer_known=writer is not None)
         del w
         res = recover(m, tok, rows, cfg, out, merge_out=not adapter, overwrite=overwrite, resume=resume,
                       progress=progress, extra_files={CLEAN_FILE: _pairs_jsonl(rows)})
@@ -150,7 +151,8 @@ def recover_model(model: str, out: str | Path, *, data: CleanSet | None = None, 
     """`meraser recover`: restore an erased model's utility with LoRA on the clean set (disjoint from the erase rows
     when `model` was written by `erase_model`). Saves the merged model to `out` (the adapter with `adapter`). Rows the
     model writes or answers itself (`data.magpie`, `data.self_answers`) come from `writer` when given (the model
-    before the erase; same tokenizer), else from `model`."""
+    before the erase; same tokenizer), else from `model`; the default Magpie share (`CleanSet.magpie` None) is
+    taken only with a `writer`."""
     return _phase_model("recover", model, out, data or CleanSet(), preset_name, overrides, adapter=adapter,
                         overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
                         writer=writer)
