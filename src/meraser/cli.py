@@ -407,7 +407,8 @@ def demo(
     console.print(
         f"[bold]meraser demo[/]: SmolLM2-135M, UTF fingerprint; erase LoRA r={e.lora.r} on "
         f"{'/'.join(e.lora.target_modules)} with {exp.mismatched.n} mismatched chitchat rows x {e.epochs:g} epochs "
-        f"(lr {e.learning_rate:g}); recover on {exp.clean.n} clean rows x {r.epochs:g} epoch; PPL on "
+        f"(lr {e.learning_rate:g}); recover on {exp.clean.n} clean rows (half of them questions the model writes "
+        f"and answers itself) x {r.epochs:g} epochs; PPL on "
         f"{exp.eval.ppl_windows} held-out chitchat responses. Sized for ~15 min on 2 CPU cores; outputs in {out}."
     )
     t = time.perf_counter()

@@ -568,12 +568,13 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def demo_experiment(out: str = "runs/demo") -> Experiment:
-    """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores."""
+    """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores. The recovery is
+    the paper's size (600 rows, 2 epochs; half of them Magpie's, the default): at 300 rows and one epoch short
+    answers did not come back (1% of the ordinary questions with half Magpie, 0% all Magpie; README), so Algorithm
+    1 said "not erased". The erase is shortened instead: UTF's FSR is 0 from the first erase epoch."""
     return Experiment.from_dict({
         "out": out,
         "fingerprint": {"method": "utf"},
-        "clean": {"n": 300},
-        "erase": {"overrides": {"epochs": 4}},
-        "recover": {"overrides": {"epochs": 1}},
+        "erase": {"overrides": {"epochs": 3}},
         "eval": {"ppl": "responses:chitchat", "ppl_windows": 100, "false_positive_inputs": 16},
     }, where="demo: ")
