@@ -230,3 +230,16 @@ def test_attack_stage_runs_any_attack_in_place_of_erase_and_recover(planted, tmp
     changed = _experiment(tmp_path, folder, attack={"method": "prune-magnitude", "config": {"sparsity": 0.5}})
     with pytest.raises(MeraserError, match=r"stage 'attacked' .*attack.config.sparsity: 0.3 -> 0.5"):
         run_experiment(load_experiment(_write(tmp_path, changed, "changed.yaml")), progress=False)
+
+
+def test_demo_plans_and_recovers_at_the_papers_size_with_the_default_magpie_share(tmp_path):
+    """The demo's recovery: 600 rows x 2 epochs, half of them Magpie's (at 300 x 1 short answers did not come back,
+    so Algorithm 1 could not end "erased"); the plan checks without touching a model."""
+    from meraser.erase.datasets import AUTO_MAGPIE
+    from meraser.runner import demo_experiment, plan_experiment
+
+    exp = demo_experiment(str(tmp_path / "demo"))
+    plan = plan_experiment(exp)
+    assert exp.clean.n == 600 and exp.clean.magpie is None and plan.recover_cfg.epochs == 2
+    assert exp.clean.needs_model and AUTO_MAGPIE == 0.5
+    assert not (tmp_path / "demo").exists()
