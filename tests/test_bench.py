@@ -355,3 +355,16 @@ def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tin
     (folder / "fingerprint_summary.json").write_text(json.dumps({"config": {**made, "epochs": made["epochs"] + 1}}))
     with pytest.raises(MeraserError, match=r"made with other settings \(epochs: .*a default has changed"):
         prepare_shared([cell], shared_root(matrix))
+
+
+def test_the_shared_transfer_adapter_resumes_an_interrupted_training(tmp_path, tiny_dir, monkeypatch):
+    """A bench killed while it trained the shared transfer adapter left checkpoints beside it; the next run must
+    continue that training (it stopped with 'holds checkpoints of an interrupted run' before)."""
+    from meraser.bench import plan_cells, prepare_shared, shared_root
+    from meraser.erase import transfer
+
+    calls = []
+    monkeypatch.setattr(transfer, "transfer_train", lambda base, out, **kw: calls.append((base, out, kw)))
+    matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=["meraser-transfer"])))
+    prepare_shared(plan_cells(matrix), shared_root(matrix))  # fingerprints the tiny model, then the adapter
+    assert len(calls) == 1 and calls[0][2]["resume"] is True

@@ -253,8 +253,8 @@ def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
 
 
 def _make_shared(kind: str, cell: Cell, folder: Path, transfer_train) -> None:
-    if kind == "transfer adapter":
-        transfer_train(cell.model, folder, progress=False)
+    if kind == "transfer adapter":  # a bench killed while training it continues where it stopped
+        transfer_train(cell.model, folder, resume=True, progress=False)
         return
     from meraser.attacks import get_attack
     from meraser.attacks.merge import make_expert

@@ -634,6 +634,7 @@ def transfer_train(
     preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
                                              show_default="the preset's"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Train the MEraser erase adapter on a clean base model (section 4.3)."""
@@ -642,7 +643,8 @@ def transfer_train(
 
     _quiet_libraries()
     sets = MismatchedSet.from_dict({"source": data, "n": n, "ready_made": ready_made}, where="transfer train")
-    res = run(base, out, data=sets, preset_name=preset_name, overrides=_parse_sets(set_), overwrite=overwrite)
+    res = run(base, out, data=sets, preset_name=preset_name, overrides=_parse_sets(set_), overwrite=overwrite,
+              resume=resume)
     _console().print(f"[green]erase adapter[/] saved to {res.output_dir} ({res.metrics['seconds']} s)")
 
 

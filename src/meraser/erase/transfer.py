@@ -13,8 +13,9 @@ from meraser.utils import MeraserError
 
 def transfer_train(base: str, out: str | Path, *, data: MismatchedSet | None = None,
                    preset_name: str = DEFAULT_PRESET, overrides: dict | None = None, overwrite: bool = False,
-                   progress: bool = True):
-    """Train the erase adapter on the clean base model; saved as an adapter for `transfer_apply`."""
+                   resume: bool = False, progress: bool = True):
+    """Train the erase adapter on the clean base model; saved as an adapter for `transfer_apply`. With `resume`,
+    an interrupted training continues from its last checkpoint (and starts afresh when there is none)."""
     from meraser.models import check_model_spec, load_model
     from meraser.utils import check_output_dir
 
@@ -25,7 +26,7 @@ def transfer_train(base: str, out: str | Path, *, data: MismatchedSet | None = N
     cfg = preset("erase", preset_name, overrides)
     mism, _ = data.build()
     model, tok = load_model(base)
-    return erase(model, tok, mism, cfg, out, merge_out=False, overwrite=overwrite, progress=progress)
+    return erase(model, tok, mism, cfg, out, merge_out=False, overwrite=overwrite, resume=resume, progress=progress)
 
 
 def check_adapter(adapter: str | Path, where: str | None = None) -> None:
