@@ -100,8 +100,14 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     for r in rows:  # accuracy per task, as `eval.tasks` records it
         r["tasks"] = {"bb_arithmetic": {"acc": 0.5 if r["stage"] != "erased" else 0.25, "acc_stderr": 0.05}}
     write_jsonl(out / RESULTS, rows)  # the fourth cell is missing: the page says so
-    code, printed, _ = cli("report", out, "-o", tmp_path / "bench.html", "--markdown", tmp_path / "tables.md")
+    code, printed, _ = cli("report", out, "-o", tmp_path / "bench.html", "--markdown", tmp_path / "tables.md",
+                           "--figures", tmp_path / "figures")
     assert code == 0
+    # the page's figures as files too, for a README: each a PNG
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "fsr_against_mismatched.n.png", "fsr_per_epoch.png", "fsr_per_stage.png", "leaderboard.png",
+        "strict_per_epoch.png", "tasks.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "figures").iterdir())
     md = (tmp_path / "tables.md").read_text()
     assert "**attacks: every cell**" in md and "| utf | finetune |  | missing |" in md
     assert "| utf meraser n=300 | utf | 0.0% | 24.00 | 100.0% | 26.00 | 0.0% | 30.00 | 50.0% | 27.00 |" in md

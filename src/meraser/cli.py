@@ -592,16 +592,18 @@ def report(
     show_secrets: bool = typer.Option(False, help="print the card's triggers, targets and matching outputs (hashed "
                                                   "by default: a report is made to be shared)"),
     markdown: Optional[Path] = typer.Option(None, help="also write the tables as Markdown to this file"),
+    figures: Optional[Path] = typer.Option(None, help="also write the page's figures as PNG files into this folder"),
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
     from meraser.report import (bench_time, is_bench, load_bench, load_run, markdown_tables, terminal_tables,
-                                write_bench_report, write_report)
+                                write_bench_report, write_figures, write_report)
     from meraser.utils import atomic_write_text
 
     console = _console(200)
     timing = ""
-    if len(runs) == 1 and is_bench(runs[0]):
+    bench = len(runs) == 1 and is_bench(runs[0])
+    if bench:
         page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
                                   show_secrets)
         loaded = load_bench(runs[0])
@@ -616,6 +618,9 @@ def report(
     if markdown:
         atomic_write_text(markdown, (f"{timing}\n\n" if timing else "") + markdown_tables(*loaded))
         console.print(f"[green]tables[/] written to {markdown}")
+    if figures:
+        written = write_figures(loaded[0], figures, bench=bench)
+        console.print(f"[green]figures[/] written to {figures}: {', '.join(p.name for p in written)}")
     console.print(f"[green]report[/] written to {page}")
 
 

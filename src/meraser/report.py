@@ -585,6 +585,29 @@ def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: 
     return page.replace("<h2>Table 1</h2>", extra + "<h2>Table 1</h2>", 1)
 
 
+def figures(runs: list[dict], bench: bool = False) -> dict[str, str]:
+    """Every figure of the page as {file name: base64 PNG}, for a README or a paper (`meraser report --figures`)."""
+    made = {"fsr_per_stage.png": _stage_fsr_png(runs), "fsr_per_epoch.png": _fsr_curve_png(runs),
+            "strict_per_epoch.png": _strict_curve_png(runs), "tasks.png": _tasks_png(runs)}
+    if bench:
+        made["leaderboard.png"] = _leaderboard_png(runs)
+        made.update({f"fsr_against_{key}.png": png for key, png in _ablation_pngs(runs)})
+    return {name: png for name, png in made.items() if png}
+
+
+def write_figures(runs: list[dict], folder: str | Path, bench: bool = False) -> list[Path]:
+    """The page's figures as PNG files in `folder`, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, png in figures(runs, bench).items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(base64.b64decode(png))
+        tmp.replace(folder / name)
+        written.append(folder / name)
+    return written
+
+
 def write_bench_report(path: str | Path, out: str | Path, title: str = "meraser bench",
                        show_secrets: bool = False) -> Path:
     from meraser.utils import check_parents
