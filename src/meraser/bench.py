@@ -215,7 +215,6 @@ MADE = "made.jsonl"  # in the shared folder: what prepare_shared made, and its w
 def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
     """Make what several cells share, once: each fingerprinted model, and MEraser's transfer adapter where a cell
     asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused."""
-    from meraser.erase.transfer import transfer_train
     from meraser.fingerprints.embed import fingerprint
 
     for cell in cells:
@@ -231,7 +230,7 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
         if kind and not folder.exists():
             if console:
                 console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
-            _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder, transfer_train))
+            _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder))
 
 
 def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
@@ -252,8 +251,10 @@ def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
                            f"the matrix's fingerprint config")
 
 
-def _make_shared(kind: str, cell: Cell, folder: Path, transfer_train) -> None:
+def _make_shared(kind: str, cell: Cell, folder: Path) -> None:
     if kind == "transfer adapter":  # a bench killed while training it continues where it stopped
+        from meraser.erase.transfer import transfer_train
+
         transfer_train(cell.model, folder, resume=True, progress=False)
         return
     from meraser.attacks import get_attack
