@@ -124,12 +124,12 @@ def _stage_fsr_png(runs: list[dict]) -> str | None:
     return _png(fig)
 
 
-def _run_label(run: dict) -> str:
+def _run_label(run: dict, fingerprint: bool = True) -> str:
     """fingerprint, attack and the cell's own settings (dotted keys shortened to their last part), for figures."""
     import re
 
     settings = re.sub(r"\b[\w.]+\.(\w+)=", r"\1=", run.get("settings", ""))
-    label = " ".join(x for x in (run["method"], run.get("attack", ""), settings) if x)
+    label = " ".join(x for x in (run["method"] if fingerprint else "", run.get("attack", ""), settings) if x)
     return label if len(label) <= 48 else label[:47] + "…"
 
 
@@ -477,9 +477,14 @@ def _leaderboard_png(runs: list[dict]) -> str | None:
     ax.axvspan(WIN_UTILITY, max(1.3, max(u for u, _, _ in points) + 0.05), ymin=0, ymax=0.06, color="tab:green",
                alpha=0.2, label=f"attack wins: FSR 0 at >= {WIN_UTILITY:.0%} utility")
     markers = dict(zip(sorted({r["method"] for _, _, r in points}), "osD^vP*X"))
-    for u, f, r in points:
+    placed: list[tuple[float, float]] = []
+    for u, f, r in sorted(points, key=lambda p: (p[1], p[0])):
         ax.scatter(u, f, marker=markers[r["method"]], s=50)
-        ax.annotate(r["attack"], (u, f), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # cells that sit together (same FSR, close utility) get their labels stacked instead of printed over each other
+        near = sum(abs(u - pu) < 0.06 and abs(f - pf) < 0.04 for pu, pf in placed)
+        placed.append((u, f))
+        ax.annotate(_run_label(r, fingerprint=False), (u, f), fontsize=6, xytext=(4, 3 + 8 * near),
+                    textcoords="offset points")
     for m, mk in markers.items():
         ax.scatter([], [], marker=mk, color="grey", label=m)
     ax.set_xlabel("utility after the attack, relative to the fingerprinted model (PPL and accuracy)")
