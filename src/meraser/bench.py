@@ -282,7 +282,9 @@ def shared_work(matrix: Matrix, cells: list[Cell]) -> tuple[float, list[str]]:
     seconds, unknown = 0.0, []
     for f in sorted(folders):
         summary = f / "fingerprint_summary.json"  # a fingerprinted model records its own time
-        t = made.get(f.name, json.loads(summary.read_text()).get("seconds") if summary.is_file() else None)
+        t = made.get(f.name)
+        if t is None and summary.is_file():
+            t = json.loads(summary.read_text()).get("seconds")
         if t is None:
             unknown.append(f.name)
         else:

@@ -164,27 +164,21 @@ def _ablation_pngs(runs: list[dict]) -> list[tuple[str, str]]:
     return figures
 
 
+def _task_accs(row: dict) -> dict[str, float]:
+    """{task: accuracy} of one stage's row (tasks without an accuracy left out)."""
+    tasks = row.get("tasks") if isinstance(row.get("tasks"), dict) else {}
+    return {t.removeprefix("bb_"): a["acc"] for t, a in tasks.items() if isinstance(a, dict) and a.get("acc") is not None}
+
+
 def _tasks_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """Downstream accuracy per task at every stage (lm-eval and BIG-bench tasks, where `eval.tasks` was set)."""
     head = ["run", "task"] + list(STAGES)
     rows = []
     for run in runs:
-        st = run["stages"]
-        tasks = list(dict.fromkeys(t for r in st.values() if isinstance(r.get("tasks"), dict) for t in r["tasks"]))
-        for t in tasks:
-            accs = []
-            for s in STAGES:
-                a = st.get(s, {}).get("tasks")
-                a = a.get(t) if isinstance(a, dict) else None
-                accs.append(f"{a['acc']:.3f}" if a and a.get("acc") is not None else "")
-            rows.append([_run_label(run), t.removeprefix("bb_"), *accs])
+        accs = {s: _task_accs(run["stages"].get(s, {})) for s in STAGES}
+        for t in dict.fromkeys(t for a in accs.values() for t in a):
+            rows.append([_run_label(run), t, *(f"{accs[s][t]:.3f}" if t in accs[s] else "" for s in STAGES)])
     return head, rows
-
-
-def _task_accs(row: dict) -> dict[str, float]:
-    """{task: accuracy} of one stage's row (tasks without an accuracy left out)."""
-    tasks = row.get("tasks") if isinstance(row.get("tasks"), dict) else {}
-    return {t.removeprefix("bb_"): a["acc"] for t, a in tasks.items() if isinstance(a, dict) and a.get("acc") is not None}
 
 
 def _tasks_png(runs: list[dict]) -> str | None:
@@ -602,14 +596,12 @@ def figures(runs: list[dict], bench: bool = False) -> dict[str, str]:
 
 def write_figures(runs: list[dict], folder: str | Path, bench: bool = False) -> list[Path]:
     """The page's figures as PNG files in `folder`, each written atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from meraser.utils import atomic_write_bytes
+
     written = []
     for name, png in figures(runs, bench).items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(base64.b64decode(png))
-        tmp.replace(folder / name)
-        written.append(folder / name)
+        atomic_write_bytes(Path(folder) / name, base64.b64decode(png))
+        written.append(Path(folder) / name)
     return written
 
 

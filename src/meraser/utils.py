@@ -81,14 +81,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
     """Write a file through a temporary sibling and a rename; `mode` (e.g. 0o600) is set before the rename."""
+    _atomic_write(path, text, mode)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """`atomic_write_text` for bytes (an image)."""
+    _atomic_write(path, data, mode)
+
+
+def _atomic_write(path: str | os.PathLike, content: str | bytes, mode: int | None) -> None:
     path = check_parents(path)
     if path.is_dir():
         raise MeraserError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        binary = isinstance(content, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         if mode is not None:
