@@ -588,7 +588,8 @@ def report(
     runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`, or one "
                                                 "`meraser bench` folder"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
-    title: str = typer.Option("MEraser report", help="page title"),
+    title: Optional[str] = typer.Option(None, help="page title (default: 'MEraser report', or 'meraser bench' "
+                                                   "for a bench folder)"),
     show_secrets: bool = typer.Option(False, help="print the card's triggers, targets and matching outputs (hashed "
                                                   "by default: a report is made to be shared)"),
     markdown: Optional[Path] = typer.Option(None, help="also write the tables as Markdown to this file"),
@@ -596,32 +597,19 @@ def report(
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
-    from meraser.report import (bench_time, is_bench, load_bench, load_run, markdown_tables, terminal_tables,
-                                write_bench_report, write_figures, write_report)
-    from meraser.utils import atomic_write_text
+    from meraser.report import make_report, terminal_tables
 
     console = _console(200)
-    timing = ""
-    bench = len(runs) == 1 and is_bench(runs[0])
-    if bench:
-        page = write_bench_report(runs[0], out, title if title != "MEraser report" else "meraser bench",
-                                  show_secrets)
-        loaded = load_bench(runs[0])
-        timing = bench_time(runs[0], *loaded)
-    else:
-        page = write_report(runs, out, title, show_secrets)
-        loaded = ([load_run(r) for r in runs],)
-    for table in terminal_tables(*loaded):
+    rep = make_report(runs, out, title=title, show_secrets=show_secrets, markdown=markdown, figures=figures)
+    for table in terminal_tables(rep.runs, rep.cells):
         console.print(table)
-    if timing:
-        console.print(timing)
-    if markdown:
-        atomic_write_text(markdown, (f"{timing}\n\n" if timing else "") + markdown_tables(*loaded))
-        console.print(f"[green]tables[/] written to {markdown}")
-    if figures:
-        written = write_figures(loaded[0], figures, bench=bench)
-        console.print(f"[green]figures[/] written to {figures}: {', '.join(p.name for p in written)}")
-    console.print(f"[green]report[/] written to {page}")
+    if rep.timing:
+        console.print(rep.timing)
+    if rep.markdown:
+        console.print(f"[green]tables[/] written to {rep.markdown}")
+    if rep.figures:
+        console.print(f"[green]figures[/] written to {figures}: {', '.join(p.name for p in rep.figures)}")
+    console.print(f"[green]report[/] written to {rep.page}")
 
 
 transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")

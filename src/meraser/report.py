@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from meraser.evaluation.evaluate import ppl_text
@@ -382,12 +383,7 @@ source. Alg. 1: no trigger yields its target and ordinary questions are still an
 
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "MEraser report",
                  show_secrets: bool = False) -> Path:
-    from meraser.utils import check_parents
-
-    check_parents(out)
-    runs = [load_run(d) for d in run_dirs]
-    atomic_write_text(out, render(runs, title, show_secrets))
-    return Path(out)
+    return make_report(run_dirs, out, title=title, show_secrets=show_secrets).page
 
 
 # ---- a bench folder (`meraser bench`): one run per cell, plus the cells that are missing or failed ----
@@ -607,9 +603,40 @@ def write_figures(runs: list[dict], folder: str | Path, bench: bool = False) -> 
 
 def write_bench_report(path: str | Path, out: str | Path, title: str = "meraser bench",
                        show_secrets: bool = False) -> Path:
+    return make_report([path], out, title=title, show_secrets=show_secrets).page
+
+
+@dataclass
+class Report:
+    """What `make_report` wrote, and what it read (for the terminal tables)."""
+
+    page: Path
+    runs: list[dict]
+    cells: list[dict] | None  # a bench's cells, done or not; None for run folders
+    timing: str  # a bench's cost (`bench_time`); "" for run folders
+    markdown: Path | None
+    figures: list[Path]
+
+
+def make_report(paths: list[str | Path], out: str | Path, *, title: str | None = None, show_secrets: bool = False,
+                markdown: str | Path | None = None, figures: str | Path | None = None) -> Report:
+    """`meraser report`: read run folders (or one bench folder) once and write the HTML page to `out`, with the
+    tables as Markdown and the figures as PNG files when `markdown` / `figures` are given. Each file is written
+    atomically; a missing parent folder is refused before anything is read."""
     from meraser.utils import check_parents
 
     check_parents(out)
-    runs, cells = load_bench(path)
-    atomic_write_text(out, render_bench(runs, cells, title, show_secrets, bench_time(path, runs, cells)))
-    return Path(out)
+    if markdown:
+        check_parents(markdown)
+    if len(paths) == 1 and is_bench(paths[0]):
+        runs, cells = load_bench(paths[0])
+        timing = bench_time(paths[0], runs, cells)
+        page = render_bench(runs, cells, title or "meraser bench", show_secrets, timing)
+    else:
+        runs, cells, timing = [load_run(p) for p in paths], None, ""
+        page = render(runs, title or "MEraser report", show_secrets)
+    atomic_write_text(out, page)
+    if markdown:
+        atomic_write_text(markdown, (f"{timing}\n\n" if timing else "") + markdown_tables(runs, cells))
+    written = write_figures(runs, figures, bench=cells is not None) if figures else []
+    return Report(Path(out), runs, cells, timing, Path(markdown) if markdown else None, written)
