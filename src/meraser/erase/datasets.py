@@ -136,8 +136,9 @@ class CleanSet(InstructionSet):
             warnings.warn(f"clean set: the model wrote {len(own)} of the {n_own} Magpie rows asked for (a share of "
                           f"{AUTO_MAGPIE}, the default); the other {self.n - len(own)} rows come from {self.source}",
                           stacklevel=2)
-            rows = self._source_rows(self.n - len(own), set(exclude_prompts) | {p.prompt for p in own}, model,
-                                     tokenizer)
+            # only the rows still missing, disjoint from those built: none is drawn (or self-answered) twice
+            rows += self._source_rows(n_own - len(own), set(exclude_prompts) | {p.prompt for p in rows + own},
+                                      model, tokenizer)
         mixed = rows + own
         random.Random(self.seed + 2).shuffle(mixed)
         return mixed
