@@ -144,6 +144,30 @@ def test_cells_that_differ_only_in_recovery_share_one_erase(tmp_path, tiny_dir):
     assert erased[0]["fsr"] == erased[1]["fsr"] and erased[0]["ppl"] == erased[1]["ppl"]
 
 
+def test_a_cell_that_copies_shared_stages_loads_through_its_own_folders(tmp_path, tiny_dir):
+    """Cells that differ only in evaluation share erase and recovery; each copy must apply to its own cell's erased
+    model, not to the folder of the cell that made it: removing that cell leaves the other whole."""
+    import shutil
+
+    from meraser.models import adapter_base, load_model
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "meraser",
+                                                                  "grid": {"eval.false_positive_inputs": [0, 2]}}]))
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 2
+    out = tmp_path / "bench"
+    assert len(list((out / "shared" / "recovered").iterdir())) == 1  # made by one cell, copied by the other
+    cells = sorted((out / "cells").iterdir())
+    for c in cells:
+        assert Path(adapter_base(str(c / "recovered"))) == (c / "erased").resolve()
+    for c in cells:  # whichever cell made the stages, the other loads without it
+        keep = tmp_path / "keep"
+        shutil.copytree(c, keep)
+        shutil.rmtree(c)
+        other = next(x for x in cells if x != c)
+        load_model(str(other / "recovered"))
+        shutil.move(str(keep), str(c))
+
+
 BAD = [
     ({"attacks": ["prune-magnitud"]}, "matrix.yaml: attacks[0].method: unknown attack 'prune-magnitud'; "
                                       "did you mean 'prune-magnitude'?"),

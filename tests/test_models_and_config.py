@@ -128,3 +128,33 @@ def test_shipped_experiment_yamls_parse():
     assert experiments
     for f in experiments:
         load_experiment(f)
+
+
+def test_an_adapter_chain_moved_as_a_whole_still_loads(tiny_dir, tmp_path):
+    """An adapter records its base folder absolutely and relative to itself: a run folder copied or moved as a whole
+    (base model and the adapters over it) loads from its new place after the old one is gone."""
+    import shutil
+
+    import torch
+    from peft import get_peft_model
+
+    from meraser.training import LoraSettings
+
+    run = tmp_path / "run"
+    base, tok = load_model(str(tiny_dir))
+    base_dir = save_model(base, tok, run / "fingerprinted")
+    model, tok = load_model(str(base_dir))
+    peft = get_peft_model(model, LoraSettings(r=4, alpha=8).to_peft())
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # a non-zero adapter, so the merged weights differ from the base's
+    peft._meraser_spec = str(base_dir)
+    save_model(peft, tok, run / "erased")
+    before = load_model(str(run / "erased"))[0].state_dict()
+
+    moved = shutil.move(str(run), str(tmp_path / "elsewhere"))
+    after = load_model(str(Path(moved) / "erased"))[0].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(MeraserError, match="does not exist"):  # a base gone for good is still a clear error
+        shutil.rmtree(Path(moved) / "fingerprinted")
+        load_model(str(Path(moved) / "erased"))

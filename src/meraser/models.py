@@ -133,12 +133,31 @@ def is_adapter(spec: str) -> bool:
 
 
 def adapter_base(spec: str) -> str:
+    """The model an adapter folder applies to: as recorded when it was saved (the absolute path, or the path
+    relative to the adapter folder when the pair was moved together, e.g. a copied run folder), else peft's."""
     meta = Path(spec, MERASER_META)
     if meta.exists():
-        base = read_json(meta, "model record").get("base")
+        record = read_json(meta, "model record")
+        base, relative = record.get("base"), record.get("base_relative")
+        if base and relative and not Path(base).exists() and Path(spec, relative).exists():
+            return str(Path(spec, relative).resolve())
         if base:
             return base
     return read_json(Path(spec, "adapter_config.json"), "adapter config")["base_model_name_or_path"]
+
+
+def record_base(folder: str | os.PathLike, base: str, at: str | os.PathLike | None = None) -> None:
+    """Record `base` as the model the adapter in `folder` applies to: absolute, and for a local base also relative
+    to the adapter's place (`at`, where `folder` will be renamed to; default `folder`), so a run folder moved or
+    copied as a whole still loads."""
+    meta = Path(folder, MERASER_META)
+    record = read_json(meta, "model record") if meta.exists() else {}
+    record["base"] = _portable(base)
+    if Path(base).exists():
+        record["base_relative"] = os.path.relpath(Path(base).resolve(), Path(at or folder).resolve())
+    else:
+        record.pop("base_relative", None)
+    meta.write_text(json.dumps(record, indent=2))
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
@@ -294,13 +313,13 @@ def save_model(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / MERASER_META).write_text(json.dumps(info, indent=2))
         if Path(tmp, "adapter_config.json").exists():
-            base = model_spec(model)
-            if base:
-                info.setdefault("base", _portable(base))
+            if model_spec(model) and "base" not in info:
+                record_base(tmp, model_spec(model), at=out)
         elif model_spec(model):
             info.setdefault("source", _portable(model_spec(model)))
-        (tmp / MERASER_META).write_text(json.dumps(info, indent=2))
+            (tmp / MERASER_META).write_text(json.dumps(info, indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     return out

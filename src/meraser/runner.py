@@ -440,7 +440,7 @@ class ExperimentRun:
     def _phase(self, name: str, kind: str, label: str, model, rows: list, base_spec: str):
         """Erase or recover: LoRA on `rows` over `model`; the adapter is saved, the merged model carried on."""
         from meraser.erase.meraser import erase, recover
-        from meraser.models import load_model
+        from meraser.models import load_model, record_base
 
         folder = self.out / name
         shared = self.shared / name / self.plan.stages[name].id if self.shared is not None else None
@@ -448,6 +448,8 @@ class ExperimentRun:
             self._begin(name)  # another cell of the bench made this very stage: same model, data and settings
             with atomic_dir(folder, overwrite=True) as tmp:
                 shutil.copytree(shared, tmp, dirs_exist_ok=True)
+                # the copy applies to this cell's own model before it, not to the folder of the cell that made it
+                record_base(tmp, base_spec, at=folder)
         if self._made(name):
             done, _ = load_model(str(folder), base=base_spec)
             probes = read_json(folder / "train_log.json", "training log").get("metrics", {}).get("probes", [])
