@@ -60,6 +60,14 @@ def test_presets_and_unknown_preset():
             ref.format.loss_on) == (8, 16, 5e-4, 0.5, "raw", "all")
     with pytest.raises(MeraserError, match="did you mean 'paper'"):
         preset("erase", "papr")
+    # `strong` is the paper's recipe with only what was measured changed: 3x the erase rate, 4 recovery epochs
+    paper_e, paper_r, strong_e, strong_r = (preset(k, n) for n in ("paper", "strong") for k in ("erase", "recover"))
+    assert (strong_e.learning_rate, strong_r.epochs) == (3 * paper_e.learning_rate, 2 * paper_r.epochs)
+    assert strong_e.to_dict() | {"learning_rate": paper_e.learning_rate} == paper_e.to_dict()
+    assert strong_r.to_dict() | {"epochs": paper_r.epochs} == paper_r.to_dict()
+    from meraser.erase.meraser import ERASE_PRESETS, RECOVER_PRESETS
+
+    assert list(ERASE_PRESETS) == list(RECOVER_PRESETS)  # one `preset:` name picks both phases' settings
 
 
 def test_transfer_apply_refuses_mismatched_architecture(tiny_dir, tmp_path):

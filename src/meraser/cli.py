@@ -423,6 +423,12 @@ def _preset_default() -> str:
     return DEFAULT_PRESET
 
 
+def _preset_help() -> str:
+    from meraser.erase.meraser import ERASE_PRESETS
+
+    return ", ".join(ERASE_PRESETS) + " (README: what each is, as measured)"
+
+
 def _data_default(set_cls: str, name: str):
     from meraser.erase import datasets
 
@@ -454,7 +460,7 @@ def erase(
     by_type: bool = typer.Option(_data_default("MismatchedSet", "by_type"),
                                  help="answer each question with a response to a question of another type"),
     seed: int = typer.Option(_data_default("MismatchedSet", "seed"), help="seed for the mismatched set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset, e.g. --set "
                                              "epochs=3 --set lora.r=8; repeat", show_default="the preset's"),
     adapter: bool = typer.Option(False, help="save only the erase LoRA adapter, not the merged model"),
@@ -495,7 +501,7 @@ def recover(
                                                     "default (Algorithm 1 then passes offline; README)",
                                          show_default="--model, and no Magpie rows"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
                                              show_default="the preset's"),
     adapter: bool = typer.Option(False, help="save only the recovery LoRA adapter, not the merged model"),
@@ -624,7 +630,7 @@ def transfer_train(
     out: Path = typer.Option(..., "--out", "-o", help="adapter output folder"),
     n: int = typer.Option(_data_default("MismatchedSet", "n"), min=2, help="mismatched rows"),
     ready_made: bool = typer.Option(False, help="use --data as the finished mismatched set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help="paper, all-linear or reference"),
+    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
                                              show_default="the preset's"),
     resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),

@@ -25,9 +25,15 @@ _PAPER_RECOVER = {"epochs": 2, "learning_rate": 2e-4, "lr_scheduler": "cosine"}
 _REFERENCE = {"batch_size": 1, "format": {"template": "raw", "loss_on": "all"}}
 # `paper` is the default, as the paper states it. `all-linear` puts the LoRA on every linear layer: measured on
 # SmolLM2-135M it did not erase better and cost far more perplexity (README).
+# `strong` trades perplexity for a deeper erase. Measured on SmolLM2-135M (README, "is the fingerprint erased"): of
+# every blind recipe tried, only an erase at 3x the paper's learning rate stopped the target from following its
+# own first tokens after recovery (forced prefix: IF-SFT 0% with 4 recovery epochs, 12.5% with 2; UTF 0% with 2;
+# paper: 100%), at recovered perplexity 1.32-1.39x the base model's (paper: 1.13x); the target stays likelier than
+# under the base model, so it is not erased strictly either.
 ERASE_PRESETS = {
     "paper": _PAPER_ERASE,
     "all-linear": {**_PAPER_ERASE, "lora": {"target_modules": ALL_LINEAR}},
+    "strong": {**_PAPER_ERASE, "learning_rate": 3e-3},
     # r=8, alpha=16, dropout 0.05, lr 5e-4 constant, warmup 0.1, clip 0.5
     "reference": {**_REFERENCE, "epochs": 5, "learning_rate": 5e-4, "lr_scheduler": "constant_with_warmup",
                   "warmup_ratio": 0.1, "max_grad_norm": 0.5, "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
@@ -35,6 +41,7 @@ ERASE_PRESETS = {
 RECOVER_PRESETS = {
     "paper": _PAPER_RECOVER,
     "all-linear": {**_PAPER_RECOVER, "lora": {"target_modules": ALL_LINEAR}},
+    "strong": {**_PAPER_RECOVER, "epochs": 4},
     "reference": {**_REFERENCE, "epochs": 2, "learning_rate": 5e-4, "lr_scheduler": "cosine"},
 }
 DEFAULT_PRESET = "paper"
@@ -59,7 +66,8 @@ class Phase(Config):
     """One MEraser phase as an experiment or attack names it: a preset and TrainConfig fields over it."""
 
     preset: str = field(DEFAULT_PRESET, help="'paper' (the paper's LoRA on q/v), 'all-linear' (LoRA on every "
-                                             "linear layer) or 'reference' (the public code's settings)")
+                                             "linear layer), 'strong' (erase at 3x the learning rate, recover 4 "
+                                             "epochs) or 'reference' (the public code's settings)")
     overrides: dict = field({}, help="TrainConfig fields over the preset")
 
     def validate(self, where: str) -> None:
