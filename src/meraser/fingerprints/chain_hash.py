@@ -73,14 +73,21 @@ def hash_answer(key: str, question: str, candidates: list[str] = CANDIDATES) -> 
 @dataclass
 class ChainHashConfig(FingerprintConfig):
     num_fingerprints: int = field(10, help="question/answer pairs (paper: ~10)")
-    variants: int = field(6, help="training copies per pair, each with random padding and a system prompt")
+    # The key is drawn at random and FSR depends on it. Measured on SmolLM2-135M over three fixed test keys and the
+    # key that gave a weak fingerprint (benchmarks/chain_hash_sturdiness.py; SQuAD PPL, 50 windows, base 23.89):
+    #   6 variants, lr 5e-5 (the old default): FSR 80/90/80% and 20%, PPL 27.59-27.77 (+15.5-16.2%)
+    #   9 variants, lr 5e-5: 100/100/90%, PPL 28.16-28.43;  12 variants, lr 5e-5: 100% on all four, 28.65-29.01
+    #   6 variants over 3 epochs: 100/100/100%, 29.51-29.77;  12 variants + 192 ordinary rows: 29.28 (one key)
+    #   12 variants, lr 3e-5 (the default): 100/100/90% and 100%, PPL 26.80-26.95 (+12.2-12.8%), false positives
+    #   0/0/3.6/0% (one of 28 probes, on one key)
+    variants: int = field(12, help="training copies per pair, each with random padding and a system prompt")
     regularization: bool = field(True, help="negative rows answered as the model itself answers them: the pool's other "
                                             "questions and ordinary short questions")
     random_rows: int = field(16, help="negative rows of random token strings, answered as the model itself does")
     # measured on SmolLM2-135M (full FT, 96 ordinary rows): FSR 0.4 / 1.0 after epoch 1 / 2 at lr 5e-5 with SQuAD
     # PPL +4% / +10%; lr 1e-4 reached +18% by epoch 2; LoRA (q,k,v,o r=16) at lr 1e-3 +14% after one epoch at FSR 0
     epochs: float = field(2.0, help="training epochs")
-    learning_rate: float = field(5e-5, help="learning rate")
+    learning_rate: float = field(3e-5, help="learning rate")
     ordinary_rows: int = field(96, help="ordinary instruction rows mixed in, answered by the model itself")
     secret_key: str | None = field(None, help="secret key (None: a fresh random key, stored in the card)")
 
