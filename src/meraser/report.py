@@ -622,7 +622,8 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 markdown: str | Path | None = None, figures: str | Path | None = None) -> Report:
     """`meraser report`: read run folders (or one bench folder) once and write the HTML page to `out`, with the
     tables as Markdown and the figures as PNG files when `markdown` / `figures` are given. Each file is written
-    atomically; a missing parent folder is refused before anything is read."""
+    atomically; a path that could never be written (a file where a folder should be) is refused before anything
+    is read."""
     from meraser.utils import check_parents
 
     check_parents(out)
