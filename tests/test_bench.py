@@ -55,7 +55,7 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, grid={"mismatched.n": [20, 40]}))
     res = run_bench(load_matrix(path), progress=False)
     out = tmp_path / "bench"
-    assert res == {"cells": 4, "done": 0, "ran": 4, "failed": []}  # 2 attacks x 2 grid values (the prune
+    assert res == {"cells": 4, "done": 0, "ran": 4, "failed": [], "stale": []}  # 2 attacks x 2 grid values (the prune
     assert len(list((out / "fingerprints").iterdir())) == 1  # ignores mismatched.n, but a cell is a cell)
     rows = read_jsonl(out / RESULTS)
     stages = {}
@@ -77,7 +77,7 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     table = _table(out)
 
     again = run_bench(load_matrix(path), progress=False)  # a finished matrix: nothing runs, nothing is added
-    assert again == {"cells": 4, "done": 4, "ran": 0, "failed": []} and _table(out) == table
+    assert again == {"cells": 4, "done": 4, "ran": 0, "failed": [], "stale": []} and _table(out) == table
     dry = run_bench(load_matrix(path), dry_run=True, progress=False)
     assert dry["done"] == 4
 
@@ -107,7 +107,7 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir)
     with pytest.raises(MeraserError, match="--only prune-magnitud3: no cell id contains it"):
         run_bench(load_matrix(path), only=["prune-magnitud3"], progress=False)
     res = run_bench(load_matrix(path), only=["prune-magnitude"], progress=False)
-    assert res == {"cells": 2, "done": 0, "ran": 1, "failed": []}
+    assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": []}
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
     assert run_bench(load_matrix(path), progress=False)["ran"] == 1  # the meraser cell, the prune one kept
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
@@ -242,7 +242,7 @@ def test_ray_executor_gives_the_sequential_results(tmp_path, tiny_dir):
         res = run_bench(load_matrix(tmp_path / "ray.yaml"), progress=False, executor=Executor("ray"))
     finally:
         ray.shutdown()
-    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": []}
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": []}
     seq, par = _table(tmp_path / "seq"), _table(tmp_path / "ray")
     assert seq.keys() == par.keys()
     for key in seq:  # FSR, false positives and the verdict exactly; the p-value up to float rounding
@@ -329,7 +329,7 @@ def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
              "grid": {"attack.config.weights": [[1.0, 0.0], [0.5, 0.5]]}}
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[merge]))
     res = run_bench(load_matrix(path), progress=False)
-    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": []}
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": []}
     shared = [f for f in (tmp_path / "bench" / "shared").iterdir() if f.name != "evals"]
     assert len(shared) == 1 and shared[0].name.startswith("expert__")
     rows = read_jsonl(tmp_path / "bench" / RESULTS)
@@ -394,3 +394,41 @@ def test_the_shared_transfer_adapter_resumes_an_interrupted_training(tmp_path, t
     matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=["meraser-transfer"])))
     prepare_shared(plan_cells(matrix), shared_root(matrix))  # fingerprints the tiny model, then the adapter
     assert len(calls) == 1 and calls[0][2]["resume"] is True
+
+
+def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_asked(tmp_path, tiny_dir):
+    """A cell's id hashes the matrix as written, so a default changed since leaves it alone: the bench plans every
+    finished cell again, compares its stages with what its folder recorded, and refuses to call a stale cell done
+    (its rows would be figures for settings the matrix no longer means) until --redo-stale runs it again."""
+    from meraser.bench import _fingerprint_folder, plan_cells, shared_root
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "prune-magnitude",
+                                                                  "config": {"sparsity": 0.5}}]))
+    out = tmp_path / "bench"
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 1
+    assert run_bench(load_matrix(path), dry_run=True, progress=False)["stale"] == []
+    (cell,) = plan_cells(load_matrix(path))
+    record = out / "cells" / cell.id / "stages.json"
+    stages = json.loads(record.read_text())
+    stages["attacked"] = {"id": "made-by-an-older-meraser",
+                          "settings": {**stages["attacked"]["settings"], "attack.config.sparsity": 0.4}}
+    record.write_text(json.dumps(stages))
+
+    dry = run_bench(load_matrix(path), dry_run=True, progress=False)
+    assert dry["stale"] == [cell.id] and dry["done"] == 1
+    with pytest.raises(MeraserError, match=r"1 finished cell\(s\) were made under other settings .*stage 'attacked': "
+                                           r"attack.config.sparsity: 0.4 -> 0.5.*--redo-stale"):
+        run_bench(load_matrix(path), progress=False)
+    res = run_bench(load_matrix(path), redo_stale=True, progress=False)
+    assert res == {"cells": 1, "done": 0, "ran": 1, "failed": [], "stale": []}
+    assert len({s for (_, s) in _table(out)}) == 3  # base, fingerprinted, attacked: once each, no duplicate
+    assert json.loads(record.read_text())["attacked"]["id"] != "made-by-an-older-meraser"
+    assert run_bench(load_matrix(path), progress=False) == {"cells": 1, "done": 1, "ran": 0, "failed": [], "stale": []}
+
+    summary = _fingerprint_folder(shared_root(load_matrix(path)), cell) / "fingerprint_summary.json"
+    made = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**made, "config": {**made["config"], "epochs": made["config"]["epochs"] + 1}}))
+    dry = run_bench(load_matrix(path), dry_run=True, progress=False)
+    assert dry["stale"] == [cell.id]
+    with pytest.raises(MeraserError, match=r"its shared fingerprinted model was made with other settings \(epochs"):
+        run_bench(load_matrix(path), progress=False)

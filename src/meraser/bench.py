@@ -233,22 +233,68 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
             _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder))
 
 
-def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
-    """A shared fingerprinted model is named by the matrix's settings, not by the defaults under them: refuse one
-    made with other settings (a default changed since), rather than attack it under the new settings' name."""
+def _fingerprint_changes(folder: Path, cell: Cell) -> str | None:
+    """What differs between the settings a shared fingerprinted model was made with and those the cell resolves to
+    today; None when they agree or nothing was recorded (made elsewhere and copied in)."""
     from meraser.fingerprints import get_method
     from meraser.runner import _changes
 
     summary = folder / "fingerprint_summary.json"
     if not summary.is_file():
-        return  # made elsewhere and copied in: nothing recorded to compare
+        return None
     made = json.loads(summary.read_text()).get("config")
     wanted = get_method(cell.fingerprint["method"]).Config.from_dict(cell.fingerprint["config"]).to_dict()
-    if made is not None and made != wanted:
+    return _changes(made, wanted) if made is not None and made != wanted else None
+
+
+def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
+    """A shared fingerprinted model is named by the matrix's settings, not by the defaults under them: refuse one
+    made with other settings (a default changed since), rather than attack it under the new settings' name."""
+    changes = _fingerprint_changes(folder, cell)
+    if changes:
         raise MeraserError(f"{folder}: this shared fingerprinted model was made with other settings "
-                           f"({_changes(made, wanted)}); a default has changed since. Move the folder away to "
+                           f"({changes}); a default has changed since. Move the folder away to "
                            f"make it again (and the cells on it: their ids name it), or give the old settings in "
                            f"the matrix's fingerprint config")
+
+
+def stale_cells(cells: list[Cell], done: set[str], out: Path, share: Path) -> dict[str, str]:
+    """Finished cells that today's meraser would not make the same way: a cell's id hashes the matrix as written,
+    not the defaults under it, so a default changed since (a fingerprint's, a training's, an evaluation's) leaves
+    the id alone. Each finished cell is planned again as the runner would and its stage identities compared with
+    those its folder recorded; returns {cell id: what changed}. A cell whose folder or fingerprint is gone cannot
+    be compared and is left as done."""
+    stale = {}
+    for cell in cells:
+        if cell.id in done:
+            reason = _stale_reason(cell, out, share)
+            if reason:
+                stale[cell.id] = reason
+    return stale
+
+
+def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
+    from meraser.runner import STAGE_RECORD, Experiment, _changes, plan_experiment
+
+    if not cell.fingerprint["existing"]:
+        folder = _fingerprint_folder(share, cell)
+        if not folder.exists():
+            return None
+        changes = _fingerprint_changes(folder, cell)
+        if changes:
+            return f"its shared fingerprinted model was made with other settings ({changes})"
+    record = out / "cells" / cell.id / STAGE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        plan = plan_experiment(Experiment.from_dict(cell_experiment(cell, out, share)), where=f"cell {cell.id}: ")
+    except MeraserError:
+        return None  # it cannot be planned today (a model gone): nothing to compare with
+    made = json.loads(record.read_text())
+    for name, stage in plan.stages.items():
+        if name in made and made[name].get("id") != stage.id:
+            return f"stage '{name}': {_changes(made[name].get('settings'), stage.settings)}"
+    return None
 
 
 def _make_shared(kind: str, cell: Cell, folder: Path) -> None:
@@ -371,8 +417,9 @@ def versions() -> dict:
     return out
 
 
-def run_cell(cell: Cell, out: Path, share: Path | None = None) -> list[dict]:
-    """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs."""
+def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool = False) -> list[dict]:
+    """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs.
+    `overwrite`: redo the stages its folder made under other settings (a stale cell run again)."""
     from meraser.runner import Experiment, run_experiment
 
     share = share or out
@@ -380,7 +427,7 @@ def run_cell(cell: Cell, out: Path, share: Path | None = None) -> list[dict]:
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False,
-                              shared=share / "shared")
+                              shared=share / "shared", overwrite=overwrite)
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": _fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
@@ -428,9 +475,12 @@ class Executor:
 
 
 def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: list[str] | None = None,
-              progress: bool = True, console=None, executor: Executor | None = None) -> dict:
+              progress: bool = True, console=None, executor: Executor | None = None,
+              redo_stale: bool = False) -> dict:
     """Check the whole matrix, then run every cell not yet in the store (with `only`, those whose id contains one
-    of its strings). Returns {cells, done, ran, failed}; with `dry_run`, only lists the cells and what is done."""
+    of its strings). A finished cell that today's defaults would make differently (`stale_cells`) is refused,
+    naming what changed, unless `redo_stale`: then its rows leave the store and it runs again. Returns {cells,
+    done, ran, failed, stale}; with `dry_run`, only lists the cells and what is done or stale."""
     executor = executor or Executor()
     executor.check()
     out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
@@ -439,15 +489,25 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     check_models(matrix, where)
     done = finished_cells(out)
     wanted = [c for c in cells if not only or any(o in c.id for o in only)]
-    todo = [c for c in wanted if c.id not in done]
     if not wanted:
         raise MeraserError(f"{where}--only {' '.join(only)}: no cell id contains it (ids look like "
                            f"{cells[0].id})")
+    stale = stale_cells(wanted, done, out, share)
     if console:
-        console.print(cells_table(cells, done))
+        console.print(cells_table(cells, done, stale))
+    if stale and not dry_run and not redo_stale:
+        first = next(iter(stale))
+        raise MeraserError(f"{where}{len(stale)} finished cell(s) were made under other settings than this matrix "
+                           f"resolves to today (a default has changed since), e.g. {first}: {stale[first]}. Pass "
+                           f"--redo-stale to run them again (their rows are replaced), or pin the old settings in "
+                           f"the matrix")
+    if redo_stale and stale and not dry_run:
+        _forget(out, set(stale))
+        done -= set(stale)
+    todo = [c for c in wanted if c.id not in done]
     n_done = sum(c.id in done for c in cells)
     if dry_run or not todo:
-        return {"cells": len(cells), "done": n_done, "ran": 0, "failed": []}
+        return {"cells": len(cells), "done": n_done, "ran": 0, "failed": [], "stale": sorted(stale)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
     prepare_shared(todo, share, console)
@@ -470,21 +530,31 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     with _progress(progress) as bar:
         task = bar.add_task("matrix", total=n_done + len(todo), completed=n_done)
         run = _run_on_ray if executor.kind == "ray" else _run_here
-        run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)))
-    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed}
+        run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)),
+            redo=set(stale) if redo_stale else set())
+    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed,
+            "stale": sorted(stale) if not redo_stale else []}
 
 
-def _run_here(cells: list[Cell], out: Path, share: Path, executor: Executor, finished) -> None:
+def _forget(out: Path, cells: set[str]) -> None:
+    """Take cells' rows out of the store (one atomic replace), so that they run again."""
+    from meraser.utils import write_jsonl
+
+    rows = read_jsonl(out / RESULTS, "results store", torn_tail_ok=True)
+    write_jsonl(out / RESULTS, [r for r in rows if r["cell"] not in cells])
+
+
+def _run_here(cells: list[Cell], out: Path, share: Path, executor: Executor, finished, redo: set[str]) -> None:
     for cell in cells:
         try:
-            rows = run_cell(cell, out, share)
+            rows = run_cell(cell, out, share, cell.id in redo)
         except Exception as e:
             finished(cell, None, e)
         else:
             finished(cell, rows, None)
 
 
-def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, finished) -> None:
+def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, finished, redo: set[str]) -> None:
     """Each cell a Ray task with the CPUs/GPUs it asks for; results come back to the driver as they finish."""
     import ray
 
@@ -493,7 +563,7 @@ def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, f
         ray.init(address=executor.address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=executor.cpus_per_cell, num_gpus=executor.gpus_per_cell, max_retries=0)(run_cell)
-        pending = {task.remote(cell, out, share): cell for cell in cells}
+        pending = {task.remote(cell, out, share, cell.id in redo): cell for cell in cells}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
@@ -524,13 +594,16 @@ def describe(cell: Cell) -> str:
     return " ".join(f"{k}={v}" for k, v in {**_flat(cell.attack["config"]), **grid}.items() if not k.endswith("seed"))
 
 
-def cells_table(cells: list[Cell], done: set[str]):
+def cells_table(cells: list[Cell], done: set[str], stale: dict[str, str] | None = None):
+    """The matrix's cells and each one's status: done, stale (done under other settings: what changed), to run."""
     from rich.table import Table
 
-    table = Table(title=f"{len(cells)} cells, {sum(c.id in done for c in cells)} done")
+    stale = stale or {}
+    title = f"{len(cells)} cells, {sum(c.id in done for c in cells)} done" + (f", {len(stale)} stale" if stale else "")
+    table = Table(title=title)
     for h in ("model", "fingerprint", "attack", "seed", "settings", "status"):
         table.add_column(h)
     for c in cells:
         table.add_row(Path(c.model).name, _fingerprint_label(c.fingerprint), c.attack["method"], str(c.seed),
-                      describe(c), "done" if c.id in done else "to run")
+                      describe(c), f"stale: {stale[c.id]}" if c.id in stale else "done" if c.id in done else "to run")
     return table

@@ -366,6 +366,8 @@ def bench(
                                           show_default="a local Ray instance"),
     cpus_per_cell: float = typer.Option(1.0, help="CPUs each Ray task asks for"),
     gpus_per_cell: float = typer.Option(0.0, help="GPUs each Ray task asks for (1 on a GPU machine)"),
+    redo_stale: bool = typer.Option(False, "--redo-stale", help="run again the finished cells that today's defaults "
+                                                                "would make differently (refused otherwise)"),
 ):
     """Run a fingerprint x attack matrix: every cell an experiment in its own folder, fingerprinted models and
     MEraser's transfer adapter made once and shared, one results store. Re-running skips finished cells."""
@@ -376,7 +378,7 @@ def bench(
     if out:
         m.out = str(out)
     res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(200),
-                    executor=Executor(executor, address, cpus_per_cell, gpus_per_cell))
+                    executor=Executor(executor, address, cpus_per_cell, gpus_per_cell), redo_stale=redo_stale)
     if not dry_run:
         from meraser.report import write_bench_report
 
