@@ -416,6 +416,10 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
 
     dry = run_bench(load_matrix(path), dry_run=True, progress=False)
     assert dry["stale"] == [cell.id] and dry["done"] == 1
+    from meraser.report import write_bench_report  # the report shows its figures, flagged, with what changed
+
+    page = write_bench_report(out, tmp_path / "stale.html").read_text()
+    assert "<td>stale: stage &#x27;attacked&#x27;: attack.config.sparsity: 0.4 -&gt; 0.5</td>" in page
     with pytest.raises(MeraserError, match=r"1 finished cell\(s\) were made under other settings .*stage 'attacked': "
                                            r"attack.config.sparsity: 0.4 -> 0.5.*--redo-stale"):
         run_bench(load_matrix(path), progress=False)

@@ -394,8 +394,9 @@ def is_bench(path: str | Path) -> bool:
 
 def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(runs, cells): a run per finished cell (as `load_run` gives), and every cell of the matrix with its status:
-    done, failed (with the error) or missing. A partial store is fine."""
-    from meraser.bench import FAILED, RESULTS, Matrix, describe, plan_cells
+    done, stale (done under settings that today's defaults change: its figures are shown, flagged, with what
+    changed), failed (with the error) or missing. A partial store is fine."""
+    from meraser.bench import FAILED, RESULTS, Matrix, describe, plan_cells, shared_root, stale_cells
 
     p = Path(path)
     by_cell: dict[str, dict] = {}
@@ -406,13 +407,16 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
         run["stages"][r["stage"]] = r
     errors = {f["cell"]: f["error"] for f in read_jsonl(p / FAILED, "failure log", torn_tail_ok=True)}
     try:
-        planned = plan_cells(Matrix.from_dict(read_json(p / "matrix.json", "matrix record")))
+        matrix = Matrix.from_dict(read_json(p / "matrix.json", "matrix record"))
+        planned = plan_cells(matrix)
+        stale = stale_cells(planned, set(by_cell), p.resolve(), shared_root(matrix))
     except MeraserError:  # the matrix names something this installation no longer has: show what was stored
-        planned = []
+        planned, stale = [], {}
     cells = [{"id": c.id, "fingerprint": _fingerprint_name(c.fingerprint),
               "attack": c.attack["method"], "grid": c.grid, "settings": describe(c),
-              "status": "done" if c.id in by_cell else "failed" if c.id in errors else "missing",
-              "error": errors.get(c.id)} for c in planned]
+              "status": "stale" if c.id in stale else "done" if c.id in by_cell else
+              "failed" if c.id in errors else "missing",
+              "error": stale.get(c.id) or errors.get(c.id)} for c in planned]
     for c in cells:  # a run's label names its fingerprint and settings, which only the plan knows in full
         if c["id"] in by_cell:
             by_cell[c["id"]].update(settings=c["settings"], method=c["fingerprint"])
@@ -497,7 +501,7 @@ def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[l
         st = r["stages"] if r else {}
         fp, last = st.get("fingerprinted", {}), _last(r) if r else {}
         u = utility(r) if r else None
-        status = c["status"] if c["status"] != "failed" else f"failed: {(c.get('error') or '')[:80]}"
+        status = f"{c['status']}: {(c.get('error') or '')[:80]}" if c["status"] in ("failed", "stale") else c["status"]
         settings = c.get("settings", " ".join(f"{k}={v}" for k, v in c["grid"].items()))
         rows.append([c["fingerprint"], c["attack"], settings, status,
                      _pct(fp.get("fsr")), _pct(last.get("fsr")), str(last.get("strict", {}).get("erased_strict", "")),
