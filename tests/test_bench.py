@@ -436,3 +436,20 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
     assert dry["stale"] == [cell.id]
     with pytest.raises(MeraserError, match=r"its shared fingerprinted model was made with other settings \(epochs"):
         run_bench(load_matrix(path), progress=False)
+
+
+def test_keep_models_false_deletes_each_attacked_model_and_the_cell_still_runs_again(tmp_path, tiny_dir):
+    """A 7B matrix keeps a 14 GB attacked model per cell unless told not to; without them the cells stay done, and a
+    cell run again (as --redo-stale does) makes its attack again rather than load a model that is gone."""
+    from meraser.bench import plan_cells, run_cell, shared_root
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, keep_models=False))
+    out = tmp_path / "bench"
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 2
+    assert not list((out / "cells").rglob("attacked")) and not list((out / "cells").rglob("model.safetensors"))
+    assert list((out / "cells").rglob("adapter_model.safetensors"))  # the erase/recover adapters are kept
+    prune = next(c for c in plan_cells(load_matrix(path)) if c.attack["method"] == "prune-magnitude")
+    again = {r["stage"]: r["fsr"] for r in run_cell(prune, out, shared_root(load_matrix(path)))}
+    stored = {r["stage"]: r["fsr"] for r in read_jsonl(out / RESULTS) if r["cell"] == prune.id}
+    assert again == stored and "attacked" in again
+    assert (out / "cells" / prune.id / "attacked" / "model.safetensors").is_file()

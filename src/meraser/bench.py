@@ -20,6 +20,7 @@ import copy
 import hashlib
 import itertools
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ class Matrix(Config):
     grid: dict = field({}, help="experiment keys (dotted, e.g. mismatched.n) -> list of values: every combination "
                                 "is a cell")
     experiment: dict = field({}, help="experiment settings every cell shares (eval, erase, recover, clean, ...)")
+    keep_models: bool = field(True, help="keep each attack cell's attacked model (a full copy of the model: 0.5 GB "
+                                         "on SmolLM2-135M, 14 GB on a 7B model); false: delete it once the cell's "
+                                         "rows are in the store (erase/recover adapters are small and kept)")
 
     def validate(self, where: str) -> None:
         for name in ("models", "fingerprints", "attacks", "seeds"):
@@ -517,6 +521,8 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
         """The driver alone writes the store (and the failure log), whichever executor ran the cell."""
         if error is None:
             record(out, rows)
+            if not matrix.keep_models:
+                drop_attacked_model(out / "cells" / cell.id)
             return
         failed.append(cell.id)  # one broken cell must not stop the matrix; it is retried on the next run
         import traceback
@@ -534,6 +540,20 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
             redo=set(stale) if redo_stale else set())
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed,
             "stale": sorted(stale) if not redo_stale else []}
+
+
+def drop_attacked_model(folder: Path) -> None:
+    """Delete a finished cell's attacked model, and its stage record with it: the cell stays done (its rows are in
+    the store), and a cell run again (--redo-stale) makes the attack again instead of loading a model that is gone."""
+    from meraser.runner import STAGE_RECORD
+    from meraser.utils import write_json
+
+    if not (folder / "attacked").is_dir():
+        return
+    records = json.loads((folder / STAGE_RECORD).read_text()) if (folder / STAGE_RECORD).is_file() else {}
+    records.pop("attacked", None)
+    write_json(folder / STAGE_RECORD, records)  # first: a kill between the two leaves a folder that is remade
+    shutil.rmtree(folder / "attacked")
 
 
 def _forget(out: Path, cells: set[str]) -> None:
