@@ -80,7 +80,7 @@ def _png(fig) -> str:
 
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed outside the axes stay in the picture
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
@@ -458,34 +458,51 @@ def utility(run: dict) -> float | None:
 WIN_UTILITY = 0.9  # an attack "wins" a cell: FSR 0 with at least this much of the fingerprinted model's utility
 
 
+LABEL_POINTS = 12  # up to this many cells each point is labelled; beyond, labels only cover each other (the table
+                  # beside the figure names every cell)
+
+
 def _leaderboard_png(runs: list[dict]) -> str | None:
-    """FSR after the attack against the attacked model's relative utility, one point per cell; the region where
-    the attack wins is shaded."""
+    """FSR after the attack against the attacked model's relative utility, one point per cell: the colour is the
+    attack, the marker the fingerprint, and the region where the attack wins is shaded. Cells with the same FSR and
+    utility on different fingerprints are drawn a little apart, so that none hides another."""
     plt = _pyplot()
-    points = [(utility(r), _last(r).get("fsr"), r)
-              for r in runs]
+    points = [(utility(r), _last(r).get("fsr"), r) for r in runs]
     points = [(u, f, r) for u, f, r in points if u is not None and f is not None]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4.6), dpi=110)
     ax.axvspan(WIN_UTILITY, max(1.3, max(u for u, _, _ in points) + 0.05), ymin=0, ymax=0.06, color="tab:green",
-               alpha=0.2, label=f"attack wins: FSR 0 at >= {WIN_UTILITY:.0%} utility")
-    markers = dict(zip(sorted({r["method"] for _, _, r in points}), "osD^vP*X"))
-    placed: list[tuple[float, float]] = []
-    for u, f, r in sorted(points, key=lambda p: (p[1], p[0])):
-        ax.scatter(u, f, marker=markers[r["method"]], s=50)
-        # cells that sit together (same FSR, close utility) get their labels stacked instead of printed over each other
-        near = sum(abs(u - pu) < 0.06 and abs(f - pf) < 0.04 for pu, pf in placed)
-        placed.append((u, f))
-        ax.annotate(_run_label(r, fingerprint=False), (u, f), fontsize=6, xytext=(4, 3 + 8 * near),
-                    textcoords="offset points")
-    for m, mk in markers.items():
-        ax.scatter([], [], marker=mk, color="grey", label=m)
+               alpha=0.2)
+    methods = sorted({r["method"] for _, _, r in points})
+    markers = dict(zip(methods, "osD^vP*X"))
+    attacks = list(dict.fromkeys(r["attack"] for _, _, r in points))
+    palette = plt.get_cmap("tab20" if len(attacks) > 10 else "tab10")
+    colors = {a: palette(i % palette.N) for i, a in enumerate(attacks)}
+    for u, f, r in points:
+        nudge = 0.015 * (methods.index(r["method"]) - (len(methods) - 1) / 2)
+        ax.scatter(u, f + nudge, marker=markers[r["method"]], color=colors[r["attack"]], s=45, alpha=0.85,
+                   edgecolors="black", linewidths=0.3)
+    if len(points) <= LABEL_POINTS:
+        placed: list[tuple[float, float]] = []
+        for u, f, r in sorted(points, key=lambda p: (p[1], p[0])):
+            near = sum(abs(u - pu) < 0.06 and abs(f - pf) < 0.04 for pu, pf in placed)  # stack close labels
+            placed.append((u, f))
+            ax.annotate(_run_label(r, fingerprint=False), (u, f), fontsize=6, xytext=(4, 3 + 8 * near),
+                        textcoords="offset points")
+    from matplotlib.patches import Patch
+
+    shapes = [ax.scatter([], [], marker=mk, color="grey", label=m) for m, mk in markers.items()]
+    first = ax.legend(handles=[Patch(color="tab:green", alpha=0.2, label=f"attack wins:\nFSR 0 at >= "
+                                                                          f"{WIN_UTILITY:.0%} utility"), *shapes],
+                      fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="fingerprint", title_fontsize=7)
+    ax.add_artist(first)
+    ax.legend(handles=[Patch(color=colors[a], label=a) for a in attacks], fontsize=7, loc="lower left",
+              bbox_to_anchor=(1.01, 0.0), title="attack", title_fontsize=7)
     ax.set_xlabel("utility after the attack, relative to the fingerprinted model (PPL and accuracy)")
     ax.set_ylabel("FSR after the attack")
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left")
     return _png(fig)
 
 
