@@ -499,15 +499,8 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     stale = stale_cells(wanted, done, out, share)
     if console:
         console.print(cells_table(cells, done, stale))
-    if stale and not dry_run and not redo_stale:
-        first = next(iter(stale))
-        raise MeraserError(f"{where}{len(stale)} finished cell(s) were made under other settings than this matrix "
-                           f"resolves to today (a default has changed since), e.g. {first}: {stale[first]}. Pass "
-                           f"--redo-stale to run them again (their rows are replaced), or pin the old settings in "
-                           f"the matrix")
-    if redo_stale and stale and not dry_run:
-        _forget(out, set(stale))
-        done -= set(stale)
+    if stale and not dry_run:
+        _settle_stale(stale, out, done, redo_stale, where)
     todo = [c for c in wanted if c.id not in done]
     n_done = sum(c.id in done for c in cells)
     if dry_run or not todo:
@@ -540,6 +533,19 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
             redo=set(stale) if redo_stale else set())
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed,
             "stale": sorted(stale) if not redo_stale else []}
+
+
+def _settle_stale(stale: dict[str, str], out: Path, done: set[str], redo: bool, where: str) -> None:
+    """Refuse to run a matrix with stale cells, naming what changed; or (`redo`) take their rows out of the store
+    and out of `done`, so that they run again."""
+    if not redo:
+        first = next(iter(stale))
+        raise MeraserError(f"{where}{len(stale)} finished cell(s) were made under other settings than this matrix "
+                           f"resolves to today (a default has changed since), e.g. {first}: {stale[first]}. Pass "
+                           f"--redo-stale to run them again (their rows are replaced), or pin the old settings in "
+                           f"the matrix")
+    _forget(out, set(stale))
+    done -= set(stale)
 
 
 def drop_attacked_model(folder: Path) -> None:
