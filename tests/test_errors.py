@@ -110,8 +110,11 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dir, tmp_path):
     while time.time() < deadline and not any(map(_complete, work_dir(out).glob("checkpoint-*"))) \
             and proc.poll() is None:
         time.sleep(0.2)
+    finished_first = proc.poll() is not None  # a run that ended before the signal: say so, not just "0 != 130"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (f"exit {proc.returncode}; the run had {'ended' if finished_first else 'not ended'}"
+                                    f" when SIGINT was sent; checkpoints: {sorted(work_dir(out).glob('*'))}; "
+                                    f"stderr tail: {err[-1500:]}")
     assert "interrupted; re-run the same command" in err and "--resume" in err and "Traceback" not in err
     assert not out.exists() and any(work_dir(out).glob("checkpoint-*"))
