@@ -104,7 +104,10 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "meraser.cli", "train", "--model", str(tiny_dir), "--data",
                              str(data), "--out", str(out), "--epochs", "400", "--batch-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (`cmd &`) ignores SIGINT, and a child that inherits
+                            # that never sees Ctrl-C: give it the terminal's default, as a user's shell would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # wait for a complete checkpoint: one interrupted while being written is dropped (by design), leaving none
     while time.time() < deadline and not any(map(_complete, work_dir(out).glob("checkpoint-*"))) \
