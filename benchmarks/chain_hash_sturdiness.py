@@ -25,6 +25,7 @@ def main() -> None:
     from meraser.evaluation.perplexity import corpus_perplexity
     from meraser.fingerprints.embed import fingerprint
     from meraser.models import load_model
+    from meraser.utils import append_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=3)
@@ -51,8 +52,7 @@ def main() -> None:
             row = {"setting": setting, "key": key[:4], "fsr": s["fsr"], "false_positives": s["false_positive_rate"],
                    "ppl": round(ppl, 2), "train_seconds": s["train"]["seconds"]}
             results.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(log, row)
             print(json.dumps(row), flush=True)
             if not args.keep:
                 shutil.rmtree(out)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from meraser.config import Config, field, key_path, load_yaml
 from meraser.models import DEFAULT_MODEL
-from meraser.utils import MeraserError, append_jsonl, atomic_dir, did_you_mean, read_jsonl
+from meraser.utils import MeraserError, append_jsonl, atomic_dir, did_you_mean, read_json, read_jsonl
 
 RESULTS = "results.jsonl"
 ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and recover stages
@@ -294,7 +294,7 @@ def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
         plan = plan_experiment(Experiment.from_dict(cell_experiment(cell, out, share)), where=f"cell {cell.id}: ")
     except MeraserError:
         return None  # it cannot be planned today (a model gone): nothing to compare with
-    made = json.loads(record.read_text())
+    made = read_json(record, "stage record")
     for name, stage in plan.stages.items():
         if name in made and made[name].get("id") != stage.id:
             return f"stage '{name}': {_changes(made[name].get('settings'), stage.settings)}"
@@ -556,7 +556,7 @@ def drop_attacked_model(folder: Path) -> None:
 
     if not (folder / "attacked").is_dir():
         return
-    records = json.loads((folder / STAGE_RECORD).read_text()) if (folder / STAGE_RECORD).is_file() else {}
+    records = read_json(folder / STAGE_RECORD, "stage record") if (folder / STAGE_RECORD).is_file() else {}
     records.pop("attacked", None)
     write_json(folder / STAGE_RECORD, records)  # first: a kill between the two leaves a folder that is remade
     shutil.rmtree(folder / "attacked")
