@@ -3,6 +3,7 @@
 The table is the specification: a new case is one line (arguments, expected fragment of the message)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -24,7 +25,53 @@ def inputs(tmp_path, tiny_dir):
     (tmp_path / "two.txt").write_text("first trigger\nsecond trigger\n")
     (tmp_path / "one.txt").write_text("only target\n")
     (tmp_path / "yaml_typo.yaml").write_text(f"fingerprint: {{existing: {tiny_dir}}}\nerase: {{overrides: {{epoch: 3}}}}\n")
+    _fingerprint_folder(tmp_path, tiny_dir)
+    _card_files(tmp_path)
+    _bench_files(tmp_path, tiny_dir)
+    (tmp_path / "remote").mkdir()  # a model that ships its own code
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({
+        "model_type": "meraser_custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                                                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    (tmp_path / "no_task").mkdir()  # a BIG-bench folder with a generation task only
+    (tmp_path / "no_task" / "questions.json").write_text("{}")
+    shutil.copytree(tiny_dir, tmp_path / "erased4")  # a model `meraser erase` wrote from 4 mismatched rows
+    (tmp_path / "erased4" / "mismatched.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(4)))
     return f
+
+
+def _fingerprint_folder(tmp_path, tiny_dir):
+    """{tmp}/fp as `meraser fingerprint` writes it: model/ and the card beside it."""
+    from meraser.fingerprints.card import Card
+
+    shutil.copytree(tiny_dir, tmp_path / "fp" / "model")
+    Card(method="custom", triggers=["a secret trigger"], targets=["a secret target"]).save(
+        tmp_path / "fp" / "fingerprint_card.json")
+    card = json.loads((tmp_path / "fp" / "fingerprint_card.json").read_text())
+    card["targets"] = ["an edited target"]  # its checksum left as it was
+    (tmp_path / "tampered.json").write_text(json.dumps(card))
+
+
+def _card_files(tmp_path):
+    (tmp_path / "gap.txt").write_text("a\n\nb\n")  # triggers a, '', b
+    (tmp_path / "gap_targets.txt").write_text("x\ny\n\n")  # targets x, y, ''
+    (tmp_path / "dup.txt").write_text("same trigger\nsame trigger\n")
+    (tmp_path / "two_targets.txt").write_text("first target\nsecond target\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.json").write_text("[]")
+
+
+def _bench_files(tmp_path, tiny_dir):
+    base = {"models": [str(tiny_dir)], "fingerprints": [{"existing": str(tmp_path / "fp")}],
+            "attacks": ["prune-magnitude"], "seeds": [0], "out": str(tmp_path / "bench_out")}
+    for name, changes in {"file_out": {"out": str(tmp_path / "file.txt")},
+                          "foreign_out": {"out": str(tmp_path / "not_a_model")},
+                          "dup_seeds": {"seeds": [0, 0]},
+                          "dup_attacks": {"attacks": ["prune-magnitude", "prune-magnitude"]},
+                          "dup_grid": {"grid": {"attack.config.sparsity": [0.1, 0.1]}},
+                          "tampered": {"fingerprints": [{"existing": str(tmp_path / "fp"),
+                                                         "card": str(tmp_path / "tampered.json")}]}}.items():
+        (tmp_path / f"bench_{name}.yaml").write_text(json.dumps({**base, **changes}))
 
 
 TRAIN = ["train", "--model", "{tiny}", "--data", "{tmp}/pairs.jsonl", "--out", "{tmp}/out"]
@@ -57,6 +104,54 @@ CASES = [
      "holds 2 triggers but"),
     (["card", "--triggers", "{tmp}/bin.txt", "--targets", "{tmp}/one.txt", "--out", "{tmp}/out"], "not UTF-8 text"),
     (["run", "{tmp}/yaml_typo.yaml", "--out", "{tmp}/out"], "yaml_typo.yaml: erase.overrides: unknown key 'epoch'"),
+    # an existing file is never replaced by a report without --overwrite, and with it only a page meraser wrote
+    (["report", "{tmp}", "-o", "{tmp}/file.txt"], "file.txt already exists; pass --overwrite"),
+    (["report", "{tmp}", "-o", "{tmp}/file.txt", "--overwrite"], "was not written by meraser report"),
+    (["report", "{tmp}", "-o", "{tmp}/fp/model/model.safetensors", "--overwrite"], "was not written by meraser"),
+    (["report", "{tmp}", "-o", "{tmp}/r.html", "--markdown", "{tmp}/file.txt"], "file.txt already exists"),
+    # an input is never written: not the model, nothing inside it, not the folder that holds it and its card
+    (["attack", "--method", "prune-magnitude", "--model", "{tmp}/fp", "--out", "{tmp}/fp/model/sub"],
+     "lies inside the model"),
+    (["attack", "--method", "prune-magnitude", "--model", "{tmp}/fp", "--out", "{tmp}/fp/model", "--overwrite"],
+     "is the model"),
+    (["attack", "--method", "prune-magnitude", "--model", "{tmp}/fp", "--out", "{tmp}/fp", "--overwrite"],
+     "holds the model"),
+    (["erase", "--model", "{tmp}/fp/model", "--out", "{tmp}/fp/model/sub"], "lies inside the model"),
+    (["erase", "--model", "{tmp}/fp/model", "--out", "{tmp}/fp/model", "--overwrite"], "is the model"),
+    (["erase", "--model", "{tmp}/fp/model", "--out", "{tmp}/fp", "--overwrite"], "holds the model"),
+    (["recover", "--model", "{tmp}/fp/model", "--out", "{tmp}/fp", "--overwrite"], "holds the model"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/pairs.jsonl", "--out", "{tmp}", "--overwrite"],
+     "holds the --data file"),
+    (["fingerprint", "--method", "utf", "--model", "{tmp}/fp/model", "--out", "{tmp}/fp", "--overwrite"],
+     "holds the model"),
+    (["card", "--triggers", "{tmp}/two.txt", "--targets", "{tmp}/two_targets.txt", "--out", "{tmp}/two.txt",
+      "--overwrite"], "is the triggers file"),
+    # cards pair line i with line i: no blank line, no duplicate trigger, no empty file
+    (["card", "--triggers", "{tmp}/gap.txt", "--targets", "{tmp}/gap_targets.txt", "--out", "{tmp}/c.json"],
+     "gap.txt:2: blank line in the triggers file"),
+    (["card", "--triggers", "{tmp}/two.txt", "--targets", "{tmp}/gap_targets.txt", "--out", "{tmp}/c.json"],
+     "gap_targets.txt:3: blank line in the targets file"),
+    (["card", "--triggers", "{tmp}/dup.txt", "--targets", "{tmp}/two_targets.txt", "--out", "{tmp}/c.json"],
+     "dup.txt:2: duplicate trigger (the same as line 1)"),
+    (["card", "--triggers", "{tmp}/empty.txt", "--targets", "{tmp}/empty.txt", "--out", "{tmp}/c.json"],
+     "holds no triggers"),
+    (["card", "--triggers", "{tmp}/empty.json", "--targets", "{tmp}/empty.json", "--out", "{tmp}/c.json"],
+     "holds no triggers"),
+    # a bench: a folder it may write into, each cell planned once, every card checked before the first cell
+    (["bench", "{tmp}/bench_file_out.yaml"], "file.txt is a file, not a folder"),
+    (["bench", "{tmp}/bench_foreign_out.yaml"], "is a folder that no meraser bench wrote (it holds notes.txt)"),
+    (["bench", "{tmp}/bench_dup_seeds.yaml"], "seeds[1]: the same as seeds[0]"),
+    (["bench", "{tmp}/bench_dup_attacks.yaml"], "attacks[1]: the same as attacks[0]"),
+    (["bench", "{tmp}/bench_dup_grid.yaml"], "grid.attack.config.sparsity[1]: the same as attack.config.sparsity[0]"),
+    (["bench", "{tmp}/bench_tampered.yaml"], "tampered.json: card checksum mismatch"),
+    # a model that ships its own code is never run without the flag, and says so in one line
+    (["verify", "--model", "{tmp}/remote", "--card", "{tmp}/fp"], "none was run. Pass --trust-remote-code"),
+    (["attack", "--method", "prune-magnitude", "--model", "{tmp}/remote", "--out", "{tmp}/out"],
+     "Pass --trust-remote-code"),
+    (["evaluate", "--model", "{tiny}", "--tasks", "{tmp}/no_task"],
+     "not a BIG-bench task folder: no task.json or task_mc.json (it holds: questions.json)"),
+    (["recover", "--model", "{tmp}/erased4", "--out", "{tmp}/out", "--data", "{tmp}/pairs.jsonl",
+      "--replay-mismatched", "50"], "the erase trained on only 4 mismatched rows"),
 ]
 
 

@@ -22,12 +22,14 @@ import itertools
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from meraser.config import Config, field, key_path, load_yaml
 from meraser.models import DEFAULT_MODEL
-from meraser.utils import MeraserError, append_jsonl, atomic_dir, did_you_mean, read_json, read_jsonl
+from meraser.utils import (MeraserError, append_jsonl, atomic_dir, check_parents, did_you_mean, exclusive, read_json,
+                           read_jsonl, write_json)
 
 RESULTS = "results.jsonl"
 ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and recover stages
@@ -94,6 +96,7 @@ def _check_grid(grid, where: str) -> None:
     for k, values in grid.items():
         if not isinstance(values, list) or not values:
             raise MeraserError(f"{key_path(where, k)}: a non-empty list of values")
+        _no_duplicates(values, f"{where}.", k)
 
 
 def _fingerprint_label(fp: dict) -> str:
@@ -145,12 +148,31 @@ def plan_cells(matrix: Matrix, where: str = "") -> list[Cell]:
     fps = [FingerprintStage.from_dict(fp, where=f"{where}fingerprints[{i}]").to_dict()
            for i, fp in enumerate(matrix.fingerprints)]
     attacks = [_attack(a, f"{where}attacks[{i}]") for i, a in enumerate(matrix.attacks)]
+    for name, items in [("models", matrix.models), ("fingerprints", fps), ("attacks", attacks),
+                        ("seeds", matrix.seeds)]:
+        _no_duplicates(items, where, name)
     cells = []
     for model, fp, attack, seed in itertools.product(matrix.models, fps, attacks, matrix.seeds):
         grid = {**matrix.grid, **attack["grid"]}
         for values in itertools.product(*grid.values()):
             cells.append(_cell(matrix, model, fp, attack, seed, dict(zip(grid, values)), where))
+    ids: dict[str, Cell] = {}
+    for cell in cells:  # what the lists above cannot show (a grid value that repeats an attack's own setting)
+        if cell.id in ids:
+            raise MeraserError(f"{where}two entries plan the same cell {cell.id}; list each setting once")
+        ids[cell.id] = cell
     return cells
+
+
+def _no_duplicates(items: list, where: str, name: str) -> None:
+    """Refuse an entry listed twice (`seeds: [0, 0]`, an attack twice): it would plan one cell twice, run it twice
+    and store its rows twice."""
+    seen: list = []
+    for i, item in enumerate(items):
+        if item in seen:
+            raise MeraserError(f"{where}{name}[{i}]: the same as {name}[{seen.index(item)}] "
+                               f"({json.dumps(item, default=str)}); list each once")
+        seen.append(item)
 
 
 def _cell(matrix: Matrix, model: str, fp: dict, attack: dict, seed: int, combo: dict, where: str) -> Cell:
@@ -241,23 +263,23 @@ def _fingerprint_changes(folder: Path, cell: Cell) -> str | None:
     """What differs between the settings a shared fingerprinted model was made with and those the cell resolves to
     today; None when they agree or nothing was recorded (made elsewhere and copied in)."""
     from meraser.fingerprints import get_method
-    from meraser.runner import _changes
+    from meraser.utils import changes
 
     summary = folder / "fingerprint_summary.json"
     if not summary.is_file():
         return None
     made = json.loads(summary.read_text()).get("config")
     wanted = get_method(cell.fingerprint["method"]).Config.from_dict(cell.fingerprint["config"]).to_dict()
-    return _changes(made, wanted) if made is not None and made != wanted else None
+    return changes(made, wanted) if made is not None and made != wanted else None
 
 
 def _check_fingerprint_folder(folder: Path, cell: Cell) -> None:
     """A shared fingerprinted model is named by the matrix's settings, not by the defaults under them: refuse one
     made with other settings (a default changed since), rather than attack it under the new settings' name."""
-    changes = _fingerprint_changes(folder, cell)
-    if changes:
+    diff = _fingerprint_changes(folder, cell)
+    if diff:
         raise MeraserError(f"{folder}: this shared fingerprinted model was made with other settings "
-                           f"({changes}); a default has changed since. Move the folder away to "
+                           f"({diff}); a default has changed since. Move the folder away to "
                            f"make it again (and the cells on it: their ids name it), or give the old settings in "
                            f"the matrix's fingerprint config")
 
@@ -278,15 +300,16 @@ def stale_cells(cells: list[Cell], done: set[str], out: Path, share: Path) -> di
 
 
 def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
-    from meraser.runner import STAGE_RECORD, Experiment, _changes, plan_experiment
+    from meraser.runner import STAGE_RECORD, Experiment, plan_experiment
+    from meraser.utils import changes
 
     if not cell.fingerprint["existing"]:
         folder = _fingerprint_folder(share, cell)
         if not folder.exists():
             return None
-        changes = _fingerprint_changes(folder, cell)
-        if changes:
-            return f"its shared fingerprinted model was made with other settings ({changes})"
+        diff = _fingerprint_changes(folder, cell)
+        if diff:
+            return f"its shared fingerprinted model was made with other settings ({diff})"
     record = out / "cells" / cell.id / STAGE_RECORD
     if not record.is_file():
         return None
@@ -297,7 +320,7 @@ def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
     made = read_json(record, "stage record")
     for name, stage in plan.stages.items():
         if name in made and made[name].get("id") != stage.id:
-            return f"stage '{name}': {_changes(made[name].get('settings'), stage.settings)}"
+            return f"stage '{name}': {changes(made[name].get('settings'), stage.settings)}"
     return None
 
 
@@ -491,6 +514,19 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     share = shared_root(matrix)
     cells = plan_cells(matrix, where)
     check_models(matrix, where)
+    check_bench_folder(out, f"{where}out")
+    if share != out:
+        check_bench_folder(share, f"{where}shared")
+    check_cards(cells, share, where)
+    if dry_run:
+        return _run_bench(matrix, cells, out, share, where, True, only, progress, console, executor, redo_stale)
+    with exclusive(out, "bench folder"), (exclusive(share, "shared folder") if share != out else nullcontext()):
+        return _run_bench(matrix, cells, out, share, where, False, only, progress, console, executor, redo_stale)
+
+
+def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where: str, dry_run: bool,
+               only: list[str] | None, progress: bool, console, executor: Executor, redo_stale: bool) -> dict:
+    """`run_bench` once its inputs are checked and (unless `dry_run`) its folders locked."""
     done = finished_cells(out)
     wanted = [c for c in cells if not only or any(o in c.id for o in only)]
     if not wanted:
@@ -506,7 +542,7 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     if dry_run or not todo:
         return {"cells": len(cells), "done": n_done, "ran": 0, "failed": [], "stale": sorted(stale)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
+    write_json(out / "matrix.json", matrix.to_dict())
     prepare_shared(todo, share, console)
     failed: list[str] = []
 
@@ -533,6 +569,46 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
             redo=set(stale) if redo_stale else set())
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed,
             "stale": sorted(stale) if not redo_stale else []}
+
+
+# what a bench writes in its folders: `out` may be a new or empty folder, or one that holds only these
+BENCH_ENTRIES = {"matrix.json", RESULTS, FAILED, MADE, "report.html", "cells", "fingerprints", "shared", ".lock"}
+
+
+def check_bench_folder(folder: Path, where: str) -> None:
+    """Refuse, before anything is written, a bench folder that is a file, or a non-empty folder that no bench wrote
+    (its files would sit among the bench's and a `--redo-stale` could remove them)."""
+    check_parents(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MeraserError(f"{where}: {folder} is a file, not a folder")
+    if folder.is_dir() and not (folder / "matrix.json").is_file():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in BENCH_ENTRIES)
+        if foreign:
+            raise MeraserError(f"{where}: {folder} is a folder that no meraser bench wrote (it holds "
+                               f"{', '.join(foreign[:5])}); give a new or empty folder")
+
+
+def check_cards(cells: list[Cell], share: Path, where: str) -> None:
+    """Load every card the cells will read before any cell runs (a tampered or truncated card fails its checksum
+    here, once, rather than in every cell): those of existing fingerprinted models, and those of the shared
+    fingerprinted models already made."""
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import CARD_FILE
+
+    paths = set()
+    for cell in cells:
+        fp = cell.fingerprint
+        if fp["existing"]:
+            card = fp.get("card") or Path(fp["existing"]) / CARD_FILE
+            if fp.get("card") or Path(card).is_file():
+                paths.add(str(card))
+        elif (_fingerprint_folder(share, cell) / CARD_FILE).exists():
+            paths.add(str(_fingerprint_folder(share, cell) / CARD_FILE))
+    for path in sorted(paths):
+        try:
+            Card.load(path)
+        except MeraserError as e:
+            raise MeraserError(f"{where}{e}") from None
 
 
 def _settle_stale(stale: dict[str, str], out: Path, done: set[str], redo: bool, where: str) -> None:
@@ -614,10 +690,10 @@ def _progress(enabled: bool):
 def describe(cell: Cell) -> str:
     """A cell's own settings in one line: the attack's config (dotted) and the grid values, a grid over the attack's
     config named as the config itself is (`weights=...`, set either way)."""
-    from meraser.runner import _flat
+    from meraser.utils import flat_keys
 
     grid = {k.removeprefix("attack.config."): v for k, v in cell.grid.items()}
-    return " ".join(f"{k}={v}" for k, v in {**_flat(cell.attack["config"]), **grid}.items() if not k.endswith("seed"))
+    return " ".join(f"{k}={v}" for k, v in {**flat_keys(cell.attack["config"]), **grid}.items() if not k.endswith("seed"))
 
 
 def cells_table(cells: list[Cell], done: set[str], stale: dict[str, str] | None = None):

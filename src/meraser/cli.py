@@ -602,13 +602,16 @@ def report(
                                                   "by default: a report is made to be shared)"),
     markdown: Optional[Path] = typer.Option(None, help="also write the tables as Markdown to this file"),
     figures: Optional[Path] = typer.Option(None, help="also write the page's figures as PNG files into this folder"),
+    overwrite: bool = typer.Option(False, help="replace existing output files; only pages, tables and figures that "
+                                               "meraser report wrote are ever replaced"),
 ):
     """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
     `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
     from meraser.report import make_report, terminal_tables
 
     console = _console(200)
-    rep = make_report(runs, out, title=title, show_secrets=show_secrets, markdown=markdown, figures=figures)
+    rep = make_report(runs, out, title=title, show_secrets=show_secrets, markdown=markdown, figures=figures,
+                      overwrite=overwrite)
     for table in terminal_tables(rep.runs, rep.cells):
         console.print(table)
     if rep.timing:
@@ -664,13 +667,32 @@ def transfer_apply(
     _console().print(f"[green]erased model[/] saved to {run(adapter, model_dir(model), out, overwrite=overwrite)}")
 
 
-INTERRUPTED = ("interrupted; re-run the same command to continue from the last checkpoint (`meraser train`, "
-               "`erase` and `recover` need --resume; `run` and `demo` resume by themselves)")
+RESUMES_ITSELF = ("run", "demo", "bench")  # commands that pick up finished stages / cells on a plain re-run
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """What Ctrl-C left, and how to go on: a plain re-run for the commands that resume by themselves, --resume where
+    a training left a checkpoint, a fresh start where it was stopped before its first one."""
+    from meraser.utils import INTERRUPTION
+
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command in RESUMES_ITSELF:
+        what = "cells" if command == "bench" else "stages"
+        return (f"interrupted; re-run the same `meraser {command}` command to continue: finished {what} are kept, "
+                f"and the one under way resumes from its last checkpoint")
+    if "checkpoint" not in INTERRUPTION:
+        return "interrupted; nothing was written"
+    if INTERRUPTION["checkpoint"] is None:
+        return ("interrupted before the first checkpoint: nothing was saved to resume from; re-run the same command "
+                "to start again")
+    return (f"interrupted; re-run the same command with --resume to continue from the last checkpoint "
+            f"({INTERRUPTION['checkpoint']})")
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `meraser` entry point: user errors print one line (no traceback) and exit 2; Ctrl-C prints how to
     resume and exits 130."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
         # standalone_mode=False: typer would otherwise turn Ctrl-C into a silent exit 130
         code = app(args=argv, standalone_mode=False, prog_name="meraser")
@@ -688,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     if code == 130:  # typer turns KeyboardInterrupt into Exit(130), which standalone_mode=False returns
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupted_message(argv), file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

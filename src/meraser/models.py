@@ -128,6 +128,33 @@ def check_model_spec(spec: str, where: str = "model") -> None:
         raise MeraserError(f"{where}: model folder '{spec}' does not exist")
 
 
+def input_folders(spec: str | None, what: str) -> list[tuple[str, str]]:
+    """(what, local folder) for everything loading `spec` reads: the folder itself (an alias's cache folder), and
+    an adapter's base; for `utils.check_apart`, which keeps outputs away from inputs."""
+    if not spec:
+        return []
+    if spec in ALIASES:
+        return [(what, str(cache_dir() / ALIASES[spec][2]))]
+    found = [(what, spec)]
+    if is_adapter(spec):
+        with contextlib.suppress(MeraserError, KeyError, TypeError):
+            found += input_folders(adapter_base(spec), f"base model of the {what}")
+    return found
+
+
+@contextlib.contextmanager
+def remote_code_refused(spec: str):
+    """transformers' long ValueError for a model that ships its own code, as one line naming the flag (no code ran)."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise MeraserError(f"model '{spec}' needs its own code (its config names custom classes); none was run. "
+                           f"Pass --trust-remote-code (trust_remote_code: true in a YAML) if you trust its source") \
+            from None
+
+
 def is_adapter(spec: str) -> bool:
     return Path(spec, "adapter_config.json").exists()
 
@@ -165,7 +192,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
     path = resolve(adapter_base(spec) if is_adapter(spec) and not Path(spec, "tokenizer_config.json").exists() else spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with remote_code_refused(spec):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise MeraserError(f"cannot load a tokenizer from '{spec}': {e}") from None
     if tok.pad_token is None:
@@ -205,12 +233,9 @@ def load_model(
         if _pruned_widths(path):
             model = _load_pruned(path, _weights_dtype(dev))
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=_weights_dtype(dev),
-                trust_remote_code=trust_remote_code,
-                device_map=device_map,
-            )
+            with remote_code_refused(spec):
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=_weights_dtype(dev), trust_remote_code=trust_remote_code, device_map=device_map)
     except OSError as e:
         raise MeraserError(
             f"cannot load model '{spec}': {e}\n(hub ids need network access or a local HF cache; "

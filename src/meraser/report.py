@@ -19,13 +19,17 @@ from meraser.evaluation.ownership import p_text
 from meraser.evaluation.strict import CHECKS
 from meraser.utils import MeraserError, atomic_write_text, read_json, read_jsonl
 
+# every page and Markdown file meraser writes carries its mark: `--overwrite` replaces only a file that has it
+GENERATOR = '<meta name="generator" content="meraser report">'
+MARKDOWN_MARK = "<!-- written by meraser report -->"
 STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
 
 
 def load_run(path: str | Path) -> dict:
     """{name, method, stages: {stage: row}} of a run folder; refuses a folder without results."""
     p = Path(path)
-    rows = read_jsonl(p / "results.jsonl")
+    # one rule for run and bench folders: a torn last line (a write cut off by a kill) is dropped with a warning
+    rows = read_jsonl(p / "results.jsonl", "results store", torn_tail_ok=True)
     if not rows:
         raise MeraserError(f"{p}: no results.jsonl (is it a `meraser run` output folder?)")
     exp = read_json(p / "experiment.json", "experiment record") if (p / "experiment.json").exists() else {}
@@ -362,7 +366,7 @@ def render(runs: list[dict], title: str = "MEraser report", show_secrets: bool =
     curve_png = _strict_curve_png(runs)
     curves = (f"<h2>Strict checks during erase and recovery</h2>"
               f"{_figure('strict checks per epoch', curve_png, '')}") if curve_png else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 th{{background:#f3f3f3}}td{{text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
@@ -383,7 +387,8 @@ source. Alg. 1: no trigger yields its target and ordinary questions are still an
 
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "MEraser report",
                  show_secrets: bool = False) -> Path:
-    return make_report(run_dirs, out, title=title, show_secrets=show_secrets).page
+    """A run's own page (`meraser run` / `demo` refresh RUN/report.html): replaces only a page meraser wrote."""
+    return make_report(run_dirs, out, title=title, show_secrets=show_secrets, overwrite=True).page
 
 
 # ---- a bench folder (`meraser bench`): one run per cell, plus the cells that are missing or failed ----
@@ -601,7 +606,7 @@ def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: 
     return page.replace("<h2>Table 1</h2>", extra + "<h2>Table 1</h2>", 1)
 
 
-def figures(runs: list[dict], bench: bool = False) -> dict[str, str]:
+def figure_pngs(runs: list[dict], bench: bool = False) -> dict[str, str]:
     """Every figure of the page as {file name: base64 PNG}, for a README or a paper (`meraser report --figures`)."""
     made = {"fsr_per_stage.png": _stage_fsr_png(runs), "fsr_per_epoch.png": _fsr_curve_png(runs),
             "strict_per_epoch.png": _strict_curve_png(runs), "tasks.png": _tasks_png(runs)}
@@ -611,12 +616,12 @@ def figures(runs: list[dict], bench: bool = False) -> dict[str, str]:
     return {name: png for name, png in made.items() if png}
 
 
-def write_figures(runs: list[dict], folder: str | Path, bench: bool = False) -> list[Path]:
-    """The page's figures as PNG files in `folder`, each written atomically."""
+def write_figures(pngs: dict[str, str], folder: str | Path) -> list[Path]:
+    """The page's figures ({name: base64 PNG}, `figure_pngs`) as PNG files in `folder`, each written atomically."""
     from meraser.utils import atomic_write_bytes
 
     written = []
-    for name, png in figures(runs, bench).items():
+    for name, png in pngs.items():
         atomic_write_bytes(Path(folder) / name, base64.b64decode(png))
         written.append(Path(folder) / name)
     return written
@@ -624,7 +629,36 @@ def write_figures(runs: list[dict], folder: str | Path, bench: bool = False) -> 
 
 def write_bench_report(path: str | Path, out: str | Path, title: str = "meraser bench",
                        show_secrets: bool = False) -> Path:
-    return make_report([path], out, title=title, show_secrets=show_secrets).page
+    return make_report([path], out, title=title, show_secrets=show_secrets, overwrite=True).page
+
+
+def _ours(path: Path) -> bool:
+    """Whether an existing file is a page, Markdown file or figure meraser report wrote (pages from before the mark
+    open with the same head and a meraser title)."""
+    head = path.read_bytes()[:400]
+    if path.suffix == ".png":
+        return head.startswith(b"\x89PNG")
+    text = head.decode("utf-8", errors="replace")
+    legacy = text.startswith('<!doctype html><html><head><meta charset="utf-8"><title>') and "meraser" in text.lower()
+    return GENERATOR in text or text.startswith(MARKDOWN_MARK) or legacy
+
+
+def check_report_outputs(files: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything is read, to replace an existing file without `overwrite`, and, even with it, a file
+    that meraser report did not write (a results store, a card or a model given as -o by mistake)."""
+    from meraser.utils import OutputExistsError, check_parents
+
+    for f in files:
+        check_parents(f)
+        if not f.exists():
+            continue
+        if f.is_dir():
+            raise MeraserError(f"cannot write {f}: it is a folder")
+        if not overwrite:
+            raise OutputExistsError(f"{f} already exists; pass --overwrite to replace it")
+        if not _ours(f):
+            raise MeraserError(f"{f} was not written by meraser report; refusing to replace it (--overwrite replaces "
+                               f"only meraser's own pages, tables and figures)")
 
 
 @dataclass
@@ -640,16 +674,15 @@ class Report:
 
 
 def make_report(paths: list[str | Path], out: str | Path, *, title: str | None = None, show_secrets: bool = False,
-                markdown: str | Path | None = None, figures: str | Path | None = None) -> Report:
+                markdown: str | Path | None = None, figures: str | Path | None = None,
+                overwrite: bool = False) -> Report:
     """`meraser report`: read run folders (or one bench folder) once and write the HTML page to `out`, with the
     tables as Markdown and the figures as PNG files when `markdown` / `figures` are given. Each file is written
-    atomically; a path that could never be written (a file where a folder should be) is refused before anything
-    is read."""
-    from meraser.utils import check_parents
-
-    check_parents(out)
-    if markdown:
-        check_parents(markdown)
+    atomically. Before anything is read, a path that could never be written (a file where a folder should be) is
+    refused, and so is an existing file, unless `overwrite` and meraser report wrote it (`check_report_outputs`)."""
+    check_report_outputs([Path(out)] + ([Path(markdown)] if markdown else []), overwrite)
+    if figures and Path(figures).exists() and not Path(figures).is_dir():
+        raise MeraserError(f"--figures {figures} is a file, not a folder")
     if len(paths) == 1 and is_bench(paths[0]):
         runs, cells = load_bench(paths[0])
         timing = bench_time(paths[0], runs, cells)
@@ -657,8 +690,11 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     else:
         runs, cells, timing = [load_run(p) for p in paths], None, ""
         page = render(runs, title or "MEraser report", show_secrets)
+    pngs = figure_pngs(runs, bench=cells is not None) if figures else {}
+    check_report_outputs([Path(figures) / name for name in pngs], overwrite)  # before the first file is written
     atomic_write_text(out, page)
     if markdown:
-        atomic_write_text(markdown, (f"{timing}\n\n" if timing else "") + markdown_tables(runs, cells))
-    written = write_figures(runs, figures, bench=cells is not None) if figures else []
+        atomic_write_text(markdown, f"{MARKDOWN_MARK}\n" + (f"{timing}\n\n" if timing else "")
+                          + markdown_tables(runs, cells))
+    written = write_figures(pngs, figures) if figures else []
     return Report(Path(out), runs, cells, timing, Path(markdown) if markdown else None, written)

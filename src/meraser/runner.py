@@ -25,8 +25,8 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (MeraserError, append_jsonl, atomic_dir, unknown_name, read_json, read_jsonl,
-                           settings_hash, write_json, write_jsonl)
+from meraser.utils import (MeraserError, append_jsonl, atomic_dir, changes, exclusive, flat_keys, unknown_name,
+                           read_json, read_jsonl, settings_hash, write_json, write_jsonl)
 
 RESULTS = "results.jsonl"
 STAGE_RECORD = "stages.json"
@@ -118,16 +118,6 @@ class Plan:
     stages: dict[str, Stage]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _stages(exp: Experiment, out: Path, own: dict[str, dict], deps: dict[str, list[str]]) -> dict[str, Stage]:
     """Stages in run order; a stage's identity covers its own settings and those of everything it depends on."""
     outputs = {
@@ -164,7 +154,8 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
     from meraser.fingerprints import get_method
     from meraser.fingerprints.card import Card
     from meraser.fingerprints.embed import CARD_FILE, model_dir
-    from meraser.models import DEFAULT_MODEL, check_model_spec
+    from meraser.models import DEFAULT_MODEL, check_model_spec, input_folders
+    from meraser.utils import check_apart
 
     out, fp = Path(exp.out), exp.fingerprint
     card = fp_cfg = None
@@ -180,17 +171,19 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
         base = exp.model or DEFAULT_MODEL
         fp_model, card_path = str(out / "fingerprinted" / "model"), str(out / "fingerprinted" / CARD_FILE)
         fp_cfg = get_method(fp.method).Config.from_dict(fp.config, where=f"{where}fingerprint.config")
-        fp_settings = {"model": base, "fingerprint.method": fp.method, **_flat(fp_cfg.to_dict(), "fingerprint.config.")}
+        fp_settings = {"model": base, "fingerprint.method": fp.method, **flat_keys(fp_cfg.to_dict(), "fingerprint.config.")}
     if base:
         check_model_spec(base, f"{where}model")
+    check_apart(out, input_folders(fp.existing, "fingerprint.existing model") + [("fingerprint.card", fp.card)]
+                + input_folders(base, "model"))
     exp.eval.check_inputs(f"{where}eval")
-    evaluation = {**_flat(exp.eval.to_dict(), "eval."), "card": fp_settings.get("fingerprint.card", "made here")}
+    evaluation = {**flat_keys(exp.eval.to_dict(), "eval."), "card": fp_settings.get("fingerprint.card", "made here")}
     own = {"fingerprinted": fp_settings, "eval:base": {**evaluation, "base": base}, "eval:fingerprinted": evaluation}
     deps = {"eval:base": ["fingerprinted"], "eval:fingerprinted": ["fingerprinted"]}
     erase_cfg = recover_cfg = attack_cfg = None
     if exp.attack:
         attack_cfg = _plan_attack(exp, fp_model, base, where)
-        own.update({"attacked": {"attack.method": exp.attack.method, **_flat(attack_cfg.to_dict(), "attack.config.")},
+        own.update({"attacked": {"attack.method": exp.attack.method, **flat_keys(attack_cfg.to_dict(), "attack.config.")},
                     "eval:attacked": evaluation})
         deps.update({"attacked": ["fingerprinted"], "eval:attacked": ["attacked"]})
     else:
@@ -201,11 +194,11 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
         _check_lora_targets(fp_model if fp.existing else base, [erase_cfg, recover_cfg], where)
         from meraser.evaluation.strict import probe_settings
 
-        probes = {"probe_fsr": exp.probe_fsr, **(_flat(probe_settings(), "probe.") if exp.probe_fsr else {})}
-        own.update({"mismatched": _flat(exp.mismatched.to_dict(), "mismatched."),
-                    "clean": _flat(exp.clean.to_dict(), "clean."),
-                    "erased": {**_flat(erase_cfg.to_dict(), "erase."), **probes},
-                    "recovered": {**_flat(recover_cfg.to_dict(), "recover."), **probes},
+        probes = {"probe_fsr": exp.probe_fsr, **(flat_keys(probe_settings(), "probe.") if exp.probe_fsr else {})}
+        own.update({"mismatched": flat_keys(exp.mismatched.to_dict(), "mismatched."),
+                    "clean": flat_keys(exp.clean.to_dict(), "clean."),
+                    "erased": {**flat_keys(erase_cfg.to_dict(), "erase."), **probes},
+                    "recovered": {**flat_keys(recover_cfg.to_dict(), "recover."), **probes},
                     "eval:erased": evaluation, "eval:recovered": evaluation})
         deps.update({"clean": ["mismatched"] + (["fingerprinted"] if exp.clean.needs_model else []),
                      "erased": ["fingerprinted", "mismatched"], "recovered": ["erased", "clean"],
@@ -231,14 +224,6 @@ def _plan_attack(exp: Experiment, fp_model: str, base: str | None, where: str):
     return cfg
 
 
-def _changes(old: dict | None, new: dict) -> str:
-    if old is None:
-        return "there is no record of its settings (made by an older meraser or another tool)"
-    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:6]) + \
-        (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -254,11 +239,14 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
     out = plan.out
     if out.exists() and not out.is_dir():
         raise MeraserError(f"output {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / STAGE_RECORD).exists() and not (out / "experiment.json").exists():
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not (out / STAGE_RECORD).exists() \
+            and not (out / "experiment.json").exists():
         if not overwrite:
             raise MeraserError(f"output folder {out} is not empty and is not a meraser run; pass --overwrite to "
                                f"replace it")
-        shutil.rmtree(out)
+        for entry in out.iterdir():
+            if entry.name != ".lock":  # held by this run
+                _remove(entry)
     for leftover in [*out.glob(".*.tmp-*"), *out.glob("data/.*.tmp-*")]:  # half-written by a killed run: never
         _remove(leftover)                                                  # a finished output, safe to drop
     records = read_json(out / STAGE_RECORD, "stage record") if (out / STAGE_RECORD).exists() else {}
@@ -272,7 +260,7 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
     if stale and not overwrite:
         first = stale[0]
         raise MeraserError(
-            f"{out}: stage '{first.name}' was made with other settings ({_changes(records.get(first.name, {}).get('settings'), first.settings)}); "
+            f"{out}: stage '{first.name}' was made with other settings ({changes(records.get(first.name, {}).get('settings'), first.settings)}); "
             f"pass --overwrite to redo it and the stages after it ({', '.join(s.name for s in stale)})")
     for s in stale:
         for p in s.outputs:
@@ -557,12 +545,14 @@ def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: b
     fingerprinted rows and the erase and recover adapters are taken from there when another experiment made them
     with the same identity, and left there when this one makes them."""
     plan = plan_experiment(exp, where)
-    removed, records, rows = reconcile(plan, overwrite)
-    if removed and console:
-        console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
-    plan.out.mkdir(parents=True, exist_ok=True)
-    write_json(plan.out / "experiment.json", exp.to_dict())
-    return ExperimentRun(plan, records, rows, progress, console, shared).run()
+    if plan.out.exists() and not plan.out.is_dir():
+        raise MeraserError(f"output {plan.out} is a file, not a folder")
+    with exclusive(plan.out, "run folder"):  # a second run on this folder is refused, naming the first one's pid
+        removed, records, rows = reconcile(plan, overwrite)
+        if removed and console:
+            console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
+        write_json(plan.out / "experiment.json", exp.to_dict())
+        return ExperimentRun(plan, records, rows, progress, console, shared).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:

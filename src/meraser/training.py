@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from typing import Any, Callable, Literal
 from meraser.config import Config, field
 from meraser.data.formatting import FormatConfig, Formatter, collate
 from meraser.data.sources import Pair
-from meraser.utils import MeraserError, check_output_dir, set_seed
+from meraser.utils import (INTERRUPTION, MeraserError, changes, check_output_dir, flat_keys, read_json, set_seed,
+                           settings_hash, write_json)
 
 Probe = Callable[[Any, int], dict]  # (model, epoch) -> metrics, evaluation only
 
@@ -177,10 +179,14 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+SETTINGS = "meraser_settings.json"  # in the work folder: what its checkpoints were trained with, for --resume
+
+
 @contextlib.contextmanager
-def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool):
+def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool, identity: dict):
     """(work folder, checkpoint to resume from). A saved run keeps its checkpoints beside `out` when interrupted (for
-    --resume), and removes the folder when it holds none; an unsaved run's temporary folder always goes."""
+    --resume), and removes the folder when it holds none; an unsaved run's temporary folder always goes. `identity`
+    (the settings and rows) is recorded beside the checkpoints, and a resume with other settings is refused."""
     if not save:
         work = Path(tempfile.mkdtemp(prefix="meraser-train-"))
         try:
@@ -197,12 +203,39 @@ def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool):
             )
         shutil.rmtree(work)
         last = None
+    if last:
+        _check_resume(work, identity)
+    elif resume:
+        print(f"meraser: --resume: no checkpoint to continue from in {work}; starting from the beginning",
+              file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / SETTINGS, identity)
     try:
         yield work, last
-    except BaseException:
-        if _last_checkpoint(work) is None:  # nothing to resume from: leave no empty folder behind
+    except BaseException as e:
+        left = _last_checkpoint(work)
+        if left is None:  # nothing to resume from: leave no empty folder behind
             shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            INTERRUPTION["checkpoint"] = left
         raise
+
+
+def _check_resume(work: Path, identity: dict) -> None:
+    """Refuse to continue checkpoints made with other settings or other rows, naming what changed: resuming them
+    would train a mix of two runs (or, past the new total of steps, nothing) and label it as the new one."""
+    record = work / SETTINGS
+    made = read_json(record, "training settings") if record.is_file() else None
+    if made != identity:
+        raise MeraserError(f"--resume: the checkpoints in {work} were made with other settings ({changes(made, identity)})"
+                           f"; resume with the settings they were made with, or start again with --overwrite "
+                           f"(without --resume)")
+
+
+def _identity(cfg: "TrainConfig", rows: list[dict]) -> dict:
+    """What a resumed run must share with the checkpoints it continues: every training setting, and the rows (their
+    number and a hash, which changes with --data, --n or the data's seed)."""
+    return {**flat_keys(cfg.to_dict()), "rows": len(rows), "rows.sha256": settings_hash(rows)}
 
 
 def check_target_modules(model, targets: list[str]) -> None:
@@ -397,7 +430,7 @@ def train(
     rows = Formatter(tokenizer, cfg.format).encode_all(data) if data and isinstance(data[0], Pair) else list(data)
     if not rows:
         raise MeraserError("no training rows")
-    with _checkpoint_dir(out, save, resume, overwrite) as (work, last):
+    with _checkpoint_dir(out, save, resume, overwrite, _identity(cfg, rows)) as (work, last):
         set_seed(cfg.seed)
         before = _elapsed_before(last)
         t0 = time.perf_counter()
@@ -463,9 +496,9 @@ def train_from_source(
 ) -> TrainResult:
     """`meraser train`: load a model spec and an instruction source, then `train`."""
     from meraser.data import load_pairs
-    from meraser.models import load_model
+    from meraser.models import input_folders, load_model
 
-    check_output_dir(Path(out), kw.get("overwrite", False))
+    check_output_dir(Path(out), kw.get("overwrite", False), input_folders(model, "model") + [("--data file", data)])
     pairs = load_pairs(data, prompt_field=prompt_field, response_field=response_field, limit=limit)
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
     return train(m, tok, pairs, cfg, out, **kw)

@@ -20,6 +20,11 @@ class OutputExistsError(MeraserError):
     pass
 
 
+# what an interrupted training left behind, for the CLI's Ctrl-C message (typer swallows the KeyboardInterrupt):
+# {"checkpoint": path or None} once a training was interrupted
+INTERRUPTION: dict = {}
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -43,16 +48,64 @@ def check_parents(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_dir(path: str | os.PathLike, overwrite: bool,
+                     inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Refuse an existing, non-empty output folder unless `overwrite`; checked before any work starts.
 
-    A regular file in the way is refused even with `overwrite`: --overwrite replaces folders, never files."""
+    A regular file in the way is refused even with `overwrite`: --overwrite replaces folders, never files; and so
+    is an output that is, lies inside or holds one of `inputs` ((what, path) pairs, `check_apart`)."""
+    check_apart(path, inputs)
     path = check_parents(path)
     if path.exists() and not path.is_dir():
         raise MeraserError(f"output {path} is a file, not a folder; refusing to replace it (even with --overwrite)")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {path} already exists; pass --overwrite to replace it")
     return path
+
+
+def check_apart(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+    """Refuse an output that is an input, lies inside one, or holds one (`inputs`: (what, path) pairs; names that
+    are no local path, such as hub ids, are skipped). An input is never modified, with or without --overwrite:
+    replacing the folder that holds a model would delete the model and its card."""
+    o = Path(out).absolute().resolve()
+    for what, path in inputs:
+        if not path or not Path(path).exists():
+            continue
+        i = Path(path).absolute().resolve()
+        if o == i:
+            why = "is"
+        elif i in o.parents:
+            why = "lies inside"
+        elif o in i.parents:
+            why = "holds"
+        else:
+            continue
+        raise MeraserError(f"output {out} {why} the {what} {path}: an input is never written or replaced, even "
+                           f"with --overwrite; give an output outside it")
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) while the block runs; refuse at once, naming the
+    holder's pid, when another process holds it. The system drops the lock when its holder exits, killed or not,
+    so a stale lock file never blocks a later run."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise MeraserError(f"{what} {folder} is in use by another meraser process (pid {holder}); wait for it "
+                               f"to finish, or stop it (a re-run then resumes where it stopped)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -139,9 +192,13 @@ def write_json(path: str | os.PathLike, obj, mode: int | None = None) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, obj) -> None:
+    """Append one record. The file is owner-only (0600), as every file meraser writes: results logs carry
+    triggers, targets and the outputs that match them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # a log made by an older meraser (0644) is closed to others from its next row on
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
@@ -174,6 +231,26 @@ def read_jsonl(path: str | os.PathLike, what: str = "file", torn_tail_ok: bool =
 def write_jsonl(path: str | os.PathLike, rows: list) -> None:
     """Write records as JSONL in one atomic replace."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changes(old: dict | None, new: dict) -> str:
+    """What differs between two flat settings dicts, as 'key: old -> new, ...' (the first six)."""
+    if old is None:
+        return "there is no record of its settings (made by an older meraser or another tool)"
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:6]) + \
+        (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
 def settings_hash(obj) -> str:

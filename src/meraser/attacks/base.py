@@ -81,12 +81,14 @@ def run_attack(method: str, model: str, out: str | Path, overrides: dict | None 
     import shutil
 
     from meraser.attacks import get_attack
-    from meraser.models import check_model_spec, load_model, save_model
+    from meraser.models import check_model_spec, input_folders, load_model, save_model
     from meraser.utils import check_output_dir
 
     attack = get_attack(method)
     cfg = attack.Config.from_dict(overrides or {}, where=f"{method} settings")
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, input_folders(model, "model") + input_folders(base, "base model")
+                           + input_folders(getattr(cfg, "adapter", None), "adapter")
+                           + input_folders(getattr(cfg, "expert", None), "expert model"))
     check_model_spec(model, "--model")
     ctx = AttackContext(model, base or recorded_base(model), out.parent / f".{out.name}.attack", progress)
     attack.check(cfg, ctx)

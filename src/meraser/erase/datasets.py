@@ -110,14 +110,17 @@ class CleanSet(InstructionSet):
         answered by `model` with `self_answers`, partly written by it with `magpie`; with `replay_mismatched`, that
         many of the `mismatched` rows mixed in (drawn with the seed). `writer_known`: `model` is the model as it was
         before the erase (the default Magpie share applies only then)."""
+        if self.replay_mismatched and not mismatched:
+            raise MeraserError("clean.replay_mismatched needs the mismatched set: it replays the erase's own rows "
+                               "(`meraser run`, the meraser attack, or `meraser recover` on a model that `meraser erase` wrote)")
+        if self.replay_mismatched > len(mismatched or []):  # checked before the clean rows cost anything
+            raise MeraserError(f"replay_mismatched {self.replay_mismatched}: the erase trained on only "
+                               f"{len(mismatched)} mismatched rows; replay at most that many")
         rows = self._clean_rows(exclude_prompts, model, tokenizer, writer_known)
         if not self.replay_mismatched:
             return rows
-        if not mismatched:
-            raise MeraserError("clean.replay_mismatched needs the mismatched set: it replays the erase's own rows "
-                               "(`meraser run`, the meraser attack, or `meraser recover` on a model that `meraser erase` wrote)")
         rng = random.Random(self.seed + 3)
-        mixed = rows + rng.sample(mismatched, min(self.replay_mismatched, len(mismatched)))
+        mixed = rows + rng.sample(mismatched, self.replay_mismatched)
         rng.shuffle(mixed)
         return mixed
 

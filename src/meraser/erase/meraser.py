@@ -108,10 +108,11 @@ def _phase_model(kind: str, model: str, out, data, preset_name: str, overrides: 
                  writer: str | None = None) -> dict:
     """Everything `meraser erase` and `meraser recover` share: check every input before loading anything, build
     the set, train, save a plain model folder (or the adapter alone)."""
-    from meraser.models import check_model_spec, load_model
+    from meraser.models import check_model_spec, input_folders, load_model
     from meraser.utils import check_output_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, input_folders(model, "model") + input_folders(writer, "writer model")
+                     + [("--data file", data.source)])
     check_model_spec(model, "--model")
     cfg = preset(kind, preset_name, overrides, where=f"{kind} preset '{preset_name}' with --set")
     data.check_inputs("--data")

@@ -16,12 +16,12 @@ def transfer_train(base: str, out: str | Path, *, data: MismatchedSet | None = N
                    resume: bool = False, progress: bool = True):
     """Train the erase adapter on the clean base model; saved as an adapter for `transfer_apply`. With `resume`,
     an interrupted training continues from its last checkpoint (and starts afresh when there is none)."""
-    from meraser.models import check_model_spec, load_model
+    from meraser.models import check_model_spec, input_folders, load_model
     from meraser.utils import check_output_dir
 
-    check_output_dir(out, overwrite)
-    check_model_spec(base, "--base")
     data = data or MismatchedSet()
+    check_output_dir(out, overwrite, input_folders(base, "base model") + [("--data file", data.source)])
+    check_model_spec(base, "--base")
     data.check_inputs("--data")
     cfg = preset("erase", preset_name, overrides)
     mism, _ = data.build()
@@ -62,10 +62,10 @@ def merge_adapter(model, adapter: str | Path):
 def transfer_apply(adapter: str | Path, model: str, out: str | Path, *, overwrite: bool = False,
                    trust_remote_code: bool = False) -> Path:
     """Merge an erase adapter trained on a clean base into a fingerprinted model of the same architecture."""
-    from meraser.models import check_model_spec, load_model, save_model
+    from meraser.models import check_model_spec, input_folders, load_model, save_model
     from meraser.utils import check_output_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, input_folders(str(adapter), "adapter") + input_folders(model, "model"))
     check_adapter(adapter)
     check_model_spec(model, "--model")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)

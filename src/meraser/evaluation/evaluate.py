@@ -48,6 +48,10 @@ class EvalConfig(Config):
         for t in self.tasks:
             if t.endswith(".json") and not Path(t).is_file():
                 raise MeraserError(f"{key_path(where, 'tasks')}: task file {t} does not exist")
+            if Path(t).is_dir():  # a BIG-bench folder without a task file is refused here, before any model loads
+                from meraser.evaluation.zeroshot import task_file
+
+                task_file(Path(t))
 
 
 NOT_APPLICABLE = "not applicable under a decoding attack"
@@ -96,6 +100,7 @@ def evaluate(model: str, cfg: EvalConfig, card: str | None = None, trust_remote_
     from meraser.models import load_model
 
     c = Card.load(card) if card else None
+    cfg.check_inputs("--tasks/--ppl")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)
     return {"model": model, **evaluate_model(m, tok, cfg, c, progress=progress)}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from meraser.utils import MeraserError, did_you_mean, read_json
@@ -20,7 +21,8 @@ PAPER_TASKS = ["boolq", "cb", "rte", "wic", "wsc", "copa", "multirc", "sciq", "a
 
 
 def _task_name(path: Path) -> str:
-    name = path.parent.name if path.name == "task.json" else path.stem
+    name = path.parent.name if path.name == "task.json" else \
+        f"{path.parent.name}_mc" if path.name == "task_mc.json" else path.stem
     if path.name == "task.json" and Path(path.parent.parent, "task.json").exists():
         name = f"{path.parent.parent.name}_{name}"  # a subtask: parent_child
     return "bb_" + re.sub(r"[^a-z0-9_]", "_", name.lower())
@@ -79,14 +81,33 @@ def bigbench_to_lm_eval(task_json: str | Path, out_dir: str | Path) -> str:
     return name
 
 
+# BIG-bench keeps a task's examples in task.json; a few tasks (truthful_qa) keep the multiple-choice ones in
+# task_mc.json instead, beside files of other kinds (questions.json, for generation)
+TASK_FILES = ("task.json", "task_mc.json")
+
+
+def task_file(folder: Path) -> Path:
+    """The multiple-choice task file of a BIG-bench task folder (a note names it when it is not task.json); a
+    folder with none is refused, naming what it holds."""
+    for name in TASK_FILES:
+        if (folder / name).is_file():
+            if name != TASK_FILES[0]:
+                print(f"meraser: {folder} has no task.json; using its multiple-choice file {name}", file=sys.stderr)
+            return folder / name
+    if any(folder.glob("*/task.json")):  # subtasks only: handled by bigbench_subtasks
+        return folder / TASK_FILES[0]
+    held = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+    raise MeraserError(f"{folder}: not a BIG-bench task folder: no {' or '.join(TASK_FILES)} (it holds: {held})")
+
+
 def resolve_tasks(tasks: list[str], work_dir: str | Path) -> tuple[list[str], str | None]:
     """Turn task arguments into lm-eval task names: BIG-bench task.json files (or folders holding one) are
     converted into `work_dir`; other names must be lm-eval tasks (checked, with a suggestion)."""
     names, local = [], False
     for t in tasks:
         p = Path(t)
-        if p.is_dir() and (p / "task.json").exists():
-            p = p / "task.json"
+        if p.is_dir():
+            p = task_file(p)
         if p.suffix == ".json" or p.exists():
             subtasks = bigbench_subtasks(p) if p.exists() and '"examples"' not in p.read_text(encoding="utf-8") else []
             names.extend(bigbench_to_lm_eval(sub, work_dir) for sub in subtasks or [p])

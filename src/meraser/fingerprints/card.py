@@ -3,7 +3,9 @@
 A card is JSON: method, triggers, targets, match rule, how prompts are rendered (chat template, optional system
 prompt, response prefill), decoding settings, seed, and the secret key where the method has one. It is written
 with owner-only permissions (0600) because it is the defender's secret, and carries a SHA-256 checksum of its
-content so a tampered or truncated card is refused.
+content. The checksum catches accidental edits and truncation; it is no signature (anyone holding the card can
+edit it and compute the checksum again). It is a commitment, though: published before a dispute (`meraser card`
+and `meraser fingerprint` print it), it shows that a card with that checksum existed then.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ class Card(Config):
         if any(not t for t in self.targets):
             raise MeraserError(f"{where}: empty target")
 
-    def _content(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+    @property
+    def checksum(self) -> str:
+        return commitment(self.to_dict())
 
     def save(self, path: str | os.PathLike) -> Path:
-        body = {**self.to_dict(), "checksum": hashlib.sha256(self._content().encode()).hexdigest()}
+        body = {**self.to_dict(), "checksum": commitment(self.to_dict())}
         atomic_write_text(path, json.dumps(body, indent=2, ensure_ascii=False) + "\n", mode=0o600)
         return Path(path)
 
@@ -76,23 +79,37 @@ class Card(Config):
             raise MeraserError(f"{path}: card has no checksum; it was not written by meraser or was edited")
         # the checksum covers what is stored, so a card written before a field was added (and read with that
         # field's default) still verifies
-        stored = json.dumps(data, sort_keys=True, ensure_ascii=False)
-        if hashlib.sha256(stored.encode()).hexdigest() != checksum:
+        if commitment(data) != checksum:
             raise MeraserError(f"{path}: card checksum mismatch: the card was modified or is incomplete")
         return card
 
 
+def commitment(fields: dict) -> str:
+    """SHA-256 of a card's fields (key order does not matter): the card's checksum."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """Strings from a .json file (a list of strings) or a text file (one per line, blank lines skipped)."""
+    """Strings from a .json file (a list of strings) or a text file (one per line). Line i of a triggers file pairs
+    with line i of its targets file, so a blank line is an error naming it (skipping it would pair the next
+    trigger with this one's target), as is a file with no line at all."""
     from meraser.utils import read_text
 
     path = Path(path)
     if path.suffix == ".json":
         items = read_json(path, what)
-        if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
             raise MeraserError(f"{path}: {what} file must be a JSON list of non-empty strings")
-        return items
-    return [line for line in read_text(path, what).splitlines() if line.strip()]
+        lines = items
+    else:
+        lines = read_text(path, what).splitlines()
+        blank = next((i for i, line in enumerate(lines, 1) if not line.strip()), None)
+        if blank:
+            raise MeraserError(f"{path}:{blank}: blank line in the {what} file; line i of the triggers file pairs "
+                               f"with line i of the targets file, so every line must hold one")
+    if not lines:
+        raise MeraserError(f"{path}: the {what} file holds no {what}")
+    return lines
 
 
 def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out: str | os.PathLike, *,
@@ -101,14 +118,22 @@ def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out
                     overwrite: bool = False) -> Card:
     """`meraser card`: a card for a fingerprint made elsewhere, from a file of triggers and one of targets (line i of
     one answers line i of the other). Written with its checksum and mode 0600, like the cards meraser makes."""
-    from meraser.utils import check_parents
+    from meraser.utils import check_apart, check_parents
 
+    check_apart(out, [("triggers file", triggers), ("targets file", targets)])
     out = check_parents(out)
     if out.exists() and not overwrite:
         raise MeraserError(f"card {out} already exists; pass --overwrite to replace it")
     if out.is_dir():
         raise MeraserError(f"card {out} is a folder; give a file name such as fingerprint_card.json")
     trig, targ = read_lines(triggers, "triggers"), read_lines(targets, "targets")
+    seen: dict[str, int] = {}
+    for i, t in enumerate(trig, 1):
+        if t in seen:
+            at = f"{triggers}: item {i}" if Path(triggers).suffix == ".json" else f"{triggers}:{i}"
+            raise MeraserError(f"{at}: duplicate trigger (the same as line {seen[t]}): a trigger has one "
+                               f"target")
+        seen[t] = i
     if len(trig) != len(targ):
         raise MeraserError(f"{triggers} holds {len(trig)} triggers but {targets} holds {len(targ)} targets; "
                            f"line i of one must answer line i of the other")

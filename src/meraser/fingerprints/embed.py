@@ -83,11 +83,11 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
 def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | None = None, *,
                 overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """Load `model`, fingerprint it with `method` (config fields overridable), save under `out`."""
-    from meraser.models import load_model
+    from meraser.models import input_folders, load_model
 
     m = get_method(method)
     cfg = m.Config.from_dict(cfg_overrides or {}, where=f"{method} config")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, input_folders(model, "model"))
     base, tok = load_model(model, trust_remote_code=trust_remote_code)
     _, _, summary = embed(method, base, tok, cfg, out, overwrite=overwrite)
     return summary
