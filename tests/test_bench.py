@@ -78,6 +78,11 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
 
     again = run_bench(load_matrix(path), progress=False)  # a finished matrix: nothing runs, nothing is added
     assert again == {"cells": 4, "done": 4, "ran": 0, "failed": [], "stale": []} and _table(out) == table
+    from test_safety import private_files_check
+
+    card = json.loads(next((out / "fingerprints").glob("*/fingerprint_card.json")).read_text())
+    secrets = [f for t in card["triggers"] + card["targets"] for f in (t, json.dumps(t)[1:-1])]
+    assert private_files_check(out, secrets) == {}  # the store, each cell's rows, the report: owner-only
     dry = run_bench(load_matrix(path), dry_run=True, progress=False)
     assert dry["done"] == 4
 
@@ -224,6 +229,25 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(tmp_p
     assert kills >= 2, "the runs finished before their kill points: nothing was interrupted"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     assert _table(out) == _table(tmp_path / "straight")
+
+
+def test_two_benches_on_one_folder_one_runs_the_other_is_refused(tmp_path, tiny_dir):
+    """Started 0.5 s apart on one folder: one holds the lock and finishes, the other is refused at once in one line
+    naming the holder; no row is written twice, and a later run finds every cell done."""
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, out="both"))
+    cmd = [str(Path(sys.executable).with_name("meraser")), "bench", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=600), p.communicate()[1]) for p in (first, second)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "is in use by another meraser process (pid" in refused and "Traceback" not in refused
+    table = _table(tmp_path / "both")  # asserts no (cell, stage) twice
+    assert len({cell for cell, _ in table}) == 2
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 0
 
 
 def test_ray_executor_gives_the_sequential_results(tmp_path, tiny_dir):

@@ -328,7 +328,7 @@ def _make_shared(kind: str, cell: Cell, folder: Path) -> None:
     if kind == "transfer adapter":  # a bench killed while training it continues where it stopped
         from meraser.erase.transfer import transfer_train
 
-        transfer_train(cell.model, folder, resume=True, progress=False)
+        transfer_train(cell.model, folder, resume="auto", progress=False)
         return
     from meraser.attacks import get_attack
     from meraser.attacks.merge import make_expert

@@ -693,6 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     """The `meraser` entry point: user errors print one line (no traceback) and exit 2; Ctrl-C prints how to
     resume and exits 130."""
     argv = sys.argv[1:] if argv is None else argv
+    from meraser.utils import INTERRUPTION
+
+    INTERRUPTION.clear()  # a command run in this process before (tests, scripts) says nothing about this one
     try:
         # standalone_mode=False: typer would otherwise turn Ctrl-C into a silent exit 130
         code = app(args=argv, standalone_mode=False, prog_name="meraser")

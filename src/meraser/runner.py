@@ -447,7 +447,7 @@ class ExperimentRun:
             self._begin(name)
             run = erase if kind == "erase" else recover
             cfg = self.plan.erase_cfg if kind == "erase" else self.plan.recover_cfg
-            res = run(model, self.tok, rows, cfg, folder, merge_out=False, resume=True, probe=self._probe(),
+            res = run(model, self.tok, rows, cfg, folder, merge_out=False, resume="auto", probe=self._probe(),
                       progress=self.progress)
             done, probes = res.model.merge_and_unload(), res.probes
             if shared is not None and not shared.exists():

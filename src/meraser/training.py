@@ -183,7 +183,7 @@ SETTINGS = "meraser_settings.json"  # in the work folder: what its checkpoints w
 
 
 @contextlib.contextmanager
-def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool, identity: dict):
+def _checkpoint_dir(out: Path, save: bool, resume: bool | str, overwrite: bool, identity: dict):
     """(work folder, checkpoint to resume from). A saved run keeps its checkpoints beside `out` when interrupted (for
     --resume), and removes the folder when it holds none; an unsaved run's temporary folder always goes. `identity`
     (the settings and rows) is recorded beside the checkpoints, and a resume with other settings is refused."""
@@ -204,8 +204,8 @@ def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool, identi
         shutil.rmtree(work)
         last = None
     if last:
-        _check_resume(work, identity)
-    elif resume:
+        _check_resume(work, identity, recorded_only=resume == "auto")
+    elif resume is True:  # asked for by the user ("auto", the runner's: resume where there is something to)
         print(f"meraser: --resume: no checkpoint to continue from in {work}; starting from the beginning",
               file=sys.stderr)
     work.mkdir(parents=True, exist_ok=True)
@@ -221,12 +221,13 @@ def _checkpoint_dir(out: Path, save: bool, resume: bool, overwrite: bool, identi
         raise
 
 
-def _check_resume(work: Path, identity: dict) -> None:
+def _check_resume(work: Path, identity: dict, recorded_only: bool = False) -> None:
     """Refuse to continue checkpoints made with other settings or other rows, naming what changed: resuming them
-    would train a mix of two runs (or, past the new total of steps, nothing) and label it as the new one."""
+    would train a mix of two runs (or, past the new total of steps, nothing) and label it as the new one.
+    `recorded_only`: checkpoints with no record (an older meraser's) pass; the runner checks its stages itself."""
     record = work / SETTINGS
     made = read_json(record, "training settings") if record.is_file() else None
-    if made != identity:
+    if made != identity and not (made is None and recorded_only):
         raise MeraserError(f"--resume: the checkpoints in {work} were made with other settings ({changes(made, identity)})"
                            f"; resume with the settings they were made with, or start again with --overwrite "
                            f"(without --resume)")
@@ -406,7 +407,7 @@ def train(
     out: str | os.PathLike = "runs/train",
     *,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
     probe: Probe | None = None,
     merge: bool = False,
     progress: bool = True,
@@ -419,7 +420,8 @@ def train(
     `data` is a list of Pairs (formatted with `cfg.format`) or of already tokenized {input_ids, labels} rows.
     `probe(model, epoch)` runs after every epoch for monitoring only (e.g. FSR); its results are kept in
     `metrics` and in `out/train_log.json`. With `resume`, training continues from the last checkpoint of an
-    interrupted run that wrote the same `out`. `extra_files` ({name: text}) are saved beside the weights.
+    interrupted run that wrote the same `out` with the same settings and rows (a note says so when there is none;
+    "auto" resumes without the note, for runs that always ask). `extra_files` ({name: text}) are saved beside the weights.
     """
     import torch
 
