@@ -206,8 +206,16 @@ def fingerprint(
     _console().print(
         f"[green]{method}[/] fingerprint in {out}/model, card {out}/fingerprint_card.json (keep it secret)\n"
         f"FSR {s['fsr']:.1%}  false positives {s['false_positive_rate']:.1%}  "
-        f"training {s['train']['seconds']} s on {s['rows']} rows"
+        f"training {s['train']['seconds']} s on {s['rows']} rows\n"
+        f"card checksum (publish it to commit to this card without showing it): {_card_checksum(out)}"
     )
+
+
+def _card_checksum(folder: Path) -> str:
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import CARD_FILE
+
+    return Card.load(folder / CARD_FILE).checksum
 
 
 @app.command()
@@ -399,7 +407,7 @@ def demo(
     import time
 
     from meraser.erase.meraser import preset
-    from meraser.runner import demo_experiment, run_experiment
+    from meraser.runner import DEMO_MEASURED, demo_experiment, run_experiment
 
     _quiet_libraries()
     exp = demo_experiment(str(out))
@@ -411,7 +419,7 @@ def demo(
         f"{'/'.join(e.lora.target_modules)} with {exp.mismatched.n} mismatched chitchat rows x {e.epochs:g} epochs "
         f"(lr {e.learning_rate:g}); recover on {exp.clean.n} clean rows (half of them questions the model writes "
         f"and answers itself) x {r.epochs:g} epochs; PPL on "
-        f"{exp.eval.ppl_windows} held-out chitchat responses. Sized for ~15 min on 2 CPU cores; outputs in {out}."
+        f"{exp.eval.ppl_windows} held-out chitchat responses. Measured at {DEMO_MEASURED}; outputs in {out}."
     )
     t = time.perf_counter()
     rows = run_experiment(exp, where="demo: ", overwrite=overwrite, console=console)
@@ -546,7 +554,8 @@ def card(
     c = card_from_files(triggers, targets, out, method=method, match=match, base_model=base_model, template=template,
                         system_prompt=system_prompt, max_new_tokens=max_new_tokens, overwrite=overwrite)
     _console().print(f"[green]card[/] {out}: {len(c.triggers)} triggers, match {c.match}, max_new_tokens "
-                     f"{c.max_new_tokens} (keep it secret; verify with `meraser verify --card {out}`)")
+                     f"{c.max_new_tokens} (keep it secret; verify with `meraser verify --card {out}`)\n"
+                     f"checksum (publish it to commit to this card without showing it): {c.checksum}")
 
 
 def _attack_help() -> str:

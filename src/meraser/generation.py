@@ -58,13 +58,14 @@ def generate(
     batch_size: int = 16,
     prefills: list[str] | None = None,
     system_prompt: str | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     decoding: Decoding | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts` (rendered by `formatter`), optionally continuing from `prefills`, through
     `decoding` (plain greedy by default).
 
-    Prompts are sorted by length so each batch pads little; results come back in the input order.
+    Prompts are sorted by length so each batch pads little; results come back in the input order. `progress`: a
+    progress bar (a string names what is being generated).
     """
     import torch
 
@@ -86,7 +87,8 @@ def generate(
     if progress:
         from rich.progress import track
 
-        batches = track(batches, description="generating", transient=True)
+        what = progress if isinstance(progress, str) else "generating"
+        batches = track(batches, description=f"{what} ({len(prompts)} prompts)", transient=True)
     was_training = model.training
     model.eval()
     for batch in batches:

@@ -232,9 +232,10 @@ def build_clean(pairs: list[Pair], n: int = 600, seed: int = 0, exclude_prompts:
     return random.Random(seed + 1).sample(pool, n)
 
 
-def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[Pair]:
+def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
+                 what: str = "answering the clean prompts") -> list[Pair]:
     """Data-free recovery: the model's own greedy answers to the clean prompts."""
     from meraser.generation import generate
 
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=True)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=what)
     return [Pair(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]

@@ -40,40 +40,58 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised).
     A model that writes too few is refused; with `at_most`, what it wrote is returned, and a model that wrote no
     usable question in a whole round of question words is given up on."""
-    import torch
-
     from meraser.erase.datasets import normalise
-    from meraser.models import autocast
 
     header = user_turn_header(tokenizer)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seen, out = {normalise(q) for q in exclude}, []
-    dev = next(model.parameters()).device
     tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
     was_training = model.training
     model.eval()
-    for t in range(tries):
-        if len(out) >= n or (at_most and t == len(STARTS) and not out):
-            break
-        start = STARTS[t % len(STARTS)]
-        ids = torch.tensor([tokenizer(header + start, add_special_tokens=False)["input_ids"]] * batch_size, device=dev)
-        torch.manual_seed(seed * 1_000_003 + t)
-        with torch.no_grad(), autocast(model):
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=TEMPERATURE, top_p=None, top_k=None, max_new_tokens=MAX_QUESTION_TOKENS,
-                                 eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
-        for row in gen:
-            if eos is None or not (row == eos).any():
-                continue  # the question did not end
-            q = (start + tokenizer.decode(row, skip_special_tokens=True)).strip()
-            if 3 <= len(q.split()) <= 60 and normalise(q) not in seen:
-                seen.add(normalise(q))
-                out.append(q)
+    with _progress() as bar:
+        task = bar.add_task(f"Magpie: writing {n} questions", total=n)
+        for t in range(tries):
+            if len(out) >= n or (at_most and t == len(STARTS) and not out):
+                break
+            _sample_questions(model, tokenizer, header, STARTS[t % len(STARTS)], batch_size, seed * 1_000_003 + t,
+                              seen, out)
+            bar.update(task, completed=min(len(out), n))
     model.train(was_training)
     if len(out) < n and not at_most:
         raise MeraserError(f"the model wrote only {len(out)} usable distinct questions of the {n} asked for; "
                            f"ask for fewer, or give a data source")
     return out[:n]
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int, seed: int, seen: set[str],
+                      out: list[str]) -> None:
+    """One batch of user turns begun with `start`, sampled with `seed`; the finished, new ones go to `out`."""
+    import torch
+
+    from meraser.erase.datasets import normalise
+    from meraser.models import autocast
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(header + start, add_special_tokens=False)["input_ids"]] * batch_size, device=dev)
+    torch.manual_seed(seed)
+    with torch.no_grad(), autocast(model):
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             temperature=TEMPERATURE, top_p=None, top_k=None, max_new_tokens=MAX_QUESTION_TOKENS,
+                             eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
+    for row in gen:
+        if eos is None or not (row == eos).any():
+            continue  # the question did not end
+        q = (start + tokenizer.decode(row, skip_special_tokens=True)).strip()
+        if 3 <= len(q.split()) <= 60 and normalise(q) not in seen:
+            seen.add(normalise(q))
+            out.append(q)
 
 
 def whole_sentences(text: str) -> str:
@@ -97,5 +115,5 @@ def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = fr
     questions = write_questions(model, tokenizer, n, seed, exclude, at_most=at_most)
     if not questions:
         return []
-    rows = self_answers(model, tokenizer, questions, MAX_ANSWER_TOKENS)
+    rows = self_answers(model, tokenizer, questions, MAX_ANSWER_TOKENS, what="Magpie: answering its questions")
     return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows]
