@@ -79,6 +79,8 @@ def test_token_forcing_extracts_the_planted_target_and_its_filter_blocks_it(plan
                          *[f"--set={k}={v}" for k, v in settings.items()])
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "tf").iterdir()) == ["attack.json", "extracted.jsonl"]  # no model
+    # the extracted sequences may quote the target: only their owner may read them (umask 022 gave 0644 before)
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "tf").iterdir())
     code, out, err = cli("verify", "--model", folder, "--card", folder, "--attack", "token-forcing", "--set",
                          f"sequences={tmp_path / 'tf' / 'extracted.jsonl'}", "--json")
     assert code == 0, err

@@ -168,3 +168,29 @@ def test_a_big_bench_folder_with_only_task_mc_uses_it(tmp_path):
         {"input": "Is the sky green?", "target_scores": {"no": 1, "yes": 0}}]}))
     names, work = resolve_tasks([str(folder)], tmp_path / "work")
     assert names == ["bb_truthful_qa_mc"] and (tmp_path / "work" / "bb_truthful_qa_mc.jsonl").is_file()
+
+
+def test_a_run_folder_held_by_another_process_is_refused(tmp_path, tiny_dir):
+    """The lock is the kernel's: while another holder has OUT/.lock, `meraser run` on OUT stops before any stage,
+    naming the holder; once it lets go (as a killed process does), the folder is free."""
+    import subprocess
+    import sys
+
+    from meraser.runner import Experiment, run_experiment
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from meraser.utils import exclusive\n"
+                               f"with exclusive({str(out)!r}, 'run folder'):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    exp = Experiment.from_dict({"out": str(out), "model": str(tiny_dir), "fingerprint": {"existing": str(tiny_dir)},
+                                "attack": {"method": "prune-magnitude"}, "eval_base": False})
+    with pytest.raises(MeraserError) as e:
+        run_experiment(exp, progress=False)
+    assert f"run folder {out} is in use by another meraser process (pid {holder.pid})" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else was written
+    holder.kill()
+    holder.wait()
+    run_experiment(exp, progress=False)  # the lock went with its holder
+    assert (out / "results.jsonl").is_file()

@@ -46,6 +46,14 @@ def _train_default(path: str) -> str:
     return _default(TrainConfig, path)
 
 
+# options several commands share, declared once (the default is each parameter's own `= ...`)
+TrustRemoteCode = Annotated[bool, typer.Option(help="allow model code from the hub (off by default)")]
+Overwrite = Annotated[bool, typer.Option(help="replace an existing output folder (never an input; README: "
+                                              "\"Your data\")")]
+Resume = Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint (made with the "
+                                           "same settings and rows)")]
+JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
+
 # `verify` and `chat` decode under the same attack options
 DecodingAttack = Annotated[Optional[str], typer.Option(
     "--attack", help="decode under a decoding-time attack (cleangen, token-forcing)",
@@ -113,9 +121,9 @@ def train(
                                                  show_default="detected"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N rows", show_default="all"),
     merge: bool = typer.Option(False, help="merge the LoRA adapter and save a full model"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Fine-tune a model (LoRA or full) on instruction pairs: the routine every MEraser phase uses."""
     from meraser.training import train_from_source
@@ -152,7 +160,7 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, min=1, help="examples per task", show_default="all"),
     batch_size: int = typer.Option(_eval_default("batch_size"), min=1, help="batch size"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Evaluate a model: FSR (with --card), perplexity (--ppl) and zero-shot accuracy (--tasks, via lm-eval)."""
     import json
@@ -189,9 +197,9 @@ def fingerprint(
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model/ plus the secret fingerprint_card.json"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="method config field, e.g. --set epochs=3; repeat",
                                              show_default="the method's defaults"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    json_out: bool = typer.Option(False, "--json", help="print JSON"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Embed a backdoor fingerprint (the defender's side) and report FSR and false-positive rate."""
     import json
@@ -231,8 +239,8 @@ def verify(
                                 "target log-likelihood, partial match (evaluation/strict.py)"),
     base: Optional[str] = typer.Option(None, "--base", help="with --strict: the clean base model the checks are "
                                        "compared with", show_default="no comparison"),
-    json_out: bool = typer.Option(False, "--json", help="print JSON"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    json_out: JsonOut = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs."""
     import json
@@ -297,7 +305,7 @@ def chat(
     max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate"),
     attack: DecodingAttack = None,
     set_: DecodingAttackSettings = None,
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Answer one prompt with a model's chat template (greedy, or under a decoding-time attack)."""
     from meraser.generation import generate
@@ -419,7 +427,7 @@ def demo(
         f"{'/'.join(e.lora.target_modules)} with {exp.mismatched.n} mismatched chitchat rows x {e.epochs:g} epochs "
         f"(lr {e.learning_rate:g}); recover on {exp.clean.n} clean rows (half of them questions the model writes "
         f"and answers itself) x {r.epochs:g} epochs; PPL on "
-        f"{exp.eval.ppl_windows} held-out chitchat responses. Measured at {DEMO_MEASURED}; outputs in {out}."
+        f"{exp.eval.ppl_windows} held-out chitchat responses. It takes {DEMO_MEASURED}; outputs in {out}."
     )
     t = time.perf_counter()
     rows = run_experiment(exp, where="demo: ", overwrite=overwrite, console=console)
@@ -451,6 +459,13 @@ def _magpie_default() -> str:
     return f"{AUTO_MAGPIE} with --writer (and a chat template), else 0"
 
 
+# erase, recover and transfer train choose a preset and set TrainConfig fields over it the same way
+PresetName = Annotated[str, typer.Option("--preset", help=_preset_help())]
+PhaseSets = Annotated[Optional[List[str]], typer.Option(
+    "--set", help="TrainConfig field over the preset, e.g. --set epochs=3 --set lora.r=8; repeat",
+    show_default="the preset's")]
+
+
 def _phase_summary(kind: str, s: dict) -> None:
     m = s["metrics"]
     what = "adapter" if s["adapter"] else "model"
@@ -470,13 +485,12 @@ def erase(
     by_type: bool = typer.Option(_data_default("MismatchedSet", "by_type"),
                                  help="answer each question with a response to a question of another type"),
     seed: int = typer.Option(_data_default("MismatchedSet", "seed"), help="seed for the mismatched set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset, e.g. --set "
-                                             "epochs=3 --set lora.r=8; repeat", show_default="the preset's"),
+    preset_name: PresetName = _preset_default(),
+    set_: PhaseSets = None,
     adapter: bool = typer.Option(False, help="save only the erase LoRA adapter, not the merged model"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Erase whatever fingerprint a model carries, with no card: LoRA on a mismatched set (MEraser phase 1)."""
     from meraser.erase.datasets import MismatchedSet
@@ -511,13 +525,12 @@ def recover(
                                                     "default (Algorithm 1 then passes offline; README)",
                                          show_default="--model, and no Magpie rows"),
     seed: int = typer.Option(_data_default("CleanSet", "seed"), help="seed for the clean set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
-                                             show_default="the preset's"),
+    preset_name: PresetName = _preset_default(),
+    set_: PhaseSets = None,
     adapter: bool = typer.Option(False, help="save only the recovery LoRA adapter, not the merged model"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Restore an erased model's utility: LoRA on a clean set (MEraser phase 2), disjoint from the erase rows."""
     from meraser.erase.datasets import CleanSet
@@ -579,9 +592,9 @@ def attack(
                                              show_default="the attack's defaults"),
     base: Optional[str] = typer.Option(None, help="the base model the attacked model derives from (merging, "
                                        "transfer)", show_default="the base recorded with the model"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    json_out: bool = typer.Option(False, "--json", help="print JSON"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     import json
 
@@ -644,11 +657,10 @@ def transfer_train(
     out: Path = typer.Option(..., "--out", "-o", help="adapter output folder"),
     n: int = typer.Option(_data_default("MismatchedSet", "n"), min=2, help="mismatched rows"),
     ready_made: bool = typer.Option(False, help="use --data as the finished mismatched set"),
-    preset_name: str = typer.Option(_preset_default(), "--preset", help=_preset_help()),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="TrainConfig field over the preset; repeat",
-                                             show_default="the preset's"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    preset_name: PresetName = _preset_default(),
+    set_: PhaseSets = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Train the MEraser erase adapter on a clean base model (section 4.3)."""
     from meraser.erase.datasets import MismatchedSet
@@ -666,7 +678,7 @@ def transfer_apply(
     adapter: Path = typer.Option(..., help="erase adapter from `meraser transfer train`"),
     model: str = typer.Option(..., "--model", "-m", help="fingerprinted model (same architecture as the adapter's base)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder for the merged model"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    overwrite: Overwrite = False,
 ):
     """Merge a transferable erase adapter into a fingerprinted model: no training per victim."""
     from meraser.erase.transfer import transfer_apply as run

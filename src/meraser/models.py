@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from meraser.utils import MeraserError, atomic_dir, cache_dir, read_json
+from meraser.utils import MeraserError, atomic_dir, atomic_write_text, cache_dir, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package holding the GGUF, file name, cache folder name)
@@ -345,8 +345,8 @@ def save_model(
         elif model_spec(model):
             info.setdefault("source", _portable(model_spec(model)))
             (tmp / MERASER_META).write_text(json.dumps(info, indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, text in (extra_files or {}).items():  # owner-only: an attack's files may quote a target
+            atomic_write_text(tmp / name, text)
     return out
 
 

@@ -559,14 +559,14 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment.from_dict(load_yaml(path), where=f"{path}: ")
 
 
-# the demo's wall time as measured (README, "Measured: `meraser demo`"); identical numbers on both machines
-DEMO_MEASURED = "10 min 23 s and 21 min 26 s on two 2-core x86_64 machines (README)"
+# the demo's wall time as measured (README, "Measured: `meraser demo`"); machines here differ about 2x in speed
+DEMO_MEASURED = ("10 to 21 minutes on 2 CPU cores, with identical figures (README: 10:23, 19:38 and 21:26 on three "
+                 "machines)")
 
 
 def demo_experiment(out: str = "runs/demo") -> Experiment:
-    """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores (measured: 10 to 21
-    minutes, `DEMO_MEASURED`). The recovery is
-    the paper's size (600 rows, 2 epochs; half of them Magpie's, the default): at 300 rows and one epoch short
+    """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores (as measured:
+    `DEMO_MEASURED`). The recovery is the paper's size (600 rows, 2 epochs; half of them Magpie's, the default): at 300 rows and one epoch short
     answers did not come back (1% of the ordinary questions with half Magpie, 0% all Magpie; README), so Algorithm
     1 said "not erased". The erase is shortened instead: UTF's FSR is 0 from the first erase epoch."""
     return Experiment.from_dict({

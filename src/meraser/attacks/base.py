@@ -118,12 +118,12 @@ def _run_decoding_attack(attack, model, tokenizer, cfg, ctx: AttackContext, out:
 def write_attack_record(out: Path, summary: dict, files: dict, overwrite: bool) -> None:
     import json
 
-    from meraser.utils import atomic_dir
+    from meraser.utils import atomic_dir, atomic_write_text
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / ATTACK_RECORD).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    with atomic_dir(out, overwrite=overwrite) as tmp:  # owner-only files: extracted sequences may quote a target
+        atomic_write_text(tmp / ATTACK_RECORD, json.dumps(summary, indent=2, ensure_ascii=False))
         for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            atomic_write_text(tmp / name, text)
 
 
 def prepare_decoding(method: str, overrides: dict | None, model_spec: str, *, base: str | None = None,
