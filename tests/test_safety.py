@@ -194,3 +194,17 @@ def test_a_run_folder_held_by_another_process_is_refused(tmp_path, tiny_dir):
     holder.wait()
     run_experiment(exp, progress=False)  # the lock went with its holder
     assert (out / "results.jsonl").is_file()
+
+
+def test_card_prints_its_checksum_as_a_commitment(cli, tmp_path):
+    """The checksum guards against accidental edits only (README); published, it commits the owner to the card."""
+    from meraser.fingerprints.card import Card
+
+    (tmp_path / "t.txt").write_text("trigger one\ntrigger two\n")
+    (tmp_path / "y.txt").write_text("target one\ntarget two\n")
+    code, out, err = cli("card", "--triggers", tmp_path / "t.txt", "--targets", tmp_path / "y.txt", "--out",
+                         tmp_path / "card.json")
+    assert code == 0, err
+    checksum = Card.load(tmp_path / "card.json").checksum
+    assert checksum in out.replace("\n", "") and len(checksum) == 64
+    assert json.loads((tmp_path / "card.json").read_text())["checksum"] == checksum
