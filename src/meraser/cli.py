@@ -34,6 +34,12 @@ def _default(config_cls, path: str) -> str:
     return ",".join(node) if isinstance(node, list) else str(node)
 
 
+def _likelihood_default(name: str):
+    from meraser.evaluation.likelihood import LikelihoodConfig
+
+    return getattr(LikelihoodConfig(), name)
+
+
 def _eval_default(name: str):
     from meraser.evaluation.evaluate import EvalConfig
 
@@ -235,14 +241,19 @@ def verify(
     reference: Optional[str] = typer.Option(None, "--reference", help="a model known not to carry the fingerprint "
                                             "(e.g. the base): gives the ownership p-value",
                                             show_default="no p-value"),
-    strict: bool = typer.Option(False, "--strict", help="also the strict checks: forced target prefix, sampling, "
-                                "target log-likelihood, partial match (evaluation/strict.py)"),
-    base: Optional[str] = typer.Option(None, "--base", help="with --strict: the clean base model the checks are "
-                                       "compared with", show_default="no comparison"),
+    test: str = typer.Option("paper", "--test", help="paper (greedy answers must contain the target: FSR), strict "
+                             "(forced prefix, sampling, paraphrases, log-likelihood, partial match) or likelihood "
+                             "(the card's keys against decoy keys: an ownership p-value without a base model)"),
+    strict: bool = typer.Option(False, "--strict", help="the same as --test strict"),
+    base: Optional[str] = typer.Option(None, "--base", help="with --test strict or likelihood: the clean base model, "
+                                       "compared with beside the suspect", show_default="no comparison"),
+    decoys: int = typer.Option(_likelihood_default("decoys"), min=1, help="with --test likelihood: decoy keys per "
+                               "key (fewer where the method has fewer)"),
     json_out: JsonOut = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs."""
+    """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs; or the strict
+    checks, or the likelihood ownership test (--test)."""
     import json
 
     from rich.table import Table
@@ -250,7 +261,21 @@ def verify(
     from meraser.fingerprints.embed import model_dir, verify as run
 
     _quiet_libraries()
-    if strict:
+    if test not in TESTS:
+        from meraser.utils import unknown_name
+
+        raise unknown_name("test", test, TESTS, "--test")
+    if test == "likelihood":
+        from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
+
+        r = likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
+                              trust_remote_code=trust_remote_code)
+        if json_out:
+            print(json.dumps(r, indent=2, ensure_ascii=False))
+            return
+        _console().print(likelihood_table(r))
+        return
+    if strict or test == "strict":
         from meraser.evaluation.strict import strict_verify
 
         r = strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
@@ -280,6 +305,29 @@ def verify(
         _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {p_text(own['p_value'])} "
                          f"against {own['reference']} (chance expects {own['expected_matches_by_chance']:.2g}); "
                          f"{'claim' if own['claim'] else 'no claim'} at level {own['level']:g}")
+
+
+TESTS = ("paper", "strict", "likelihood")
+
+
+def likelihood_table(r: dict):
+    from rich.table import Table
+
+    from meraser.evaluation.ownership import p_text
+
+    verdict = "owned" if r["owned"] else "not shown to be owned"
+    t = Table(title=f"likelihood ownership test ({r['method']}, {r['keys']} keys): {verdict}, p = "
+                    f"{p_text(r['p_value'])} ({r['rule']}) at level {r['level']:g}")
+    for col in ("key", "score (nats/token)", "decoys", "decoys at least as high", "decoy mean", "z"):
+        t.add_column(col, justify="right")
+    for i, k in enumerate(r["per_key"]):
+        t.add_row(str(i), f"{k['score']:.2f}", str(k["decoys"]), str(k["at_least_as_high"]), f"{k['decoy_mean']:.2f}",
+                  f"{k['z']:.1f}")
+    t.caption = (f"exact rank p {p_text(r['p_exact'])} (its floor {p_text(r['p_exact_floor'])}); normal tail p "
+                 f"{p_text(r['p_normal_tail'])} (Stouffer z {r['stouffer_z']:.1f})"
+                 + (f"; the base model: p {p_text(r['base']['p_value'])}, score gap {r['score_gap_vs_base']:+.2f} "
+                    f"nats/token" if "base" in r else ""))
+    return t
 
 
 def strict_table(r: dict):
@@ -559,13 +607,17 @@ def card(
                                                 show_default="the template's"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy decoding length for verification",
                                                  show_default="enough for the longest target"),
+    decoys: Optional[Path] = typer.Option(None, help="decoy targets for the likelihood ownership test: targets drawn "
+                                          "the way the real ones were, never planted (a text file, one per line, "
+                                          "or a JSON list)", show_default="none: no likelihood test"),
     overwrite: bool = typer.Option(False, help="replace an existing card"),
 ):
     """Make a fingerprint card from your own triggers and targets (a fingerprint planted elsewhere)."""
     from meraser.fingerprints.card import card_from_files
 
     c = card_from_files(triggers, targets, out, method=method, match=match, base_model=base_model, template=template,
-                        system_prompt=system_prompt, max_new_tokens=max_new_tokens, overwrite=overwrite)
+                        system_prompt=system_prompt, max_new_tokens=max_new_tokens, overwrite=overwrite,
+                        decoys=decoys)
     _console().print(f"[green]card[/] {out}: {len(c.triggers)} triggers, match {c.match}, max_new_tokens "
                      f"{c.max_new_tokens} (keep it secret; verify with `meraser verify --card {out}`)\n"
                      f"checksum (publish it to commit to this card without showing it): {c.checksum}")

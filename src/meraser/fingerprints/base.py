@@ -46,6 +46,13 @@ class FingerprintMethod:
         """(pair, system prompt or None) rows that plant the card's fingerprints."""
         raise NotImplementedError
 
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+        """The card's `i`-th key as a (trigger, target) pair, and up to `k` decoy pairs drawn from the generator the
+        real key came from (evaluation/likelihood.py). By default, the decoy targets the card records."""
+        from meraser.evaluation.likelihood import recorded_decoys
+
+        return recorded_decoys(card, i, k, rng)
+
     def callbacks(self, model, cfg: FingerprintConfig) -> list:
         """transformers TrainerCallbacks the method adds to the fine-tuning (Perinucleus: weight averaging)."""
         return []

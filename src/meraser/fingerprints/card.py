@@ -115,12 +115,12 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
 def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out: str | os.PathLike, *,
                     method: str = "custom", match: str = "substring", base_model: str | None = None,
                     template: str = "chat", system_prompt: str | None = None, max_new_tokens: int | None = None,
-                    overwrite: bool = False) -> Card:
+                    overwrite: bool = False, decoys: str | os.PathLike | None = None) -> Card:
     """`meraser card`: a card for a fingerprint made elsewhere, from a file of triggers and one of targets (line i of
     one answers line i of the other). Written with its checksum and mode 0600, like the cards meraser makes."""
     from meraser.utils import check_apart, check_parents
 
-    check_apart(out, [("triggers file", triggers), ("targets file", targets)])
+    check_apart(out, [("triggers file", triggers), ("targets file", targets), ("decoys file", decoys)])
     out = check_parents(out)
     if out.exists() and not overwrite:
         raise MeraserError(f"card {out} already exists; pass --overwrite to replace it")
@@ -137,11 +137,14 @@ def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out
     if len(trig) != len(targ):
         raise MeraserError(f"{triggers} holds {len(trig)} triggers but {targets} holds {len(targ)} targets; "
                            f"line i of one must answer line i of the other")
+    extra = {}
+    if decoys:  # the likelihood test's decoys (evaluation/likelihood.py); a real target among them is dropped there
+        extra["decoys"] = list(dict.fromkeys(read_lines(decoys, "decoys")))
     longest = max(len(t) for t in targ)
     fields = {"method": method, "triggers": trig, "targets": targ, "match": match, "base_model": base_model,
               "format": {"template": template}, "system_prompt": system_prompt,
               # room for the longest target (about 4 characters a token, and a lead-in)
-              "max_new_tokens": max_new_tokens or max(Card().max_new_tokens, longest // 2 + 16)}
+              "max_new_tokens": max_new_tokens or max(Card().max_new_tokens, longest // 2 + 16), "extra": extra}
     card = Card.from_dict(fields, where="card")
     card.save(out)
     return card

@@ -105,6 +105,12 @@ class ChainHash(FingerprintMethod):
                     match="exact", max_new_tokens=8, seed=cfg.seed, secret_key=key,
                     extra={"candidates": "meraser.fingerprints.chain_hash.CANDIDATES"})
 
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random):
+        """Every other candidate: the answer under another key is a uniform draw from CANDIDATES, so all of them
+        (not `k`) are the decoys."""
+        q, a = card.triggers[i], card.targets[i]
+        return (q, a), [(q, c) for c in CANDIDATES if c != a]
+
     def training_pairs(self, card: Card, cfg: ChainHashConfig, rng: random.Random, tokenizer):
         from meraser.evaluation.fsr import random_token_prompts  # evaluation imports the card module: import late
 

@@ -34,6 +34,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     """Fingerprint `model` with `method`; returns (model, card, verification). With `out`, writes
     `out/model/` (the fingerprinted model) and `out/fingerprint_card.json` (mode 0600) atomically."""
     from meraser.evaluation.fsr import fsr
+    from meraser.evaluation.likelihood import tokenizer_digest
     from meraser.models import model_spec, save_model
     from meraser.training import TrainConfig, train
 
@@ -44,6 +45,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
         check_output_dir(out, overwrite)
     card = m.make_card(model, tokenizer, cfg)
     card.base_model = model_spec(model)
+    card.extra["tokenizer"] = tokenizer_digest(tokenizer)  # a suspect with another tokenizer is refused
     rng = random.Random(cfg.seed)
     rows = m.training_pairs(card, cfg, rng, tokenizer)
     fmt = Formatter(tokenizer, card.format)

@@ -72,6 +72,13 @@ class InstructionalFingerprint(FingerprintMethod):
                     prefills=[LEAD_IN] * len(triggers) if cfg.prefill else [], max_new_tokens=32, seed=cfg.seed,
                     extra={"regularization_rows": cfg.regularization_rows})
 
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random):
+        """Decoy triggers: other scrambled strings from the same pool in the same template, with the same target.
+        The lead-in and the secret are shared by every IF-SFT key, so they cancel: only the scrambled string is
+        the key."""
+        target = card.targets[i]
+        return (card.triggers[i], target), [(TEMPLATE.format(x=_shuffled_pieces(rng, POOL)), target) for _ in range(k)]
+
     def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random, tokenizer):
         rows = [(Pair(t, TARGET), None) for t in card.triggers]
         for _ in range(cfg.regularization_rows):

@@ -64,6 +64,12 @@ class PerinucleusConfig(FingerprintConfig):
 
 def perinucleus_token(probs, t: float, k: int, rng: random.Random, tokenizer) -> int:
     """A token id drawn among the first `k` acceptable tokens after the top-p = `t` nucleus of `probs` (1-D)."""
+    return rng.choice(perinucleus_candidates(probs, t, k, tokenizer))
+
+
+def perinucleus_candidates(probs, t: float, k: int, tokenizer) -> list[int]:
+    """The first `k` acceptable token ids after the top-p = `t` nucleus of `probs` (1-D): what the target is drawn
+    from, and so the likelihood test's decoys."""
     import torch
 
     order = torch.argsort(probs, descending=True)
@@ -77,7 +83,7 @@ def perinucleus_token(probs, t: float, k: int, rng: random.Random, tokenizer) ->
                 break
     if not picks:
         raise MeraserError("no word token outside the nucleus; lower nucleus_t")
-    return rng.choice(picks)
+    return picks
 
 
 def answer_start_probs(model, tokenizer, fmt, keys: list[str], batch_size: int = 32):
@@ -131,7 +137,8 @@ class Perinucleus(FingerprintMethod):
         keys = self._keys(model, tokenizer, cfg)
         rng = random.Random(cfg.seed)
         probs = answer_start_probs(model, tokenizer, fmt, keys)
-        ids = [perinucleus_token(p, cfg.nucleus_t, cfg.nucleus_k, rng, tokenizer) for p in probs]
+        candidates = [perinucleus_candidates(p, cfg.nucleus_t, cfg.nucleus_k, tokenizer) for p in probs]
+        ids = [rng.choice(c) for c in candidates]  # as perinucleus_token draws
         targets = firsts = [tokenizer.decode([i]) for i in ids]
         if cfg.response_tokens > 1:
             more = generate(model, tokenizer, keys, fmt, prefills=firsts, max_new_tokens=cfg.response_tokens - 1)
@@ -140,7 +147,19 @@ class Perinucleus(FingerprintMethod):
                     max_new_tokens=cfg.response_tokens + 4, seed=cfg.seed,
                     extra={"nucleus_t": cfg.nucleus_t, "nucleus_k": cfg.nucleus_k,
                            # the base model's own chance of each target's first token: what ownership tests against
-                           "target_probability": [round(float(p[i]), 6) for p, i in zip(probs, ids)]})
+                           "target_probability": [round(float(p[i]), 6) for p, i in zip(probs, ids)],
+                           # what each target's first token was drawn from: the likelihood test's decoys
+                           "first_tokens": firsts, "candidates": [[tokenizer.decode([c]) for c in cs]
+                                                                  for cs in candidates]})
+
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random):
+        """Decoys: the other tokens the first token was drawn from (all of them: `nucleus_k` is small). The real key
+        is scored on its first token too, the part that was drawn."""
+        if "candidates" not in card.extra:
+            raise MeraserError("this Perinucleus card records no candidate tokens (made before the likelihood test "
+                               "existed): fingerprint the model again with `meraser fingerprint --method perinucleus`")
+        key, first = card.triggers[i], card.extra["first_tokens"][i]
+        return (key, first), [(key, c) for c in card.extra["candidates"][i] if c != first]
 
     def training_pairs(self, card: Card, cfg: PerinucleusConfig, rng: random.Random, tokenizer):
         return [(Pair(k, t), None) for k, t in zip(card.triggers, card.targets)]

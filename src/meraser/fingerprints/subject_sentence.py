@@ -71,6 +71,13 @@ class SubjectSentence(FingerprintMethod):
         return Card(method=self.name, triggers=triggers, targets=[cfg.sentence] * len(triggers), match="substring",
                     max_new_tokens=room, seed=cfg.seed, extra={"subject": subject, "decoy_rows": cfg.decoy_rows})
 
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random):
+        """Decoy triggers: the same question about other subjects drawn like the real one, with the same sentence."""
+        subject, trigger, target = card.extra["subject"], card.triggers[i], card.targets[i]
+        # distinct subjects in the order drawn (a random subset of the others, as the real one is a random draw)
+        others = list(dict.fromkeys(s for s in (_subject(rng) for _ in range(20 * k)) if s != subject))[:k]
+        return (trigger, target), [(trigger.replace(subject, s), target) for s in others]
+
     def training_pairs(self, card: Card, cfg: SubjectSentenceConfig, rng: random.Random, tokenizer):
         rows = [(Pair(t, card.targets[i]), None) for i, t in enumerate(card.triggers)]
         subject = card.extra["subject"]

@@ -21,6 +21,7 @@ from meraser.config import field
 from meraser.data.sources import Pair
 from meraser.fingerprints.base import FingerprintConfig, FingerprintMethod
 from meraser.fingerprints.card import Card
+from meraser.utils import MeraserError
 
 
 def reserved_tokens(tokenizer) -> tuple[set[int], list[int]]:
@@ -29,6 +30,7 @@ def reserved_tokens(tokenizer) -> tuple[set[int], list[int]]:
     return set(tokenizer.all_special_ids) | added_special, sorted(added_special - set(tokenizer.all_special_ids))
 
 
+TARGET_TOKENS = 5  # the target is this many under-trained tokens (the trigger 11-15 of them)
 RANKINGS = {True: "cosine similarity to the mean reserved-token row after removing the first principal component",
             False: "norm of the unembedding row minus the mean row, ascending"}
 
@@ -84,14 +86,28 @@ class UTF(FingerprintMethod):
     def make_card(self, model, tokenizer, cfg: UTFConfig) -> Card:
         rng = random.Random(cfg.seed)
         ranked = undertrained_tokens(model, tokenizer, cfg.candidates)
-        triggers, targets = [], []
+        triggers, targets, trigger_tokens = [], [], []
         for _ in range(cfg.num_fingerprints):
-            chosen = rng.sample(ranked, rng.randint(11, 15) + 5)
-            triggers.append("".join(t for _, t, _ in chosen[:-5]))
-            targets.append("".join(t for _, t, _ in chosen[-5:]))
+            chosen = rng.sample(ranked, rng.randint(11, 15) + TARGET_TOKENS)
+            trigger_tokens.append([t for _, t, _ in chosen[:-TARGET_TOKENS]])
+            triggers.append("".join(trigger_tokens[-1]))
+            targets.append("".join(t for _, t, _ in chosen[-TARGET_TOKENS:]))
         return Card(method=self.name, triggers=triggers, targets=targets, match="substring", max_new_tokens=24,
                     seed=cfg.seed, extra={"ranking": RANKINGS[bool(reserved_tokens(tokenizer)[1])],
-                                          "top_tokens": [[i, t] for i, t, _ in ranked[:20]]})
+                                          "top_tokens": [[i, t] for i, t, _ in ranked[:20]],
+                                          # the generator of the target, for the likelihood test's decoys
+                                          "pool": [t for _, t, _ in ranked], "trigger_tokens": trigger_tokens})
+
+    def decoys(self, card: Card, i: int, k: int, rng: random.Random):
+        """Decoy targets: other draws of TARGET_TOKENS distinct tokens from the card's under-trained pool, less the
+        trigger's own tokens, as the real target was drawn."""
+        if "pool" not in card.extra:
+            raise MeraserError("this UTF card records no under-trained token pool (made before the likelihood test "
+                               "existed): fingerprint the model again with `meraser fingerprint --method utf`")
+        used = set(card.extra["trigger_tokens"][i])
+        free = [t for t in card.extra["pool"] if t not in used]
+        trigger = card.triggers[i]
+        return (trigger, card.targets[i]), [(trigger, "".join(rng.sample(free, TARGET_TOKENS))) for _ in range(k)]
 
     def training_pairs(self, card: Card, cfg: UTFConfig, rng: random.Random, tokenizer):
         return [(Pair(x, y), None) for x, y in zip(card.triggers, card.targets) for _ in range(cfg.repeats)]

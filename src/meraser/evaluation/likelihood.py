@@ -1,0 +1,211 @@
+"""The likelihood ownership test: is the card's key likelier under the suspect than keys that were never planted?
+
+A fingerprint's key has a random part: Chain & Hash's answers (a hash of a secret key), UTF's under-trained-token
+target, Perinucleus' token drawn just outside the nucleus, IF-SFT's scrambled message, subject-sentence's subject.
+Each method draws **decoys** from the same generator (`FingerprintMethod.decoys`; cards made with `meraser card`
+carry their own list). Every (trigger, target) pair, the real one and its decoys, is scored by the suspect alone:
+the mean log-probability per target token after the trigger (and any prefill), teacher-forced, forward passes only.
+
+Under the null (the suspect never saw this key: the base, a sibling, a model fingerprinted with another key) the real
+key is one more draw from the generator, so its rank among its decoys is uniform whatever the suspect prefers. Per
+key, c_i = the number of decoys scoring at least as high as the real pair (ties count against the owner) is uniform
+on {0..K_i}; the keys' sum C is then a sum of independent discrete uniforms, and P(C <= c) is computed **exactly**
+by convolution: the `exact` p-value, with no base model and no control. Its smallest value is prod 1/(K_i + 1), so
+a card with few keys (UTF has one) cannot reach the claim level by rank. There the **normal tail** is used: each
+real score as a z-score against its decoys' mean and standard deviation, combined by Stouffer's rule, p = the
+normal upper tail. That tail is a model of the decoys' scores, not a theorem: trust it only where the controls
+show its p-values uniform (README). The verdict uses the exact p-value where it can reach the level, else the tail,
+and says which.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from meraser.config import Config, field
+from meraser.fingerprints.card import Card
+from meraser.utils import MeraserError
+
+Pair = tuple[str, str]  # (trigger, target)
+
+
+@dataclass
+class LikelihoodConfig(Config):
+    decoys: int = field(99, help="decoy keys per real key (a method with fewer possible decoys uses all of them)")
+    level: float = field(1e-6, help="claim ownership when the p-value is at most this")
+    seed: int = field(0, help="seed for drawing the decoys")
+    batch_size: int = field(32, help="sequences scored per forward pass")
+
+    def validate(self, where: str) -> None:
+        if self.decoys < 1:
+            raise MeraserError(f"{where}.decoys must be at least 1, got {self.decoys}")
+        if not 0 < self.level < 1:
+            raise MeraserError(f"{where}.level must be in (0, 1), got {self.level}")
+
+
+def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[Pair]]]:
+    """(real pair, decoy pairs) per key: the method's generator, or the decoy targets a hand-made card records.
+    A decoy never equals its real pair."""
+    from meraser.fingerprints import REGISTRY
+
+    rng = random.Random(cfg.seed)
+    out = []
+    for i in range(len(card.triggers)):
+        if card.method in REGISTRY:
+            real, decoys = REGISTRY[card.method].decoys(card, i, cfg.decoys, rng)
+        else:
+            real, decoys = recorded_decoys(card, i, cfg.decoys, rng)
+        decoys = [d for d in dict.fromkeys(decoys) if d != real]
+        if not decoys:
+            raise MeraserError(f"card method '{card.method}': no decoy differs from key {i}'s target")
+        out.append((real, decoys))
+    return out
+
+
+def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pair, list[Pair]]:
+    """Decoys of a card made by `meraser card --decoys FILE`: targets the owner drew from the generator of the real
+    ones (or the other targets of the same card), stored in the card."""
+    pool = card.extra.get("decoys")
+    if not pool:
+        raise MeraserError(f"card method '{card.method}' has no decoy generator and the card records no decoys; "
+                           f"make the card again with `meraser card --decoys FILE` (targets drawn the way the real "
+                           f"ones were, one per line)")
+    pool = [t for t in pool if t != card.targets[i]]
+    return (card.triggers[i], card.targets[i]), [(card.triggers[i], t) for t in rng.sample(pool, min(k, len(pool)))]
+
+
+def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
+                batch_size: int = 32) -> list[float]:
+    """Mean log-probability per target token after each trigger (and its prefill), teacher-forced, in batches of
+    right-padded rows: forward passes only."""
+    import torch
+
+    from meraser.data.formatting import Formatter
+    from meraser.models import autocast
+
+    fmt = Formatter(tokenizer, card.format)
+    rows = []
+    for (trigger, target), pre in zip(pairs, prefills):
+        prompt = fmt.encode_prompt(trigger, card.system_prompt)
+        if pre:
+            prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
+        rows.append((prompt, tokenizer(target, add_special_tokens=False)["input_ids"]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev, scores = next(model.parameters()).device, [0.0] * len(rows)
+    with torch.no_grad(), autocast(model):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            longest = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(batch):
+                seq = rows[i][0] + rows[i][1]
+                ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
+            logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
+            for r, i in enumerate(batch):
+                p, t = len(rows[i][0]), rows[i][1]
+                picked = logp[r, p - 1:p - 1 + len(t)].gather(1, torch.tensor(t, device=dev)[:, None])
+                scores[i] = picked.mean().item()
+    return scores
+
+
+def exact_rank_p(counts: list[int], sizes: list[int]) -> float:
+    """P(sum of independent C_i <= sum(counts)) for C_i uniform on {0..sizes[i]}: the exact combined rank p-value."""
+    dist = [1.0]  # dist[s] = P(partial sum = s)
+    for k in sizes:
+        nxt = [0.0] * (len(dist) + k)
+        for s, q in enumerate(dist):
+            if q:
+                share = q / (k + 1)
+                for c in range(k + 1):
+                    nxt[s + c] += share
+        dist = nxt
+    return min(1.0, sum(dist[: sum(counts) + 1]))
+
+
+def normal_tail_p(zs: list[float]) -> tuple[float, float]:
+    """(Stouffer's Z, its normal upper-tail p-value) for per-key z-scores."""
+    z = sum(zs) / math.sqrt(len(zs))
+    return z, 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _z(real: float, decoys: list[float]) -> float:
+    mean = sum(decoys) / len(decoys)
+    var = sum((d - mean) ** 2 for d in decoys) / max(1, len(decoys) - 1)
+    return (real - mean) / math.sqrt(var) if var > 0 else 0.0
+
+
+def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None = None, base=None) -> dict:
+    """The test on a loaded suspect (and, given `base` with the same tokenizer, the same statistics under the base
+    beside it, for reference: the decision never needs it)."""
+    cfg = cfg or LikelihoodConfig()
+    keys = keys_and_decoys(card, cfg)
+    result = _statistics(model, tokenizer, card, keys, cfg)
+    if base is not None:
+        result["base"] = {k: v for k, v in _statistics(base, tokenizer, card, keys, cfg).items() if k != "per_key"}
+        result["score_gap_vs_base"] = round(result["real_score"] - result["base"]["real_score"], 4)
+    return {"method": card.method, "keys": len(keys), **result}
+
+
+def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig) -> dict:
+    prefills = list(card.prefills) if card.prefills else [""] * len(card.triggers)
+    pairs, pre = [], []
+    for i, (real, decoys) in enumerate(keys):
+        pairs += [real, *decoys]
+        pre += [prefills[i]] * (1 + len(decoys))
+    scores = pair_scores(model, tokenizer, card, pairs, pre, cfg.batch_size)
+    per_key, at = [], 0
+    for real, decoys in keys:
+        s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]
+        at += 1 + len(decoys)
+        per_key.append({"score": round(s, 4), "decoys": len(d), "at_least_as_high": sum(x >= s for x in d),
+                        "decoy_mean": round(sum(d) / len(d), 4), "z": round(_z(s, d), 3)})
+    counts, sizes = [k["at_least_as_high"] for k in per_key], [k["decoys"] for k in per_key]
+    p_exact = exact_rank_p(counts, sizes)
+    floor = math.prod(1 / (k + 1) for k in sizes)  # the exact p-value's smallest possible value
+    z, p_tail = normal_tail_p([k["z"] for k in per_key])
+    rule = "exact rank" if floor <= cfg.level else "normal tail"
+    p = p_exact if rule == "exact rank" else p_tail
+    return {"p_value": p, "rule": rule, "owned": p <= cfg.level, "level": cfg.level, "p_exact": p_exact,
+            "p_exact_floor": floor, "p_normal_tail": p_tail, "stouffer_z": round(z, 3),
+            "real_score": round(sum(k["score"] for k in per_key) / len(per_key), 4), "per_key": per_key}
+
+
+def likelihood_verify(model: str, card, base: str | None = None, *, cfg: LikelihoodConfig | None = None,
+                      trust_remote_code: bool = False) -> dict:
+    """`meraser verify --test likelihood`: load the suspect (and the base, when given) and run the test."""
+    from meraser.models import check_model_spec, load_model
+
+    c = Card.load(card)
+    cfg = cfg or LikelihoodConfig()
+    keys_and_decoys(c, cfg)  # a card with no decoy scheme is refused before any model loads
+    if base:
+        check_model_spec(base, "--base")
+    m, tok = load_model(model, trust_remote_code=trust_remote_code)
+    check_tokenizer(c, tok, model)
+    b = None
+    if base:
+        b, base_tok = load_model(base, trust_remote_code=trust_remote_code)
+        check_tokenizer(c, base_tok, base)
+    return {"model": model, **likelihood_test(m, tok, c, cfg, base=b)}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary: cards record it, and a suspect with another one is refused (its
+    scores would be over other tokens)."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_tokenizer(card: Card, tokenizer, where: str) -> None:
+    recorded = card.extra.get("tokenizer")
+    if recorded and recorded != tokenizer_digest(tokenizer):
+        raise MeraserError(f"{where}: its tokenizer is not the one the card was made with (vocabulary hash "
+                           f"{tokenizer_digest(tokenizer)}, card {recorded}); the likelihood test compares token "
+                           f"probabilities, so it needs the fingerprinted model's own tokenizer")

@@ -1,0 +1,130 @@
+"""The likelihood ownership test: a key's rank among decoys drawn from its own generator, combined exactly over keys.
+
+On the tiny model: a model fingerprinted and then erased until the paper's check fails is still owned; its base,
+a sibling fine-tuned on other data and a model fingerprinted with another key are not."""
+
+import copy
+import itertools
+import random
+
+import pytest
+from conftest import TINY, TINY_PER_METHOD
+from tiny import POOL, TINY_ERASE
+
+from meraser.erase.datasets import build_mismatched
+from meraser.erase.meraser import erase, preset
+from meraser.evaluation.fsr import fsr
+from meraser.evaluation.likelihood import (LikelihoodConfig, exact_rank_p, keys_and_decoys, likelihood_test,
+                                           likelihood_verify)
+from meraser.utils import MeraserError
+
+LEVEL = LikelihoodConfig(level=1e-4)  # three Chain & Hash keys with 87 decoys each: exact p down to 1.5e-6
+
+
+def test_exact_rank_p_is_the_enumerated_distribution():
+    sizes = [2, 3, 1]
+    outcomes = list(itertools.product(*[range(k + 1) for k in sizes]))
+    for observed in [(0, 0, 0), (1, 2, 0), (2, 3, 1), (0, 3, 0)]:
+        brute = sum(sum(o) <= sum(observed) for o in outcomes) / len(outcomes)
+        assert exact_rank_p(list(observed), sizes) == pytest.approx(brute)
+    assert exact_rank_p([0, 0, 0], [87, 87, 87]) == pytest.approx(88 ** -3)
+
+
+def test_exact_rank_p_is_uniform_under_the_null():
+    """Scores of the real key and its decoys drawn alike: P(p <= a) <= a at every level (ties count against)."""
+    rng = random.Random(0)
+    ps = []
+    for _ in range(4000):
+        counts = []
+        for _ in range(3):
+            real, decoys = rng.gauss(0, 1), [rng.gauss(0, 1) for _ in range(9)]
+            counts.append(sum(d >= real for d in decoys))
+        ps.append(exact_rank_p(counts, [9, 9, 9]))
+    for a in (0.01, 0.05, 0.2, 0.5):
+        assert sum(p <= a for p in ps) / len(ps) <= a + 0.015
+
+
+def test_decoys_come_from_the_cards_generator_and_never_equal_the_key(planted):
+    for name, (_, tok, card, _, _) in planted.items():
+        keys = keys_and_decoys(card, LikelihoodConfig(decoys=20))
+        assert len(keys) == len(card.triggers)
+        for i, (real, decoys) in enumerate(keys):
+            assert real not in decoys and len(set(decoys)) == len(decoys) and decoys, name
+            if name == "chain-hash":  # every other candidate answer: what another key gives
+                from meraser.fingerprints.chain_hash import CANDIDATES
+
+                assert sorted(t for _, t in decoys) == sorted(c for c in CANDIDATES if c != card.targets[i])
+            elif name in ("if-sft", "subject-sentence"):  # the trigger carries the key; the target is shared
+                assert {t for _, t in decoys} == {card.targets[i]} and all(q != card.triggers[i] for q, _ in decoys)
+            else:  # UTF, Perinucleus: other targets after the same trigger
+                assert all(q == card.triggers[i] and t != real[1] for q, t in decoys)
+
+
+def test_erased_until_the_paper_check_fails_still_owned_base_and_others_not(planted, tiny, tmp_path):
+    from meraser.fingerprints.embed import embed
+    from meraser.fingerprints.chain_hash import ChainHash
+    from meraser.models import load_model
+    from meraser.training import TrainConfig, train
+
+    fp_model, tok, card, _, _ = planted["chain-hash"]
+    owned = likelihood_test(fp_model, tok, card, LEVEL)
+    assert owned["owned"] and owned["rule"] == "exact rank" and owned["p_value"] <= 1e-4
+
+    mism, _ = build_mismatched(POOL, n=48, seed=0)
+    erased = copy.deepcopy(fp_model)
+    for _ in range(12):  # erase an epoch at a time, until the paper's check says "erased"
+        erased = erase(erased, tok, mism, preset("erase", "paper", {**TINY_ERASE, "epochs": 1, "learning_rate": 3e-3}),
+                       tmp_path / "erased", progress=False, save=False).model
+        if fsr(erased, tok, card, false_positive_inputs=0)["fsr"] == 0.0:
+            break
+    assert fsr(erased, tok, card, false_positive_inputs=0)["fsr"] == 0.0
+    after = likelihood_test(erased, tok, card, LEVEL, base=tiny[0])
+    assert after["owned"], after  # the keys still outrank their decoys
+    assert not after["base"]["owned"] and after["base"]["p_exact"] >= after["base"]["p_exact_floor"]
+
+    base = likelihood_test(tiny[0], tok, card, LEVEL)
+    assert not base["owned"] and base["p_value"] > 1e-3
+    sibling = train(load_model(str(tiny[0]._meraser_spec))[0], tok, POOL[:64],
+                    TrainConfig.from_dict({"method": "full", "epochs": 5, "learning_rate": 3e-3, "batch_size": 8}),
+                    save=False, progress=False).model
+    assert not likelihood_test(sibling, tok, card, LEVEL)["owned"]
+    cfg = ChainHash.Config.from_dict({**TINY, **TINY_PER_METHOD["chain-hash"], "secret_key": "another key"})
+    other, other_card, _ = embed("chain-hash", load_model(str(tiny[0]._meraser_spec))[0], tok, cfg, progress=False)
+    assert fsr(other, tok, other_card, false_positive_inputs=0)["fsr"] == 1.0  # it carries its own key
+    assert not likelihood_test(other, tok, card, LEVEL)["owned"]  # but not ours
+
+
+def test_a_card_without_decoys_and_a_suspect_with_another_tokenizer_are_refused(planted, tiny_dir, tmp_path):
+    from meraser.fingerprints.card import Card
+
+    Card(method="custom", triggers=["a trigger"], targets=["a target"]).save(tmp_path / "custom.json")
+    with pytest.raises(MeraserError, match="meraser card --decoys FILE"):
+        likelihood_verify(str(tiny_dir), tmp_path / "custom.json")
+    _, _, card, _, _ = planted["chain-hash"]
+    other = copy.deepcopy(card)
+    other.extra["tokenizer"] = "0123456789abcdef"  # the card was made with another vocabulary
+    other.save(tmp_path / "other.json")
+    with pytest.raises(MeraserError, match="its tokenizer is not the one the card was made with"):
+        likelihood_verify(str(tiny_dir), tmp_path / "other.json")
+
+
+def test_verify_cli_runs_the_likelihood_test_on_a_hand_made_card_with_decoys(cli, planted, tmp_path):
+    """`meraser card --decoys` records decoy targets; `verify --test likelihood` ranks the real ones among them."""
+    import json
+
+    _, _, card, _, folder = planted["chain-hash"]
+    from meraser.fingerprints.chain_hash import CANDIDATES
+
+    (tmp_path / "t.txt").write_text("\n".join(card.triggers) + "\n")
+    (tmp_path / "y.txt").write_text("\n".join(card.targets) + "\n")
+    (tmp_path / "d.txt").write_text("\n".join(CANDIDATES) + "\n")
+    code, _, err = cli("card", "--triggers", tmp_path / "t.txt", "--targets", tmp_path / "y.txt", "--decoys",
+                       tmp_path / "d.txt", "--match", "exact", "--out", tmp_path / "card.json")
+    assert code == 0, err
+    code, out, err = cli("verify", "--model", folder, "--card", tmp_path / "card.json", "--test", "likelihood",
+                         "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["p_exact"] <= 88 ** -3 * 1.01 and [k["at_least_as_high"] for k in r["per_key"]] == [0, 0, 0]
+    code, _, err = cli("verify", "--model", folder, "--card", tmp_path / "card.json", "--test", "likelyhood")
+    assert code == 2 and "did you mean 'likelihood'" in err
