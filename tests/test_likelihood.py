@@ -60,20 +60,25 @@ def test_decoys_come_from_the_cards_generator_and_never_equal_the_key(planted):
                 assert all(q == card.triggers[i] and t != real[1] for q, t in decoys)
 
 
-def test_erased_until_the_paper_check_fails_still_owned_base_and_others_not(planted, tiny, tmp_path):
+def test_erased_until_the_paper_check_fails_still_owned_base_and_others_not(tiny, tmp_path):
     from meraser.fingerprints.embed import embed
     from meraser.fingerprints.chain_hash import ChainHash
     from meraser.models import load_model
     from meraser.training import TrainConfig, train
 
-    fp_model, tok, card, _, _ = planted["chain-hash"]
+    def fingerprinted(key: str):  # Chain & Hash draws a random key unless given one: fixed here, so runs repeat
+        cfg = ChainHash.Config.from_dict({**TINY, **TINY_PER_METHOD["chain-hash"], "secret_key": key})
+        return embed("chain-hash", load_model(str(tiny[0]._meraser_spec))[0], tok, cfg, progress=False)[:2]
+
+    tok = tiny[1]
+    fp_model, card = fingerprinted("the owner's key")
     owned = likelihood_test(fp_model, tok, card, LEVEL)
     assert owned["owned"] and owned["rule"] == "exact rank" and owned["p_value"] <= 1e-4
 
     mism, _ = build_mismatched(POOL, n=48, seed=0)
     erased = copy.deepcopy(fp_model)
     for _ in range(12):  # erase an epoch at a time, until the paper's check says "erased"
-        erased = erase(erased, tok, mism, preset("erase", "paper", {**TINY_ERASE, "epochs": 1, "learning_rate": 3e-3}),
+        erased = erase(erased, tok, mism, preset("erase", "paper", {**TINY_ERASE, "epochs": 1}),
                        tmp_path / "erased", progress=False, save=False).model
         if fsr(erased, tok, card, false_positive_inputs=0)["fsr"] == 0.0:
             break
@@ -88,8 +93,7 @@ def test_erased_until_the_paper_check_fails_still_owned_base_and_others_not(plan
                     TrainConfig.from_dict({"method": "full", "epochs": 5, "learning_rate": 3e-3, "batch_size": 8}),
                     save=False, progress=False).model
     assert not likelihood_test(sibling, tok, card, LEVEL)["owned"]
-    cfg = ChainHash.Config.from_dict({**TINY, **TINY_PER_METHOD["chain-hash"], "secret_key": "another key"})
-    other, other_card, _ = embed("chain-hash", load_model(str(tiny[0]._meraser_spec))[0], tok, cfg, progress=False)
+    other, other_card = fingerprinted("another key")
     assert fsr(other, tok, other_card, false_positive_inputs=0)["fsr"] == 1.0  # it carries its own key
     assert not likelihood_test(other, tok, card, LEVEL)["owned"]  # but not ours
 
@@ -128,3 +132,24 @@ def test_verify_cli_runs_the_likelihood_test_on_a_hand_made_card_with_decoys(cli
     assert r["p_exact"] <= 88 ** -3 * 1.01 and [k["at_least_as_high"] for k in r["per_key"]] == [0, 0, 0]
     code, _, err = cli("verify", "--model", folder, "--card", tmp_path / "card.json", "--test", "likelyhood")
     assert code == 2 and "did you mean 'likelihood'" in err
+
+
+def test_every_evaluated_stage_carries_every_verification_and_the_report_shows_them(planted, tmp_path):
+    """A run's rows hold the likelihood test beside FSR and the strict checks (the registry, not a wired column);
+    the page and the terminal tables show attack x verification."""
+    from meraser.evaluation.verifications import REGISTRY
+    from meraser.report import make_report, summary_tables
+    from meraser.runner import Experiment, run_experiment
+
+    folder = planted["chain-hash"][4]
+    exp = Experiment.from_dict({"out": str(tmp_path / "run"), "fingerprint": {"existing": str(folder)},
+                                "attack": {"method": "prune-magnitude", "config": {"sparsity": 0.1}},
+                                "eval": {"false_positive_inputs": 2}, "eval_base": False})
+    rows = {r["stage"]: r for r in run_experiment(exp, progress=False)}
+    assert rows["fingerprinted"]["likelihood"]["owned"] and rows["attacked"]["likelihood"]["p_value"] <= 1.0
+    rep = make_report([tmp_path / "run"], tmp_path / "r.html")
+    page = rep.page.read_text()
+    assert "Which verification still shows ownership" in page
+    assert all(f"{v.title}: fingerprinted -&gt; final" in page for v in REGISTRY.values())
+    title, head, table = next(t for t in summary_tables(rep.runs) if t[0] == "which verification still shows ownership")
+    assert table[0][2] == "attacked" and table[0][head.index("likelihood test: fingerprinted -> final")].startswith("p ")

@@ -374,6 +374,11 @@ th{{background:#f3f3f3}}td{{text-align:right}}td:first-child{{text-align:left}}i
 <h1>{html.escape(title)}</h1>
 <p>FSR: fraction of the card's triggers whose greedy output carries the target. PPL: perplexity of the evaluation
 source. Alg. 1: no trigger yields its target and ordinary questions are still answered (MEraser Algorithm 1).</p>
+<h2>Which verification still shows ownership</h2>
+<p>Each registered verification on the fingerprinted model and on the final one; "owned" where it still shows
+ownership: the paper's FSR by its ownership p-value (against the base model) where there is one, the strict checks
+where any check is above the base model's level (no calibrated decision), the likelihood test where its p-value
+(the card's keys against decoy keys, no base model needed) is at most its level.</p>{_html_table(*_verification_rows(runs))}
 <h2>Table 1</h2>{_table(table1)}
 {_figure("FSR per stage", stage_png, "") if stage_png else ""}
 {strict}
@@ -534,6 +539,24 @@ def _attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[l
     return head, rows
 
 
+def _verification_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Attack x verification: for every run (a bench cell), what each registered verification concludes on the
+    fingerprinted model and on the final one ("owned" where it still shows ownership). Columns come from the
+    registry, so a new verification needs no change here."""
+    from meraser.evaluation.verifications import REGISTRY, verdict_text
+
+    head = ["run", "fingerprint", "final stage"] + [f"{v.title}: fingerprinted -> final" for v in REGISTRY.values()]
+    rows = []
+    for run in runs:
+        fp, last = run["stages"].get("fingerprinted", {}), _last(run)
+        if not fp and not last:
+            continue
+        final = next((s for s in ("recovered", "attacked") if s in run["stages"]), "")  # as `_last` takes it
+        rows.append([_run_label(run) if "attack" in run else run["name"], run["method"], final]
+                    + [f"{verdict_text(v, fp) or '-'} -> {verdict_text(v, last) or '-'}" for v in REGISTRY.values()])
+    return head, rows
+
+
 def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tuple[str, list[str], list[list]]]:
     """(title, head, rows) of what `meraser report` prints and writes as Markdown: the attack table (a bench),
     Table 1, and accuracy per task where measured."""
@@ -545,6 +568,9 @@ def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tu
         tables.append(("attacks: every cell", head, [
             r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[10],
                      r[11], r[12]] for r in rows]))
+    head, rows = _verification_rows(runs)
+    if rows:
+        tables.append(("which verification still shows ownership", head, rows))
     table1 = [r for r in runs if "erased" in r["stages"] or "recovered" in r["stages"]] if cells is not None else runs
     if table1:
         tables.append(("Table 1: FSR and PPL at every stage", *_table1_rows(table1)))

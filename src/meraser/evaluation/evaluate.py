@@ -75,6 +75,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
             from meraser.evaluation.strict import strict_check
 
             out["strict"] = strict_check(model, tokenizer, card, base_result=strict_base)
+        from meraser.evaluation.verifications import REGISTRY
+
+        for v in (v for v in REGISTRY.values() if v.measures):  # every other registered verification
+            # under a decoding attack: it scores the weights, which the attack leaves alone, so it does not apply
+            out[v.key] = v.measure(model, tokenizer, card) if decoding is None else NOT_APPLICABLE
     if decoding is not None and decoding.name != "greedy":
         out["decoding"] = decoding.name
         out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})
@@ -131,6 +136,10 @@ def results_table(rows: list[dict], title: str = "evaluation"):
     add("erased strictly", lambda r: str(r["strict"]["erased_strict"]) if "erased_strict" in r.get("strict", {})
         else "")
     add("ownership p-value", lambda r: p_text(r['ownership']['p_value']) if "ownership" in r else "")
+    from meraser.evaluation.verifications import REGISTRY, verdict_text
+
+    for v in REGISTRY.values():
+        add(f"verified by {v.title}", lambda r, v=v: verdict_text(v, r))
     add("PPL", ppl_text)
     for t in tasks:
         def cell(r, t=t):

@@ -1,0 +1,94 @@
+"""Ways an owner verifies a suspect with a card: one class each, one registry.
+
+Every evaluated stage with a card (`evaluate_model`: runs, bench cells) runs every registered verification that
+measures anything of its own, and the report shows, per stage and per attack, what each verification concludes,
+with no column wired by hand: a new verification is a class here and a line in `REGISTRY`.
+
+- `paper`: the paper's FSR (greedy answers contain the target), decided by the ownership p-value against the base
+  model where the run has one (evaluation/ownership.py), else "some key still matches";
+- `strict`: the strict checks against the base model (evaluation/strict.py); it says whether the fingerprint is
+  still above base level, and gives no calibrated decision;
+- `likelihood`: the card's keys against decoy keys (evaluation/likelihood.py): a p-value with no base model.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from meraser.utils import MeraserError
+
+
+class Verification:
+    name: ClassVar[str]
+    title: ClassVar[str]  # a column or row label
+    key: ClassVar[str]  # where its result sits in an evaluation row
+    measures: ClassVar[bool] = False  # False: `evaluate_model` measures it already (FSR, strict)
+
+    def measure(self, model, tokenizer, card) -> dict:
+        """Its result for an evaluation row (only where `measures`)."""
+        raise NotImplementedError
+
+    def verdict(self, row: dict) -> tuple[str, bool | None]:
+        """(text for a table, whether it still shows ownership: True, False, or None where it did not run)."""
+        raise NotImplementedError
+
+
+class PaperFSR(Verification):
+    name, title, key = "paper", "paper FSR", "fsr"
+
+    def verdict(self, row: dict) -> tuple[str, bool | None]:
+        from meraser.evaluation.ownership import p_text
+
+        if "fsr" not in row:
+            return "", None
+        own = row.get("ownership") or {}
+        if own.get("p_value") is not None:
+            return f"FSR {row['fsr']:.0%}, p {p_text(own['p_value'])}", bool(own["claim"])
+        return f"FSR {row['fsr']:.0%}", row["fsr"] > 0
+
+
+class Strict(Verification):
+    name, title, key = "strict", "strict checks", "strict"
+
+    def verdict(self, row: dict) -> tuple[str, bool | None]:
+        s = row.get("strict")
+        if not isinstance(s, dict):
+            return "", None
+        if "erased_strict" not in s:  # no base to compare with
+            return f"loglik {s['loglik']:.2f}", None
+        above = [k for k, at_base in s["at_base_level"].items() if not at_base]
+        return ("above base: " + ", ".join(above) if above else "at base level"), bool(above)
+
+
+class Likelihood(Verification):
+    name, title, key = "likelihood", "likelihood test", "likelihood"
+    measures = True
+
+    def measure(self, model, tokenizer, card) -> dict:
+        from meraser.evaluation.likelihood import likelihood_test
+
+        try:
+            r = likelihood_test(model, tokenizer, card)
+        except MeraserError as e:  # a card with no decoy scheme (made before the test existed, or by hand)
+            return {"unavailable": str(e)}
+        return {k: r[k] for k in ("p_value", "rule", "owned", "level", "p_exact", "p_exact_floor", "p_normal_tail",
+                                  "stouffer_z", "real_score", "keys")}
+
+    def verdict(self, row: dict) -> tuple[str, bool | None]:
+        from meraser.evaluation.ownership import p_text
+
+        r = row.get("likelihood")
+        if not isinstance(r, dict):
+            return ("n/a" if isinstance(r, str) else ""), None
+        if "unavailable" in r:
+            return "unavailable", None
+        return f"p {p_text(r['p_value'])}" + (" (tail)" if r["rule"] == "normal tail" else ""), bool(r["owned"])
+
+
+REGISTRY: dict[str, Verification] = {v.name: v for v in [PaperFSR(), Strict(), Likelihood()]}
+
+
+def verdict_text(v: Verification, row: dict) -> str:
+    """A verification's cell: its figure, and "owned" where it still shows ownership."""
+    text, owned = v.verdict(row)
+    return f"{text}: owned" if owned else text
