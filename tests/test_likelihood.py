@@ -21,6 +21,18 @@ from meraser.utils import MeraserError
 LEVEL = LikelihoodConfig(level=1e-4)  # three Chain & Hash keys with 87 decoys each: exact p down to 1.5e-6
 
 
+def test_few_decoys_where_the_keys_allow_it():
+    from meraser.evaluation.likelihood import FEW_DECOYS, MANY_DECOYS, decoys_per_key
+    from meraser.fingerprints.card import Card
+
+    def card(n):
+        return Card(method="custom", triggers=[f"t{i}" for i in range(n)], targets=["x"] * n)
+
+    assert decoys_per_key(card(8), LikelihoodConfig()) == FEW_DECOYS  # 20^-8 = 4e-11, 1000x below 1e-6
+    assert decoys_per_key(card(1), LikelihoodConfig()) == MANY_DECOYS  # one key: the normal tail needs a fit
+    assert decoys_per_key(card(1), LikelihoodConfig(decoys=7)) == 7
+
+
 def test_exact_rank_p_is_the_enumerated_distribution():
     sizes = [2, 3, 1]
     outcomes = list(itertools.product(*[range(k + 1) for k in sizes]))
@@ -53,7 +65,9 @@ def test_decoys_come_from_the_cards_generator_and_never_equal_the_key(planted):
             if name == "chain-hash":  # every other candidate answer: what another key gives
                 from meraser.fingerprints.chain_hash import CANDIDATES
 
-                assert sorted(t for _, t in decoys) == sorted(c for c in CANDIDATES if c != card.targets[i])
+                assert len(decoys) == 20 and {t for _, t in decoys} < set(CANDIDATES) - {card.targets[i]}
+                full = keys_and_decoys(card, LikelihoodConfig(decoys=500))[i][1]  # all there are, no more
+                assert sorted(t for _, t in full) == sorted(c for c in CANDIDATES if c != card.targets[i])
             elif name in ("if-sft", "subject-sentence"):  # the trigger carries the key; the target is shared
                 assert {t for _, t in decoys} == {card.targets[i]} and all(q != card.triggers[i] for q, _ in decoys)
             else:  # UTF, Perinucleus: other targets after the same trigger

@@ -34,10 +34,10 @@ def _default(config_cls, path: str) -> str:
     return ",".join(node) if isinstance(node, list) else str(node)
 
 
-def _likelihood_default(name: str):
-    from meraser.evaluation.likelihood import LikelihoodConfig
+def _decoys_default() -> str:
+    from meraser.evaluation.likelihood import FEW_DECOYS, MANY_DECOYS
 
-    return getattr(LikelihoodConfig(), name)
+    return f"{FEW_DECOYS} where the card has keys enough for an exact p-value far below the level, else {MANY_DECOYS}"
 
 
 def _eval_default(name: str):
@@ -247,8 +247,9 @@ def verify(
     strict: bool = typer.Option(False, "--strict", help="the same as --test strict"),
     base: Optional[str] = typer.Option(None, "--base", help="with --test strict or likelihood: the clean base model, "
                                        "compared with beside the suspect", show_default="no comparison"),
-    decoys: int = typer.Option(_likelihood_default("decoys"), min=1, help="with --test likelihood: decoy keys per "
-                               "key (fewer where the method has fewer)"),
+    decoys: Optional[int] = typer.Option(None, min=1, help="with --test likelihood: decoy keys per key (fewer "
+                                         "where the method has fewer)",
+                                         show_default=_decoys_default()),
     json_out: JsonOut = False,
     trust_remote_code: TrustRemoteCode = False,
 ):

@@ -340,6 +340,7 @@ class ExperimentRun:
         self.rows[stage] = row
         strict = row.get("strict", {})
         from meraser.evaluation.ownership import p_text
+        from meraser.evaluation.verifications import REGISTRY, verdict_text
 
         self.say(f"  {stage}: " + ", ".join(
             ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
@@ -348,7 +349,8 @@ class ExperimentRun:
              if strict else []) +
             ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
             ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
-            ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
+            [f"{v.title} {text}" for v in REGISTRY.values() if v.measures for text in [verdict_text(v, row)] if text]
+            + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
         return row
 
     def _evaluation(self, stage: str, model, extra, decoding) -> dict:

@@ -33,31 +33,49 @@ Pair = tuple[str, str]  # (trigger, target)
 
 @dataclass
 class LikelihoodConfig(Config):
-    decoys: int = field(99, help="decoy keys per real key (a method with fewer possible decoys uses all of them)")
+    decoys: int | None = field(None, help="decoy keys per real key (a method with fewer possible decoys uses all "
+                                          "of them); None: FEW_DECOYS where the keys' exact p-value can then still "
+                                          "fall 1000x below the level, else MANY_DECOYS")
     level: float = field(1e-6, help="claim ownership when the p-value is at most this")
     seed: int = field(0, help="seed for drawing the decoys")
     batch_size: int = field(32, help="sequences scored per forward pass")
 
     def validate(self, where: str) -> None:
-        if self.decoys < 1:
+        if self.decoys is not None and self.decoys < 1:
             raise MeraserError(f"{where}.decoys must be at least 1, got {self.decoys}")
         if not 0 < self.level < 1:
             raise MeraserError(f"{where}.level must be in (0, 1), got {self.level}")
 
 
+# The cost is one scored sequence per decoy. A card with several keys reaches tiny exact p-values with few decoys
+# each (eight keys x 19: floor 4e-11); one with few keys needs many for the normal tail's fit (measured on SmolLM2:
+# with 99 decoys a key the test took 5.4x the strict checks' time, benchmarks/likelihood_cost.py)
+FEW_DECOYS, MANY_DECOYS = 19, 99
+
+
+def decoys_per_key(card: Card, cfg: LikelihoodConfig) -> int:
+    if cfg.decoys is not None:
+        return cfg.decoys
+    return FEW_DECOYS if (FEW_DECOYS + 1) ** -len(card.triggers) <= cfg.level / 1000 else MANY_DECOYS
+
+
 def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[Pair]]]:
     """(real pair, decoy pairs) per key: the method's generator, or the decoy targets a hand-made card records.
-    A decoy never equals its real pair."""
+    A decoy never equals its real pair. Where a method lists every possible decoy (Chain & Hash, Perinucleus), a
+    random subset of `decoys_per_key` of them is taken: the real key with a random subset of the others is still
+    exchangeable."""
     from meraser.fingerprints import REGISTRY
 
-    rng = random.Random(cfg.seed)
+    rng, k = random.Random(cfg.seed), decoys_per_key(card, cfg)
     out = []
     for i in range(len(card.triggers)):
         if card.method in REGISTRY:
-            real, decoys = REGISTRY[card.method].decoys(card, i, cfg.decoys, rng)
+            real, decoys = REGISTRY[card.method].decoys(card, i, k, rng)
         else:
-            real, decoys = recorded_decoys(card, i, cfg.decoys, rng)
+            real, decoys = recorded_decoys(card, i, k, rng)
         decoys = [d for d in dict.fromkeys(decoys) if d != real]
+        if len(decoys) > k:
+            decoys = rng.sample(decoys, k)
         if not decoys:
             raise MeraserError(f"card method '{card.method}': no decoy differs from key {i}'s target")
         out.append((real, decoys))
