@@ -28,8 +28,8 @@ from pathlib import Path
 
 from meraser.config import Config, field, key_path, load_yaml
 from meraser.models import DEFAULT_MODEL
-from meraser.utils import (MeraserError, append_jsonl, atomic_dir, check_parents, did_you_mean, exclusive, read_json,
-                           read_jsonl, write_json)
+from meraser.utils import (LOCK_FILE, MeraserError, append_jsonl, atomic_dir, check_parents, did_you_mean, exclusive,
+                           progress_bar, read_json, read_jsonl, write_json)
 
 RESULTS = "results.jsonl"
 ERASE_RECOVER = "meraser"  # this attack name runs as the experiment's erase and recover stages
@@ -562,7 +562,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
         if console:
             console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("matrix", total=n_done + len(todo), completed=n_done)
         run = _run_on_ray if executor.kind == "ray" else _run_here
         run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)),
@@ -572,7 +572,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
 
 
 # what a bench writes in its folders: `out` may be a new or empty folder, or one that holds only these
-BENCH_ENTRIES = {"matrix.json", RESULTS, FAILED, MADE, "report.html", "cells", "fingerprints", "shared", ".lock"}
+BENCH_ENTRIES = {"matrix.json", RESULTS, FAILED, MADE, "report.html", "cells", "fingerprints", "shared", LOCK_FILE}
 
 
 def check_bench_folder(folder: Path, where: str) -> None:
@@ -593,17 +593,15 @@ def check_cards(cells: list[Cell], share: Path, where: str) -> None:
     here, once, rather than in every cell): those of existing fingerprinted models, and those of the shared
     fingerprinted models already made."""
     from meraser.fingerprints.card import Card
-    from meraser.fingerprints.embed import CARD_FILE
+    from meraser.runner import existing_card
 
     paths = set()
     for cell in cells:
         fp = cell.fingerprint
-        if fp["existing"]:
-            card = fp.get("card") or Path(fp["existing"]) / CARD_FILE
-            if fp.get("card") or Path(card).is_file():
-                paths.add(str(card))
-        elif (_fingerprint_folder(share, cell) / CARD_FILE).exists():
-            paths.add(str(_fingerprint_folder(share, cell) / CARD_FILE))
+        # a shared fingerprinted model already made is an existing one too
+        card = existing_card(fp["existing"] or str(_fingerprint_folder(share, cell)), fp.get("card"))
+        if card:
+            paths.add(card)
     for path in sorted(paths):
         try:
             Card.load(path)
@@ -678,13 +676,6 @@ def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, f
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled)
 
 
 def describe(cell: Cell) -> str:

@@ -98,9 +98,14 @@ def _pyplot():
     return plt
 
 
+def _final_stage(run: dict) -> str:
+    """A run's final stage: recovered (erase and recover) or attacked; "" before either."""
+    return next((s for s in ("recovered", "attacked") if s in run["stages"]), "")
+
+
 def _last(run: dict) -> dict:
-    """The row of a run's final stage: recovered (erase and recover) or attacked."""
-    return run["stages"].get("recovered", run["stages"].get("attacked", {}))
+    """The row of a run's final stage."""
+    return run["stages"].get(_final_stage(run), {})
 
 
 def _stage_fsr_png(runs: list[dict]) -> str | None:
@@ -551,8 +556,7 @@ def _verification_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
         fp, last = run["stages"].get("fingerprinted", {}), _last(run)
         if not fp and not last:
             continue
-        final = next((s for s in ("recovered", "attacked") if s in run["stages"]), "")  # as `_last` takes it
-        rows.append([_run_label(run) if "attack" in run else run["name"], run["method"], final]
+        rows.append([_run_label(run) if "attack" in run else run["name"], run["method"], _final_stage(run)]
                     + [f"{verdict_text(v, fp) or '-'} -> {verdict_text(v, last) or '-'}" for v in REGISTRY.values()])
     return head, rows
 

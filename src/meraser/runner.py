@@ -25,8 +25,8 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (MeraserError, append_jsonl, atomic_dir, changes, exclusive, flat_keys, unknown_name,
-                           read_json, read_jsonl, settings_hash, write_json, write_jsonl)
+from meraser.utils import (LOCK_FILE, MeraserError, append_jsonl, atomic_dir, changes, exclusive, flat_keys,
+                           unknown_name, read_json, read_jsonl, settings_hash, write_json, write_jsonl)
 
 RESULTS = "results.jsonl"
 STAGE_RECORD = "stages.json"
@@ -149,6 +149,14 @@ def _check_lora_targets(spec: str | None, cfgs: list, where: str) -> None:
             raise MeraserError(f"{where}{kind}.overrides.lora.target_modules: {e}") from None
 
 
+def existing_card(existing: str, card: str | None) -> str | None:
+    """The card of an existing fingerprinted model: the one given, else its folder's fingerprint_card.json, else none
+    (FSR is then not measured)."""
+    from meraser.fingerprints.embed import CARD_FILE
+
+    return card or (str(Path(existing) / CARD_FILE) if (Path(existing) / CARD_FILE).is_file() else None)
+
+
 def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
     """Check the whole experiment and resolve every stage before any work; raise naming the key at fault."""
     from meraser.fingerprints import get_method
@@ -162,7 +170,7 @@ def plan_experiment(exp: Experiment, where: str = "experiment: ") -> Plan:
     if fp.existing:
         fp_model = model_dir(fp.existing)
         check_model_spec(fp_model, f"{where}fingerprint.existing")
-        card_path = fp.card or (str(Path(fp.existing) / CARD_FILE) if (Path(fp.existing) / CARD_FILE).is_file() else None)
+        card_path = existing_card(fp.existing, fp.card)
         card = Card.load(card_path) if card_path else None
         base = exp.model or (card.base_model if card else None)
         fp_settings = {"fingerprint.existing": str(Path(fp_model).resolve()) if Path(fp_model).exists() else fp_model,
@@ -236,16 +244,14 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
     is refused, naming what changed; with `overwrite` it and the stages after it are removed. Returns the names of
     the stages removed, and the stage records and result rows that remain (the run carries on from them). Refuses a
     non-empty folder that is not a meraser run (unless `overwrite`)."""
-    out = plan.out
-    if out.exists() and not out.is_dir():
-        raise MeraserError(f"output {out} is a file, not a folder")
-    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not (out / STAGE_RECORD).exists() \
+    out = plan.out  # a file in its place was refused before the lock (`run_experiment`)
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / STAGE_RECORD).exists() \
             and not (out / "experiment.json").exists():
         if not overwrite:
             raise MeraserError(f"output folder {out} is not empty and is not a meraser run; pass --overwrite to "
                                f"replace it")
         for entry in out.iterdir():
-            if entry.name != ".lock":  # held by this run
+            if entry.name != LOCK_FILE:  # held by this run
                 _remove(entry)
     for leftover in [*out.glob(".*.tmp-*"), *out.glob("data/.*.tmp-*")]:  # half-written by a killed run: never
         _remove(leftover)                                                  # a finished output, safe to drop
@@ -568,9 +574,9 @@ DEMO_MEASURED = ("10 to 21 minutes on 2 CPU cores, with identical figures (READM
 
 def demo_experiment(out: str = "runs/demo") -> Experiment:
     """The README's main job on the embedded SmolLM2-135M, sized for ~15 minutes on 2 CPU cores (as measured:
-    `DEMO_MEASURED`). The recovery is the paper's size (600 rows, 2 epochs; half of them Magpie's, the default): at 300 rows and one epoch short
-    answers did not come back (1% of the ordinary questions with half Magpie, 0% all Magpie; README), so Algorithm
-    1 said "not erased". The erase is shortened instead: UTF's FSR is 0 from the first erase epoch."""
+    `DEMO_MEASURED`). The recovery is the paper's size (600 rows, 2 epochs; half of them Magpie's, the default): at
+    300 rows and one epoch short answers did not come back (1% of the ordinary questions with half Magpie, 0% all
+    Magpie; README), so Algorithm 1 said "not erased". The erase is shortened instead: UTF's FSR is 0 from the first erase epoch."""
     return Experiment.from_dict({
         "out": out,
         "fingerprint": {"method": "utf"},

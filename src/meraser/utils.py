@@ -84,16 +84,19 @@ def check_apart(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.Pat
                            f"with --overwrite; give an output outside it")
 
 
+LOCK_FILE = ".lock"  # in a locked folder; it names its holder's pid
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (its `.lock` file) while the block runs; refuse at once, naming the
+    """Hold an exclusive lock on `folder` (its LOCK_FILE) while the block runs; refuse at once, naming the
     holder's pid, when another process holds it. The system drops the lock when its holder exits, killed or not,
     so a stale lock file never blocks a later run."""
     import fcntl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -281,6 +284,14 @@ def cache_dir() -> Path:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def progress_bar(enabled: bool = True, transient: bool = False):
+    """A rich progress bar for counted work (what, bar, done/total, time so far): bench cells, Magpie questions."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=transient)
 
 
 def console(log_width: int | None = None):

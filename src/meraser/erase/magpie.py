@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from meraser.data.sources import Pair
-from meraser.utils import MeraserError
+from meraser.utils import MeraserError, progress_bar
 
 STARTS = ["What", "Who", "Which", "How many", "Where", "When", "Why", "How"]
 TEMPERATURE = 0.7
@@ -47,7 +47,7 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
     was_training = model.training
     model.eval()
-    with _progress() as bar:
+    with progress_bar(transient=True) as bar:
         task = bar.add_task(f"Magpie: writing {n} questions", total=n)
         for t in range(tries):
             if len(out) >= n or (at_most and t == len(STARTS) and not out):
@@ -60,13 +60,6 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
         raise MeraserError(f"the model wrote only {len(out)} usable distinct questions of the {n} asked for; "
                            f"ask for fewer, or give a data source")
     return out[:n]
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
 
 
 def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int, seed: int, seen: set[str],
