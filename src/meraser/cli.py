@@ -270,7 +270,7 @@ def verify(
         from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
 
         r = likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, progress=not json_out)
         if json_out:
             print(json.dumps(r, indent=2, ensure_ascii=False))
             return

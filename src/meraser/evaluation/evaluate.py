@@ -79,7 +79,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
 
         for v in (v for v in REGISTRY.values() if v.measures):  # every other registered verification
             # under a decoding attack: it scores the weights, which the attack leaves alone, so it does not apply
-            out[v.key] = v.measure(model, tokenizer, card) if decoding is None else NOT_APPLICABLE
+            out[v.key] = v.measure(model, tokenizer, card, progress) if decoding is None else NOT_APPLICABLE
     if decoding is not None and decoding.name != "greedy":
         out["decoding"] = decoding.name
         out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})

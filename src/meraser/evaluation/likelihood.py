@@ -95,9 +95,10 @@ def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pai
 
 
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
-                batch_size: int = 32) -> list[float]:
+                batch_size: int = 32, progress: bool = False) -> list[float]:
     """Mean log-probability per target token after each trigger (and its prefill), teacher-forced, in batches of
-    right-padded rows: forward passes only."""
+    right-padded rows: forward passes only (tens of seconds for a card on SmolLM2 on a CPU: `progress` shows a
+    bar)."""
     import torch
 
     from meraser.data.formatting import Formatter
@@ -113,8 +114,13 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev, scores = next(model.parameters()).device, [0.0] * len(rows)
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=f"scoring {len(rows)} keys and decoys", transient=True)
     with torch.no_grad(), autocast(model):
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             batch = order[start:start + batch_size]
             longest = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
             ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -156,25 +162,28 @@ def _z(real: float, decoys: list[float]) -> float:
     return (real - mean) / math.sqrt(var) if var > 0 else 0.0
 
 
-def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None = None, base=None) -> dict:
+def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None = None, base=None,
+                    progress: bool = False) -> dict:
     """The test on a loaded suspect (and, given `base` with the same tokenizer, the same statistics under the base
     beside it, for reference: the decision never needs it)."""
     cfg = cfg or LikelihoodConfig()
     keys = keys_and_decoys(card, cfg)
-    result = _statistics(model, tokenizer, card, keys, cfg)
+    result = _statistics(model, tokenizer, card, keys, cfg, progress)
     if base is not None:
-        result["base"] = {k: v for k, v in _statistics(base, tokenizer, card, keys, cfg).items() if k != "per_key"}
+        result["base"] = {k: v for k, v in _statistics(base, tokenizer, card, keys, cfg, progress).items()
+                          if k != "per_key"}
         result["score_gap_vs_base"] = round(result["real_score"] - result["base"]["real_score"], 4)
     return {"method": card.method, "keys": len(keys), **result}
 
 
-def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig) -> dict:
+def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig,
+                progress: bool = False) -> dict:
     prefills = list(card.prefills) if card.prefills else [""] * len(card.triggers)
     pairs, pre = [], []
     for i, (real, decoys) in enumerate(keys):
         pairs += [real, *decoys]
         pre += [prefills[i]] * (1 + len(decoys))
-    scores = pair_scores(model, tokenizer, card, pairs, pre, cfg.batch_size)
+    scores = pair_scores(model, tokenizer, card, pairs, pre, cfg.batch_size, progress)
     per_key, at = [], 0
     for real, decoys in keys:
         s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]
@@ -193,7 +202,7 @@ def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]
 
 
 def likelihood_verify(model: str, card, base: str | None = None, *, cfg: LikelihoodConfig | None = None,
-                      trust_remote_code: bool = False) -> dict:
+                      trust_remote_code: bool = False, progress: bool = False) -> dict:
     """`meraser verify --test likelihood`: load the suspect (and the base, when given) and run the test."""
     from meraser.models import check_model_spec, load_model
 
@@ -208,7 +217,7 @@ def likelihood_verify(model: str, card, base: str | None = None, *, cfg: Likelih
     if base:
         b, base_tok = load_model(base, trust_remote_code=trust_remote_code)
         check_tokenizer(c, base_tok, base)
-    return {"model": model, **likelihood_test(m, tok, c, cfg, base=b)}
+    return {"model": model, **likelihood_test(m, tok, c, cfg, base=b, progress=progress)}
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -24,7 +24,7 @@ class Verification:
     key: ClassVar[str]  # where its result sits in an evaluation row
     measures: ClassVar[bool] = False  # False: `evaluate_model` measures it already (FSR, strict)
 
-    def measure(self, model, tokenizer, card) -> dict:
+    def measure(self, model, tokenizer, card, progress: bool = False) -> dict:
         """Its result for an evaluation row (only where `measures`)."""
         raise NotImplementedError
 
@@ -64,11 +64,11 @@ class Likelihood(Verification):
     name, title, key = "likelihood", "likelihood test", "likelihood"
     measures = True
 
-    def measure(self, model, tokenizer, card) -> dict:
+    def measure(self, model, tokenizer, card, progress: bool = False) -> dict:
         from meraser.evaluation.likelihood import likelihood_test
 
         try:
-            r = likelihood_test(model, tokenizer, card)
+            r = likelihood_test(model, tokenizer, card, progress=progress)
         except MeraserError as e:  # a card with no decoy scheme (made before the test existed, or by hand)
             return {"unavailable": str(e)}
         return {k: r[k] for k in ("p_value", "rule", "owned", "level", "p_exact", "p_exact_floor", "p_normal_tail",
