@@ -319,11 +319,11 @@ def likelihood_table(r: dict):
     verdict = "owned" if r["owned"] else "not shown to be owned"
     t = Table(title=f"likelihood ownership test ({r['method']}, {r['keys']} keys): {verdict}, p = "
                     f"{p_text(r['p_value'])} ({r['rule']}) at level {r['level']:g}")
-    for col in ("key", "score (nats/token)", "decoys", "decoys at least as high", "decoy mean", "z"):
+    for col in ("key", "score (nats/token)", "decoys", "decoys higher", "ties", "decoy mean", "z"):
         t.add_column(col, justify="right")
     for i, k in enumerate(r["per_key"]):
-        t.add_row(str(i), f"{k['score']:.2f}", str(k["decoys"]), str(k["at_least_as_high"]), f"{k['decoy_mean']:.2f}",
-                  f"{k['z']:.1f}")
+        t.add_row(str(i), f"{k['score']:.2f}", str(k["decoys"]), str(k["higher"]), str(k["ties"]),
+                  f"{k['decoy_mean']:.2f}", f"{k['z']:.1f}")
     t.caption = (f"exact rank p {p_text(r['p_exact'])} (its floor {p_text(r['p_exact_floor'])}); normal tail p "
                  f"{p_text(r['p_normal_tail'])} (Stouffer z {r['stouffer_z']:.1f})"
                  + (f"; the base model: p {p_text(r['base']['p_value'])}, score gap {r['score_gap_vs_base']:+.2f} "

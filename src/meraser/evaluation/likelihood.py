@@ -8,8 +8,11 @@ the mean log-probability per target token after the trigger (and any prefill), t
 
 Under the null (the suspect never saw this key: the base, a sibling, a model fingerprinted with another key) the real
 key is one more draw from the generator, so its rank among its decoys is uniform whatever the suspect prefers. Per
-key, c_i = the number of decoys scoring at least as high as the real pair (ties count against the owner) is uniform
-on {0..K_i}; the keys' sum C is then a sum of independent discrete uniforms, and P(C <= c) is computed **exactly**
+key, c_i = the number of decoys scoring higher than the real pair is uniform
+on {0..K_i}. Scores tie often (a bf16 forward pass rounds log-probabilities to steps of 1/8 on SmolLM2: Perinucleus'
+neighbouring tokens tie in most keys), and a tie counted against the owner makes c_i too large under the null (the
+base model's p-value was 0.997 on a Perinucleus card): ties are broken at random, seeded, which keeps c_i exactly
+uniform under the null. The keys' sum C is then a sum of independent discrete uniforms, and P(C <= c) is computed **exactly**
 by convolution: the `exact` p-value, with no base model and no control. Its smallest value is prod 1/(K_i + 1), so
 a card with few keys (UTF has one) cannot reach the claim level by rank. There the **normal tail** is used: each
 real score as a z-score against its decoys' mean and standard deviation, combined by Stouffer's rule, p = the
@@ -184,13 +187,15 @@ def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]
         pairs += [real, *decoys]
         pre += [prefills[i]] * (1 + len(decoys))
     scores = pair_scores(model, tokenizer, card, pairs, pre, cfg.batch_size, progress)
-    per_key, at = [], 0
+    per_key, at, rng = [], 0, random.Random(cfg.seed)
     for real, decoys in keys:
         s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]
         at += 1 + len(decoys)
-        per_key.append({"score": round(s, 4), "decoys": len(d), "at_least_as_high": sum(x >= s for x in d),
+        higher, ties = sum(x > s for x in d), sum(x == s for x in d)
+        per_key.append({"score": round(s, 4), "decoys": len(d), "higher": higher, "ties": ties,
+                        "rank_count": higher + rng.randint(0, ties),  # ties broken at random: uniform null
                         "decoy_mean": round(sum(d) / len(d), 4), "z": round(_z(s, d), 3)})
-    counts, sizes = [k["at_least_as_high"] for k in per_key], [k["decoys"] for k in per_key]
+    counts, sizes = [k["rank_count"] for k in per_key], [k["decoys"] for k in per_key]
     p_exact = exact_rank_p(counts, sizes)
     floor = math.prod(1 / (k + 1) for k in sizes)  # the exact p-value's smallest possible value
     z, p_tail = normal_tail_p([k["z"] for k in per_key])
