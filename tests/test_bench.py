@@ -364,14 +364,14 @@ def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
 
 
 def test_report_names_an_existing_fingerprint_by_its_cards_method(tmp_path):
-    from meraser.report import _fingerprint_name
+    from meraser.report import fingerprint_name
 
     folder = tmp_path / "n256"
     folder.mkdir()
-    assert _fingerprint_name({"existing": str(folder)}) == "n256"  # no card: the folder's name
+    assert fingerprint_name({"existing": str(folder)}) == "n256"  # no card: the folder's name
     (folder / "fingerprint_card.json").write_text(json.dumps({"method": "perinucleus"}))
-    assert _fingerprint_name({"existing": str(folder)}) == "perinucleus (n256)"
-    assert _fingerprint_name({"method": "utf", "existing": None}) == "utf"
+    assert fingerprint_name({"existing": str(folder)}) == "perinucleus (n256)"
+    assert fingerprint_name({"method": "utf", "existing": None}) == "utf"
 
 
 def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():

@@ -66,7 +66,9 @@ def _stages(fsr_final: float) -> list[dict]:
                               "match": True}]},
             {"stage": "erased", "fsr": 0.0, "ppl": ppl(30.0), "fsr_per_epoch": probes},
             {"stage": "recovered", "fsr": fsr_final, "ppl": ppl(27.0), "ordinary_accuracy": 0.4, "erased": False,
-             "fsr_per_epoch": probes[:2], "strict": strict(0.5, -3.0, base)}]
+             "fsr_per_epoch": probes[:2], "strict": strict(0.5, -3.0, base),
+             "likelihood": {"p_value": 10 ** (-3 - 6 * fsr_final), "rule": "exact rank", "owned": fsr_final > 0.4,
+                            "level": 1e-6}}]
 
 
 def test_run_report_opens_cleanly_in_chromium(tmp_path):
@@ -106,7 +108,7 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     # the page's figures as files too, for a README: each a PNG
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "fsr_against_mismatched.n.png", "fsr_per_epoch.png", "fsr_per_stage.png", "leaderboard.png",
-        "strict_per_epoch.png", "tasks.png"]
+        "leaderboard_likelihood.png", "leaderboard_strict.png", "strict_per_epoch.png", "tasks.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "figures").iterdir())
     md = (tmp_path / "tables.md").read_text()
     assert "**attacks: every cell**" in md and "| utf | finetune |  | missing |" in md
@@ -121,10 +123,11 @@ def test_bench_report_opens_cleanly_in_chromium(tmp_path, tiny_dir, cli):
     page = tmp_path / "bench.html"
     text = page.read_text()
     assert "<td>missing</td>" in text and text.count("<td>done</td>") == 3
-    for alt in ("leaderboard: FSR against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n",
+    for alt in ("leaderboard: FSR against utility", "leaderboard: strict checks against utility",
+                "leaderboard: likelihood test against utility", "FSR per stage", "FSR per epoch", "FSR against mismatched.n",
                 "strict checks per epoch", "accuracy per task before and after"):
         assert f'alt="{alt}"' in text
     assert "<h2>Downstream accuracy per task</h2>" in text and "<td>0.250</td>" in text
     seen = open_in_browser(page, "bench_report.png")
     assert seen["errors"] == [] and seen["console"] == []
-    assert seen["tables"] >= 5 and seen["images"] == 6 and seen["decoded"] == 6
+    assert seen["tables"] >= 5 and seen["images"] == 8 and seen["decoded"] == 8

@@ -13,8 +13,10 @@ with no column wired by hand: a new verification is a class here and a line in `
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
+from meraser.evaluation.likelihood import LikelihoodConfig
 from meraser.utils import MeraserError
 
 
@@ -23,6 +25,8 @@ class Verification:
     title: ClassVar[str]  # a column or row label
     key: ClassVar[str]  # where its result sits in an evaluation row
     measures: ClassVar[bool] = False  # False: `evaluate_model` measures it already (FSR, strict)
+    axis: ClassVar[str]  # the leaderboard's y axis: what `score` gives
+    owned_from: ClassVar[float]  # a score from here up shows ownership: the leaderboard shades below it
 
     def measure(self, model, tokenizer, card, progress: bool = False) -> dict:
         """Its result for an evaluation row (only where `measures`)."""
@@ -32,9 +36,17 @@ class Verification:
         """(text for a table, whether it still shows ownership: True, False, or None where it did not run)."""
         raise NotImplementedError
 
+    def score(self, row: dict) -> float | None:
+        """How strongly it still shows ownership, for the leaderboard (None where it did not run)."""
+        raise NotImplementedError
+
 
 class PaperFSR(Verification):
     name, title, key = "paper", "paper FSR", "fsr"
+    axis, owned_from = "FSR after the attack", 0.03  # FSR 0 is the paper's erasure: a strip at the bottom
+
+    def score(self, row: dict) -> float | None:
+        return row.get("fsr")
 
     def verdict(self, row: dict) -> tuple[str, bool | None]:
         from meraser.evaluation.ownership import p_text
@@ -49,6 +61,13 @@ class PaperFSR(Verification):
 
 class Strict(Verification):
     name, title, key = "strict", "strict checks", "strict"
+    axis, owned_from = "strict checks still above the base model", 0.5
+
+    def score(self, row: dict) -> float | None:
+        s = row.get("strict")
+        if not isinstance(s, dict) or "at_base_level" not in s:
+            return None
+        return float(sum(not at_base for at_base in s["at_base_level"].values()))
 
     def verdict(self, row: dict) -> tuple[str, bool | None]:
         s = row.get("strict")
@@ -63,6 +82,14 @@ class Strict(Verification):
 class Likelihood(Verification):
     name, title, key = "likelihood", "likelihood test", "likelihood"
     measures = True
+    axis = "likelihood test: -log10 p (capped at 16)"
+    owned_from = -math.log10(LikelihoodConfig.level)  # the default level; a row's own level decides its verdict
+
+    def score(self, row: dict) -> float | None:
+        r = row.get("likelihood")
+        if not isinstance(r, dict) or "p_value" not in r:
+            return None
+        return min(16.0, -math.log10(max(r["p_value"], 1e-300)))
 
     def measure(self, model, tokenizer, card, progress: bool = False) -> dict:
         from meraser.evaluation.likelihood import likelihood_test
