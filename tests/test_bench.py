@@ -55,7 +55,7 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, grid={"mismatched.n": [20, 40]}))
     res = run_bench(load_matrix(path), progress=False)
     out = tmp_path / "bench"
-    assert res == {"cells": 4, "done": 0, "ran": 4, "failed": [], "stale": []}  # 2 attacks x 2 grid values (the prune
+    assert res == {"cells": 4, "done": 0, "ran": 4, "failed": [], "stale": [], "reverified": 0}  # 2 attacks x 2 grid values (the prune
     assert len(list((out / "fingerprints").iterdir())) == 1  # ignores mismatched.n, but a cell is a cell)
     rows = read_jsonl(out / RESULTS)
     stages = {}
@@ -77,7 +77,7 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     table = _table(out)
 
     again = run_bench(load_matrix(path), progress=False)  # a finished matrix: nothing runs, nothing is added
-    assert again == {"cells": 4, "done": 4, "ran": 0, "failed": [], "stale": []} and _table(out) == table
+    assert again == {"cells": 4, "done": 4, "ran": 0, "failed": [], "stale": [], "reverified": 0} and _table(out) == table
     from test_safety import private_files_check
 
     card = json.loads(next((out / "fingerprints").glob("*/fingerprint_card.json")).read_text())
@@ -112,7 +112,7 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir)
     with pytest.raises(MeraserError, match="--only prune-magnitud3: no cell id contains it"):
         run_bench(load_matrix(path), only=["prune-magnitud3"], progress=False)
     res = run_bench(load_matrix(path), only=["prune-magnitude"], progress=False)
-    assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": []}
+    assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": [], "reverified": 0}
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
     assert run_bench(load_matrix(path), progress=False)["ran"] == 1  # the meraser cell, the prune one kept
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
@@ -267,7 +267,7 @@ def test_ray_executor_gives_the_sequential_results(tmp_path, tiny_dir):
         res = run_bench(load_matrix(tmp_path / "ray.yaml"), progress=False, executor=Executor("ray"))
     finally:
         ray.shutdown()
-    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": []}
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": [], "reverified": 0}
     seq, par = _table(tmp_path / "seq"), _table(tmp_path / "ray")
     assert seq.keys() == par.keys()
     for key in seq:  # FSR, false positives and the verdict exactly; the p-value up to float rounding
@@ -354,7 +354,7 @@ def test_merge_cells_share_one_expert(tmp_path, tiny_dir):
              "grid": {"attack.config.weights": [[1.0, 0.0], [0.5, 0.5]]}}
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[merge]))
     res = run_bench(load_matrix(path), progress=False)
-    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": []}
+    assert res == {"cells": 2, "done": 0, "ran": 2, "failed": [], "stale": [], "reverified": 0}
     shared = [f for f in (tmp_path / "bench" / "shared").iterdir() if f.name != "evals"]
     assert len(shared) == 1 and shared[0].name.startswith("expert__")
     rows = read_jsonl(tmp_path / "bench" / RESULTS)
@@ -449,10 +449,11 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
                                            r"attack.config.sparsity: 0.4 -> 0.5.*--redo-stale"):
         run_bench(load_matrix(path), progress=False)
     res = run_bench(load_matrix(path), redo_stale=True, progress=False)
-    assert res == {"cells": 1, "done": 0, "ran": 1, "failed": [], "stale": []}
+    assert res == {"cells": 1, "done": 0, "ran": 1, "failed": [], "stale": [], "reverified": 0}
     assert len({s for (_, s) in _table(out)}) == 3  # base, fingerprinted, attacked: once each, no duplicate
     assert json.loads(record.read_text())["attacked"]["id"] != "made-by-an-older-meraser"
-    assert run_bench(load_matrix(path), progress=False) == {"cells": 1, "done": 1, "ran": 0, "failed": [], "stale": []}
+    assert run_bench(load_matrix(path), progress=False) == {"cells": 1, "done": 1, "ran": 0, "failed": [], "stale": [],
+                                                           "reverified": 0}
 
     summary = _fingerprint_folder(shared_root(load_matrix(path)), cell) / "fingerprint_summary.json"
     made = json.loads(summary.read_text())
@@ -478,3 +479,34 @@ def test_keep_models_false_deletes_each_attacked_model_and_the_cell_still_runs_a
     stored = {r["stage"]: r["fsr"] for r in read_jsonl(out / RESULTS) if r["cell"] == prune.id}
     assert again == stored and "attacked" in again
     assert (out / "cells" / prune.id / "attacked" / "model.safetensors").is_file()
+
+
+def _strip(rows: list[dict], key: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != key} for r in rows]
+
+
+def test_reverify_measures_a_verification_registered_after_the_cells_ran(tmp_path, tiny_dir):
+    """A bench store made before the likelihood test existed (its rows, the cells' own and the shared evaluations
+    lack it): `--reverify` measures it on the stored models (the attacked one made again where not kept), replaces
+    the cells' rows with completed ones, never duplicates a row, and gives what a fresh run gives."""
+    from meraser.utils import read_json, write_json, write_jsonl
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, keep_models=False,
+                                    attacks=[{"method": "prune-magnitude", "config": {"sparsity": 0.5}}]))
+    out = tmp_path / "bench"
+    run_bench(load_matrix(path), progress=False)
+    fresh = {(r["cell"], r["stage"]): r["likelihood"]["p_value"] for r in read_jsonl(out / RESULTS)}
+    assert len(fresh) == 3  # base, fingerprinted, attacked
+    write_jsonl(out / RESULTS, _strip(read_jsonl(out / RESULTS), "likelihood"))
+    for f in (out / "cells").glob("*/results.jsonl"):
+        write_jsonl(f, _strip(read_jsonl(f), "likelihood"))
+    for f in (out / "shared" / "evals").glob("*.json"):
+        write_json(f, _strip([read_json(f)], "likelihood")[0])
+    assert run_bench(load_matrix(path), progress=False)["reverified"] == 0  # not asked: nothing is redone
+    res = run_bench(load_matrix(path), progress=False, reverify=True)
+    assert res["reverified"] == 1 and res["ran"] == 0 and res["failed"] == []
+    _table(out)  # no (cell, stage) row twice
+    rows = read_jsonl(out / RESULTS)
+    assert {(r["cell"], r["stage"]): r["likelihood"]["p_value"] for r in rows} == fresh
+    assert all(r["added_later"] == ["likelihood"] for r in rows)
+    assert run_bench(load_matrix(path), progress=False, reverify=True)["reverified"] == 0  # complete now

@@ -179,3 +179,13 @@ def test_every_evaluated_stage_carries_every_verification_and_the_report_shows_t
     assert all(f"{v.title}: fingerprinted -&gt; final" in page for v in REGISTRY.values())
     title, head, table = next(t for t in summary_tables(rep.runs) if t[0] == "which verification still shows ownership")
     assert table[0][2] == "attacked" and table[0][head.index("likelihood test: fingerprinted -> final")].startswith("p ")
+    # a run made before the likelihood test existed: re-running it measures just that, on the stored models
+    from meraser.utils import read_jsonl, write_jsonl
+
+    store = tmp_path / "run" / "results.jsonl"
+    write_jsonl(store, [{k: v for k, v in r.items() if k != "likelihood"} for r in read_jsonl(store)])
+    again = {r["stage"]: r for r in run_experiment(exp, progress=False)}
+    assert {s: r["likelihood"]["p_value"] for s, r in again.items()} == \
+        {s: r["likelihood"]["p_value"] for s, r in rows.items()}
+    assert all(r["added_later"] == ["likelihood"] for r in again.values())
+    assert {r["stage"]: r.get("added_later") for r in read_jsonl(store)}["attacked"] == ["likelihood"]  # last wins

@@ -466,11 +466,22 @@ def finished_cells(out: Path) -> set[str]:
     return {r["cell"] for r in read_jsonl(Path(out) / RESULTS, "results store", torn_tail_ok=True)}
 
 
-def record(out: Path, rows: list[dict]) -> None:
-    """Add a finished cell's rows to the store in one atomic replace: all of them, or (killed) none."""
+def record(out: Path, rows: list[dict], replace: bool = False) -> None:
+    """Add a finished cell's rows to the store in one atomic replace: all of them, or (killed) none. `replace`: they
+    supersede the cell's stored rows (a re-verified cell)."""
     from meraser.utils import write_jsonl
 
-    write_jsonl(out / RESULTS, read_jsonl(out / RESULTS, "results store", torn_tail_ok=True) + rows)
+    stored = read_jsonl(out / RESULTS, "results store", torn_tail_ok=True)
+    cells = {r["cell"] for r in rows} if replace else set()
+    write_jsonl(out / RESULTS, [r for r in stored if r["cell"] not in cells] + rows)
+
+
+def unverified_cells(out: Path, cells: set[str]) -> set[str]:
+    """Those of `cells` with a stored row that lacks a registered verification (made before it existed)."""
+    from meraser.evaluation.verifications import missing
+
+    return {r["cell"] for r in read_jsonl(Path(out) / RESULTS, "results store", torn_tail_ok=True)
+            if r["cell"] in cells and missing(r)}
 
 
 FAILED = "failed.jsonl"
@@ -503,11 +514,13 @@ class Executor:
 
 def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: list[str] | None = None,
               progress: bool = True, console=None, executor: Executor | None = None,
-              redo_stale: bool = False) -> dict:
+              redo_stale: bool = False, reverify: bool = False) -> dict:
     """Check the whole matrix, then run every cell not yet in the store (with `only`, those whose id contains one
     of its strings). A finished cell that today's defaults would make differently (`stale_cells`) is refused,
-    naming what changed, unless `redo_stale`: then its rows leave the store and it runs again. Returns {cells,
-    done, ran, failed, stale}; with `dry_run`, only lists the cells and what is done or stale."""
+    naming what changed, unless `redo_stale`: then its rows leave the store and it runs again. With `reverify`, a
+    finished cell whose rows predate a registered verification runs again too: its stored models (made again where
+    not kept) get just the missing verifications, and its rows are replaced by the completed ones. Returns {cells,
+    done, ran, failed, stale, reverified}; with `dry_run`, only lists the cells and what is done or stale."""
     executor = executor or Executor()
     executor.check()
     out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
@@ -519,13 +532,16 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
         check_bench_folder(share, f"{where}shared")
     check_cards(cells, share, where)
     if dry_run:
-        return _run_bench(matrix, cells, out, share, where, True, only, progress, console, executor, redo_stale)
+        return _run_bench(matrix, cells, out, share, where, True, only, progress, console, executor, redo_stale,
+                          reverify)
     with exclusive(out, "bench folder"), (exclusive(share, "shared folder") if share != out else nullcontext()):
-        return _run_bench(matrix, cells, out, share, where, False, only, progress, console, executor, redo_stale)
+        return _run_bench(matrix, cells, out, share, where, False, only, progress, console, executor, redo_stale,
+                          reverify)
 
 
 def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where: str, dry_run: bool,
-               only: list[str] | None, progress: bool, console, executor: Executor, redo_stale: bool) -> dict:
+               only: list[str] | None, progress: bool, console, executor: Executor, redo_stale: bool,
+               reverify: bool = False) -> dict:
     """`run_bench` once its inputs are checked and (unless `dry_run`) its folders locked."""
     done = finished_cells(out)
     wanted = [c for c in cells if not only or any(o in c.id for o in only)]
@@ -537,10 +553,12 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
         console.print(cells_table(cells, done, stale))
     if stale and not dry_run:
         _settle_stale(stale, out, done, redo_stale, where)
-    todo = [c for c in wanted if c.id not in done]
+    again = unverified_cells(out, {c.id for c in wanted} & done) if reverify else set()
+    todo = [c for c in wanted if c.id not in done or c.id in again]
     n_done = sum(c.id in done for c in cells)
     if dry_run or not todo:
-        return {"cells": len(cells), "done": n_done, "ran": 0, "failed": [], "stale": sorted(stale)}
+        return {"cells": len(cells), "done": n_done, "ran": 0, "failed": [], "stale": sorted(stale),
+                "reverified": 0 if not dry_run else len(again)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "matrix.json", matrix.to_dict())
     prepare_shared(todo, share, console)
@@ -549,7 +567,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
     def finished(cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:
         """The driver alone writes the store (and the failure log), whichever executor ran the cell."""
         if error is None:
-            record(out, rows)
+            record(out, rows, replace=cell.id in again)
             if not matrix.keep_models:
                 drop_attacked_model(out / "cells" / cell.id)
             return
@@ -563,12 +581,13 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
             console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
 
     with progress_bar(progress) as bar:
-        task = bar.add_task("matrix", total=n_done + len(todo), completed=n_done)
+        task = bar.add_task("matrix", total=n_done - len(again) + len(todo), completed=n_done - len(again))
         run = _run_on_ray if executor.kind == "ray" else _run_here
         run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)),
             redo=set(stale) if redo_stale else set())
-    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(failed), "failed": failed,
-            "stale": sorted(stale) if not redo_stale else []}
+    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
+            "failed": failed, "stale": sorted(stale) if not redo_stale else [],
+            "reverified": len(again - set(failed))}
 
 
 # what a bench writes in its folders: `out` may be a new or empty folder, or one that holds only these

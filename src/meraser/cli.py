@@ -433,6 +433,8 @@ def bench(
     gpus_per_cell: float = typer.Option(0.0, help="GPUs each Ray task asks for (1 on a GPU machine)"),
     redo_stale: bool = typer.Option(False, "--redo-stale", help="run again the finished cells that today's defaults "
                                                                 "would make differently (refused otherwise)"),
+    reverify: bool = typer.Option(False, "--reverify", help="measure on finished cells' stored models (made again "
+                                  "where not kept) the verifications registered since they ran"),
 ):
     """Run a fingerprint x attack matrix: every cell an experiment in its own folder, fingerprinted models and
     MEraser's transfer adapter made once and shared, one results store. Re-running skips finished cells."""
@@ -443,12 +445,14 @@ def bench(
     if out:
         m.out = str(out)
     res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(200),
-                    executor=Executor(executor, address, cpus_per_cell, gpus_per_cell), redo_stale=redo_stale)
+                    executor=Executor(executor, address, cpus_per_cell, gpus_per_cell), redo_stale=redo_stale,
+                    reverify=reverify)
     if not dry_run:
         from meraser.report import write_bench_report
 
         page = write_bench_report(m.out, Path(m.out) / "report.html")
-        _console().print(f"{res['ran']} cells run, {res['done']} were done already, {len(res['failed'])} failed "
+        _console().print(f"{res['ran']} cells run, {res['done']} were done already"
+                         + (f" ({res['reverified']} re-verified)" if reverify else "") + f", {len(res['failed'])} failed "
                          f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl; "
                          f"report: {page}")
     if res["failed"]:

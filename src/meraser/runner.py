@@ -329,25 +329,48 @@ class ExperimentRun:
         return model
 
     def evaluate(self, stage: str, model, extra=None, decoding=None) -> dict:
-        """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once."""
-        from meraser.evaluation.evaluate import ppl_text
+        """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once. A
+        stored row (here, or shared by another bench cell) is reused; where it predates a verification registered
+        since, that one alone is measured on `model` and a completed row supersedes it."""
+        from meraser.evaluation.verifications import missing
 
-        if stage in self.rows:
-            return self.rows[stage]
-        self._begin(f"eval:{stage}")
         shared = self._shared_file(stage)
-        if shared is not None and shared.is_file():
-            row = read_json(shared, "shared evaluation")
-        else:
+        own = self.rows.get(stage)
+        common = read_json(shared, "shared evaluation") if shared is not None and shared.is_file() else None
+        if own is None:
+            self._begin(f"eval:{stage}")
+        if own is None and common is None:
             row = self._evaluation(stage, model, extra, decoding)
-            if shared is not None:
-                write_json(shared, row)
+        else:  # another cell may have completed the shared row already
+            row = self._complete(own if own is not None and (common is None or not missing(own)) else common, model)
+            if row is own:
+                return row
+        if shared is not None and row is not common:
+            write_json(shared, row)
         append_jsonl(self.out / RESULTS, row)
         self.rows[stage] = row
-        strict = row.get("strict", {})
+        self._say_row(stage, row)
+        return row
+
+    def _complete(self, row: dict, model) -> dict:
+        """`row` with the verifications it lacks measured on `model` (the stage's model, made again where it was not
+        kept), each named in its "added_later"; `row` itself where none is missing or there is no model."""
+        from meraser.evaluation.verifications import measured, missing
+
+        todo = missing(row) if self.card is not None and model is not None else []
+        if not todo:
+            return row
+        self.say(f"  {row['stage']}: measuring {', '.join(v.title for v in todo)} (registered after this row)")
+        # a decoding attack's row: the weights' verifications do not apply (`measured` says so)
+        added = measured(model, self.tok, self.card, self.progress, decoding=row.get("decoding"), only=todo)
+        return {**row, **added, "added_later": sorted({*row.get("added_later", []), *added})}
+
+    def _say_row(self, stage: str, row: dict) -> None:
+        from meraser.evaluation.evaluate import ppl_text
         from meraser.evaluation.ownership import p_text
         from meraser.evaluation.verifications import REGISTRY, verdict_text
 
+        strict = row.get("strict", {})
         self.say(f"  {stage}: " + ", ".join(
             ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
             ([f"strict: forced {strict['forced']:.0%}, paraphrased {strict['paraphrased']:.0%}, sampled "
@@ -357,7 +380,6 @@ class ExperimentRun:
             ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
             [f"{v.title} {text}" for v in REGISTRY.values() if v.measures for text in [verdict_text(v, row)] if text]
             + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
-        return row
 
     def _evaluation(self, stage: str, model, extra, decoding) -> dict:
         from meraser.evaluation.evaluate import evaluate_model
@@ -386,12 +408,16 @@ class ExperimentRun:
         from meraser.models import load_model
 
         from meraser.evaluation.algorithm1 import ordinary_accuracy
+        from meraser.evaluation.verifications import missing
 
-        if self.plan.base and "base" not in self.rows:
-            shared = self._shared_file("base")
-            if shared is not None and shared.is_file():
-                self.evaluate("base", None)  # another cell evaluated this base already
-                return
+        if not self.plan.base:
+            return
+        shared = self._shared_file("base")
+        stored = self.rows.get("base") or (read_json(shared, "shared evaluation")
+                                           if shared is not None and shared.is_file() else None)
+        if stored is not None and not missing(stored):
+            self.evaluate("base", None)  # evaluated already (by this run, or by another cell of a bench)
+        else:
             base_model, _ = load_model(self.plan.base)
             self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok),
                                                        **self._null(base_model)})

@@ -75,11 +75,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
             from meraser.evaluation.strict import strict_check
 
             out["strict"] = strict_check(model, tokenizer, card, base_result=strict_base)
-        from meraser.evaluation.verifications import REGISTRY
+        from meraser.evaluation.verifications import measured
 
-        for v in (v for v in REGISTRY.values() if v.measures):  # every other registered verification
-            # under a decoding attack: it scores the weights, which the attack leaves alone, so it does not apply
-            out[v.key] = v.measure(model, tokenizer, card, progress) if decoding is None else NOT_APPLICABLE
+        out.update(measured(model, tokenizer, card, progress, decoding))  # every other registered verification
     if decoding is not None and decoding.name != "greedy":
         out["decoding"] = decoding.name
         out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})

@@ -115,6 +115,24 @@ class Likelihood(Verification):
 REGISTRY: dict[str, Verification] = {v.name: v for v in [PaperFSR(), Strict(), Likelihood()]}
 
 
+def measured(model, tokenizer, card, progress: bool = False, decoding=None,
+             only: list[Verification] | None = None) -> dict:
+    """{key: result} of every registered verification that measures anything of its own (or of `only`). Under a
+    decoding attack they score the weights, which the attack leaves alone, so they do not apply."""
+    from meraser.evaluation.evaluate import NOT_APPLICABLE
+
+    todo = only if only is not None else [v for v in REGISTRY.values() if v.measures]
+    return {v.key: v.measure(model, tokenizer, card, progress) if decoding is None else NOT_APPLICABLE for v in todo}
+
+
+def missing(row: dict) -> list[Verification]:
+    """The measuring verifications a stored evaluation row with card results lacks: those registered after it was
+    made (a run re-run, `meraser bench --reverify`, measures just these on the stage's model)."""
+    if "fsr" not in row:
+        return []
+    return [v for v in REGISTRY.values() if v.measures and v.key not in row]
+
+
 def verdict_text(v: Verification, row: dict) -> str:
     """A verification's cell: its figure, and "owned" where it still shows ownership."""
     text, owned = v.verdict(row)
