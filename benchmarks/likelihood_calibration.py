@@ -1,15 +1,17 @@
 """Calibration of the likelihood ownership test on controls: models that never saw the key, each tested against
-cards of keys it never saw. Their p-values must be uniform (or above uniform: the exact rank p-value is discrete),
-and none may fall at or below 1e-3.
+cards of keys it never saw. Their p-values must be uniform (the exact rank p-value is discrete: at most uniform, i.e.
+P(p <= a) <= a), and none may fall at or below 1e-3.
 
-Cards whose random part costs nothing to draw (Chain & Hash: a secret key; IF-SFT: scrambled strings;
-subject-sentence: a subject) are made for --cards seeds per method with `make_card` on the base model, with no
-training: every card is a key that none of the --models saw (a model fingerprinted here carries another key). Each
-(model, card) pair is one control. Prints the false-positive count at 1e-3 and 1e-6, the smallest p-value, and a
-Kolmogorov-Smirnov test of the p-values against uniform; writes every p-value and a QQ figure to --out.
+The controls are listed in a YAML file (benchmarks/calibration_smollm2.yaml: the base, LoRA and full fine-tunes of it
+on other data and seeds, models fingerprinted with the same methods and other keys, merges and prunes of those) and
+built into --out with meraser's own library calls (`run_attack`, `fingerprint`), each once. Cards are fresh keys
+drawn on the base model with no training (Chain & Hash: a random secret; the others: seeds 1000+), saved in --out so
+a rerun tests the same ones. Every (control, card) pair is one control test, appended to --out/p_values.jsonl as it
+finishes: an interrupted run resumes where it stopped. Prints the false-positive count at 1e-3 and 1e-6, the smallest
+p-value and Kolmogorov-Smirnov tests against uniform per method and rule; writes a QQ figure and a Markdown table.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/likelihood_calibration.py --models smollm2-135m \\
-        runs/likelihood-chain-hash/fingerprinted/model ... [--methods chain-hash,if-sft] [--cards 10]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/likelihood_calibration.py benchmarks/calibration_smollm2.yaml \\
+        [--out runs/calibration] [--results benchmarks/results/likelihood_calibration]
 """
 
 from __future__ import annotations
@@ -21,62 +23,172 @@ import secrets
 import time
 from pathlib import Path
 
+CONTROL_KEYS = {"model", "attack", "fingerprint", "set", "base", "made_by"}
+TOP_KEYS = {"base", "cards", "card_config", "controls"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["smollm2-135m"], help="control models (never saw these keys)")
-    ap.add_argument("--base", default="smollm2-135m", help="the model the cards are made for")
-    ap.add_argument("--methods", default="chain-hash,if-sft,subject-sentence")
-    ap.add_argument("--cards", type=int, default=10, help="cards (keys) per method")
-    ap.add_argument("--decoys", type=int, default=99)
-    ap.add_argument("--out", default="benchmarks/results/likelihood_calibration")
+    ap.add_argument("config", help="YAML: base, cards (per method), card_config, controls")
+    ap.add_argument("--out", default="runs/calibration", help="controls, cards and p-values (resumable)")
+    ap.add_argument("--results", default="benchmarks/results/likelihood_calibration",
+                    help="where the table, figure and p-values are copied to be checked in")
     args = ap.parse_args()
 
-    import torch
     import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    cfg = _read_config(args.config)
+    out = Path(args.out)
+    models = {name: _build_control(name, spec, out / "controls", cfg) for name, spec in cfg["controls"].items()}
+    cards = _cards(cfg, out / "cards")
+    rows = _test_pairs(models, cards, cfg["controls"], out / "p_values.jsonl")
+    _summarise(rows, Path(args.results), len(models), len(cards))
+
+
+def _read_config(path: str) -> dict:
+    import yaml
+
+    from meraser.utils import MeraserError, unknown_name
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    for key in cfg:
+        if key not in TOP_KEYS:
+            raise unknown_name("key", key, TOP_KEYS, path)
+    for name, spec in cfg["controls"].items():
+        for key in spec:
+            if key not in CONTROL_KEYS:
+                raise unknown_name("control key", key, CONTROL_KEYS, f"{path}: controls.{name}")
+        if "attack" in spec and "fingerprint" in spec:
+            raise MeraserError(f"{path}: controls.{name}: an attack or a fingerprint, not both")
+    return cfg
+
+
+def _resolve(value, folder: Path):
+    """'control:NAME' -> the folder control NAME was built in (a control built from another)."""
+    if isinstance(value, str) and value.startswith("control:"):
+        return str(folder / value.removeprefix("control:"))
+    if isinstance(value, dict):
+        return {k: _resolve(v, folder) for k, v in value.items()}
+    return value
+
+
+def _build_control(name: str, spec: dict, folder: Path, cfg: dict) -> str:
+    from meraser.utils import MeraserError
+
+    model, target = _resolve(spec["model"], folder), folder / name
+    if "attack" not in spec and "fingerprint" not in spec:
+        if not (Path(model).exists() or not ("/" in model or model.startswith("."))):
+            raise MeraserError(f"control {name}: {model} does not exist; make it with: {spec.get('made_by', '?')}")
+        return model
+    if (target / "built.json").exists():
+        return str(target / "model") if "fingerprint" in spec else str(target)
+    t0 = time.perf_counter()
+    print(f"building control {name} ...", flush=True)
+    sets = _resolve(spec.get("set", {}), folder)
+    if "attack" in spec:
+        from meraser.attacks import run_attack
+
+        run_attack(spec["attack"], model, target, sets, base=spec.get("base"), overwrite=True, progress=True)
+    else:
+        from meraser.fingerprints.embed import fingerprint
+
+        fingerprint(spec["fingerprint"], model, target, sets, overwrite=True)
+    (target / "built.json").write_text(json.dumps({"spec": spec, "seconds": round(time.perf_counter() - t0)}))
+    return str(target / "model") if "fingerprint" in spec else str(target)
+
+
+def _cards(cfg: dict, folder: Path) -> list:
+    from meraser.fingerprints import get_method
+    from meraser.fingerprints.card import Card
+
+    base = tok = None
+    cards = []
+    for method, count in cfg["cards"].items():
+        for i in range(count):
+            path = folder / f"{method}-{1000 + i}.json"
+            if not path.exists():
+                if base is None:
+                    from meraser.models import load_model
+
+                    base, tok = load_model(cfg["base"])
+                m = get_method(method)
+                extra = {"secret_key": secrets.token_hex(16)} if method == "chain-hash" else {}
+                over = {"seed": 1000 + i, **cfg.get("card_config", {}).get(method, {}), **extra}
+                card = m.make_card(base, tok, m.Config.from_dict(over))
+                from meraser.evaluation.likelihood import tokenizer_digest
+
+                card.extra["tokenizer"] = tokenizer_digest(tok)
+                card.save(path)
+            cards.append((path.stem, Card.load(path)))
+    return cards
+
+
+def _group(spec: dict) -> str:
+    if "fingerprint" in spec or "made_by" in spec:
+        return "fingerprinted, other key"
+    attack = spec.get("attack", "")
+    return {"finetune": "sibling"}.get(attack) or attack.split("-")[0] or "base"
+
+
+def _test_pairs(models: dict, cards: list, specs: dict, path: Path) -> list[dict]:
+    from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_test
+    from meraser.models import load_model
+    from meraser.utils import append_jsonl, read_jsonl
+
+    rows = read_jsonl(path) if path.exists() else []
+    done = {(r["control"], r["card"]) for r in rows}
+    for name, spec in models.items():
+        todo = [(cid, c) for cid, c in cards if (name, cid) not in done]
+        if not todo:
+            continue
+        model, tok = load_model(spec)
+        for cid, card in todo:
+            t0 = time.perf_counter()
+            r = likelihood_test(model, tok, card, LikelihoodConfig(), progress=True)
+            row = {"control": name, "group": _group(specs[name]), "card": cid, "method": card.method,
+                   "p_value": r["p_value"], "rule": r["rule"], "p_exact": r["p_exact"],
+                   "p_normal_tail": r["p_normal_tail"], "owned": r["owned"],
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            append_jsonl(path, row)
+            rows.append(row)
+            print(f"{name:28s} {cid:22s} p {row['p_value']:.3g} ({row['rule']}) {row['seconds']} s", flush=True)
+        del model
+    return rows
+
+
+def _summarise(rows: list[dict], results: Path, n_models: int, n_cards: int) -> None:
     from rich.table import Table
     from scipy import stats
 
-    from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_test
     from meraser.evaluation.ownership import p_text
-    from meraser.fingerprints import get_method
-    from meraser.models import load_model
-    from meraser.utils import console, write_jsonl
+    from meraser.utils import atomic_write_text, console, write_jsonl
 
-    transformers.utils.logging.set_verbosity_error()
-    base, tok = load_model(args.base)
-    cards = []
-    for name in args.methods.split(","):
-        method = get_method(name)
-        for seed in range(args.cards):
-            extra = {"secret_key": secrets.token_hex(16)} if name == "chain-hash" else {}
-            cards.append(method.make_card(base, tok, method.Config.from_dict({"seed": 1000 + seed, **extra})))
-    del base
-    rows, t0 = [], time.perf_counter()
-    for spec in args.models:
-        model, _ = load_model(spec)
-        for card in cards:
-            r = likelihood_test(model, tok, card, LikelihoodConfig(decoys=args.decoys))
-            rows.append({"model": spec, "method": card.method, "seed": card.seed, "p_value": r["p_value"],
-                         "rule": r["rule"], "p_exact": r["p_exact"], "p_normal_tail": r["p_normal_tail"],
-                         "owned": r["owned"]})
-        del model
-    seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    write_jsonl(out / "p_values.jsonl", rows)
-    _qq(rows, out / "qq.png")
-    table = Table(title=f"likelihood test on {len(rows)} control-card pairs ({len(args.models)} models x "
-                        f"{len(cards)} cards), {seconds:.0f} s on {platform.machine()} with {torch.get_num_threads()} "
-                        f"threads")
-    for col in ("method", "pairs", "p <= 1e-3", "p <= 1e-6", "smallest p", "KS vs uniform (p)"):
+    seconds = sum(r["seconds"] for r in rows)
+    title = (f"likelihood test on {len(rows)} control-card pairs ({n_models} models x {n_cards} cards); "
+             f"{seconds / 60:.0f} min of tests on {platform.machine()}")
+    cols = ("controls", "pairs", "p <= 1e-3", "p <= 1e-6", "smallest p", "KS greater: D (p)", "KS two-sided: D (p)")
+    table = Table(title=title)
+    for col in cols:
         table.add_column(col, justify="right")
-    for method in [*args.methods.split(","), "all"]:
-        ps = [r["p_value"] for r in rows if method in ("all", r["method"])]
-        ks = stats.kstest(ps, "uniform", alternative="greater")  # H1: p-values pile up low (too many claims)
-        table.add_row(method, str(len(ps)), str(sum(p <= 1e-3 for p in ps)), str(sum(p <= 1e-6 for p in ps)),
-                      p_text(min(ps)), f"{ks.statistic:.3f} ({ks.pvalue:.2g})")
-    console(140).print(table)
-    print(json.dumps({"pairs": len(rows), "seconds": round(seconds)}))
+    lines = [f"{title}\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    groups = [("method " + m, lambda r, m=m: r["method"] == m) for m in sorted({r["method"] for r in rows})]
+    groups += [("rule " + u, lambda r, u=u: r["rule"] == u) for u in sorted({r["rule"] for r in rows})]
+    groups += [(g, lambda r, g=g: r["group"] == g) for g in sorted({r["group"] for r in rows})]
+    for label, keep in [*groups, ("all", lambda r: True)]:
+        ps = [r["p_value"] for r in rows if keep(r)]
+        # H1 of "greater": the p-values pile up low (too many ownership claims); two-sided: any departure
+        g, two = stats.kstest(ps, "uniform", alternative="greater"), stats.kstest(ps, "uniform")
+        cells = [label, str(len(ps)), str(sum(p <= 1e-3 for p in ps)), str(sum(p <= 1e-6 for p in ps)),
+                 p_text(min(ps)), f"{g.statistic:.3f} ({g.pvalue:.2g})", f"{two.statistic:.3f} ({two.pvalue:.2g})"]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console(160).print(table)
+    results.mkdir(parents=True, exist_ok=True)
+    write_jsonl(results / "p_values.jsonl", rows)
+    atomic_write_text(results / "table.md", "\n".join(lines) + "\n")
+    _qq(rows, results / "qq.png")
+    print(json.dumps({"pairs": len(rows), "false_positives_at_1e-3": sum(r["p_value"] <= 1e-3 for r in rows)}))
 
 
 def _qq(rows: list[dict], path: Path) -> None:
@@ -85,17 +197,20 @@ def _qq(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(9, 4.2))
     for method in sorted({r["method"] for r in rows}):
         ps = sorted(r["p_value"] for r in rows if r["method"] == method)
         expected = [(i + 1) / (len(ps) + 1) for i in range(len(ps))]
-        ax.plot(expected, ps, "o", ms=3, label=method)
+        ax.plot(expected, ps, "o", ms=3, label=f"{method} ({len(ps)})")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="uniform")
-    ax.set(xlabel="expected p (uniform)", ylabel="observed p", title="controls: p-values against uniform")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="expected p (uniform)", ylabel="observed p", title="control p-values against uniform")
+    ax.legend(fontsize=7)
+    hx.hist([r["p_value"] for r in rows], bins=20, range=(0, 1), color="#4c72b0", edgecolor="white")
+    hx.axhline(len(rows) / 20, color="k", ls="--", lw=1)
+    hx.set(xlabel="p-value", ylabel="control-card pairs", title=f"histogram ({len(rows)} pairs; dashed: uniform)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ def fsr_curve_png(runs: list[dict]) -> str | None:
 def _png(fig) -> str:
     """A finished matplotlib figure as base64 PNG (closed), to embed in the page."""
     import matplotlib.pyplot as plt
-
     from matplotlib.legend import Legend
 
     fig.tight_layout()

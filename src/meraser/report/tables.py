@@ -8,6 +8,7 @@ import html
 from meraser.evaluation.evaluate import ppl_text
 from meraser.evaluation.ownership import p_text
 from meraser.evaluation.strict import CHECKS
+from meraser.evaluation.verifications import verdict_text
 from meraser.report.data import (
     STAGES,
     final_stage,
@@ -51,18 +52,28 @@ def pct(x) -> str:
 
 
 def table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """The paper's Table 1: FSR and PPL at every stage, and both verdicts on the final model."""
+    """The paper's Table 1: FSR and PPL at every stage, both erasure verdicts on the final model, and what every
+    measuring verification (the registry's) concludes on it."""
     stages = [s for s in STAGES if any(s in r["stages"] for r in runs)] or list(STAGES[:4])
     head = ["run", "method"] + [f"{s} {k}" for s in stages for k in ("FSR", "PPL")] + ["Alg. 1 erased",
                                                                                       "erased strictly"]
+    head += [f"{v.title}, final" for v in _measuring()]
     rows = []
     for run in runs:
         st, last = run["stages"], last_row(run)
         cells = [run_label(run) if "attack" in run else run["name"], run["method"]]
         for s in stages:
             cells += [pct(st.get(s, {}).get("fsr")), ppl_text(st.get(s, {}))]
-        rows.append(cells + [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))])
+        rows.append(cells + [str(last.get("erased", "")), str(last.get("strict", {}).get("erased_strict", ""))]
+                    + [verdict_text(v, last) for v in _measuring()])
     return head, rows
+
+
+def _measuring() -> list:
+    """The registered verifications that measure something of their own: Table 1 and the attack table show each."""
+    from meraser.evaluation.verifications import REGISTRY
+
+    return [v for v in REGISTRY.values() if v.measures]
 
 
 def strict_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
@@ -92,6 +103,7 @@ def attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[li
     """Every cell of the matrix (done, failed or missing) with the attack's effect and cost."""
     head = ["fingerprint", "attack", "settings", "status", "FSR before", "FSR after", "erased strictly",
             "ownership p-value", "PPL before", "PPL after", "ordinary acc. after", "utility", "wall time", "peak memory"]
+    head += [f"{v.title} after" for v in _measuring()]
     by_id = {r["name"]: r for r in runs}
     rows = []
     for c in cells or [{"id": r["name"], "fingerprint": r["method"], "attack": r["attack"], "grid": r["grid"],
@@ -107,7 +119,8 @@ def attack_rows(runs: list[dict], cells: list[dict]) -> tuple[list[str], list[li
                      p_text(last['ownership']['p_value']) if "ownership" in last else "", ppl_text(fp),
                      ppl_text(last), pct(last.get("ordinary_accuracy")), "" if u is None else f"{u:.0%}",
                      f"{r['seconds']:.0f} s" if r and r.get("seconds") else "",
-                     f"{r['peak_rss_mb']} MB" if r and r.get("peak_rss_mb") else ""])
+                     f"{r['peak_rss_mb']} MB" if r and r.get("peak_rss_mb") else ""]
+                    + [verdict_text(v, last) for v in _measuring()])
     return head, rows
 
 
@@ -115,7 +128,7 @@ def verification_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """Attack x verification: for every run (a bench cell), what each registered verification concludes on the
     fingerprinted model and on the final one ("owned" where it still shows ownership). Columns come from the
     registry, so a new verification needs no change here."""
-    from meraser.evaluation.verifications import REGISTRY, verdict_text
+    from meraser.evaluation.verifications import REGISTRY
 
     head = ["run", "fingerprint", "final stage"] + [f"{v.title}: fingerprinted -> final" for v in REGISTRY.values()]
     rows = []
@@ -135,10 +148,10 @@ def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tu
     if cells is not None:  # the page's columns, paired up to fit a terminal: before -> after
         _, rows = attack_rows(runs, cells)
         head = ["fingerprint", "attack", "settings", "status", "FSR", "erased strictly", "p-value", "PPL",
-                "ordinary acc.", "utility", "time"]
+                "ordinary acc.", "utility", "time"] + [v.title for v in _measuring()]
         tables.append(("attacks: every cell", head, [
             r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[10],
-                     r[11], r[12]] for r in rows]))
+                     r[11], r[12]] + r[14:] for r in rows]))
     head, rows = verification_rows(runs)
     if rows:
         tables.append(("which verification still shows ownership", head, rows))
