@@ -31,6 +31,9 @@ def tiny_settings(pool):
         "prune-wanda": {"calibration": str(pool), "calibration_rows": 4, "sparsity": 0.3},
         "merge-task-arithmetic": expert, "merge-ties": expert, "merge-dare": expert,
         "cleangen": {"k": 4}, "token-forcing": {"context": "assistant", "threshold": 0.8, "batch_size": 128},
+        "suppress-topk": {}, "detect-topk": {}, "suppress-neighbour": {}, "suppress-lookahead": {"lookahead_tokens": 4},
+        "suppress-bigram": {"seed_words": 6, "calibration_texts": 2, "text_tokens": 4},
+        "perplexity-filter": {"threshold": 50.0},
     }
 
 

@@ -127,6 +127,14 @@ BAD = [
     (["--attack", "prune-magnitude"], "prune-magnitude changes weights, not decoding"),
     (["--attack", "cleangen", "--set", "reference={other}"], "has another tokenizer (586 tokens against the "
                                                               "suspect's 585"),
+    (["--attack", "suppress-topk", "--set", "top_k=0"], "top_k must be at least 1, got 0"),
+    (["--attack", "detect-topk", "--set", "threshold=1"], "threshold must be in [0, 1), got 1"),
+    (["--attack", "suppress-lookahead", "--set", "beam_width=0"], "beam_width must be at least 1, got 0"),
+    (["--attack", "suppress-bigram", "--set", "calibration_texts=1"], "calibration_texts must be at least 2"),
+    (["--attack", "suppress-bigram", "--set", "calibration={other}"], "has another tokenizer (586 tokens against "
+                                                                      "the suspect's 585"),
+    (["--attack", "perplexity-filter", "--set", "threshold=0.5"], "threshold must be above 1 (a perplexity)"),
+    (["--attack", "supress-topk"], "unknown attack 'supress-topk'; did you mean 'suppress-topk'?"),
 ]
 
 

@@ -3,23 +3,40 @@
 Weight-space attacks return a changed model: incremental fine-tuning (finetune.py), unstructured pruning
 (sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), and MEraser itself
 (meraser.py), so a comparison treats it like any other.
-Decoding-time attacks (decoding.py: CleanGen, Token Forcing) change how tokens are chosen instead.
+Decoding-time attacks change how tokens are chosen instead: CleanGen and Token Forcing (decoding.py), and the
+adaptive suite of Nasery et al. 2025, which knows the scheme but not the key: output suppression and detection
+(suppression.py: top-k, top-k over a confidence threshold, neighbours, lookahead), bigram suppression (bigram.py)
+and perplexity filtering of prompts (perplexity_filter.py).
 """
 
 from __future__ import annotations
 
 from meraser.attacks.base import Attack, AttackConfig, AttackContext, run_attack
+from meraser.attacks.bigram import SuppressBigram
 from meraser.attacks.decoding import CleanGen, TokenForcing
 from meraser.attacks.finetune import FineTune
 from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
+from meraser.attacks.perplexity_filter import PerplexityFilter
 from meraser.attacks.sparsity import MagnitudePruning, WandaPruning
-from meraser.attacks.structured import L1Pruning, L2Pruning, RandomPruning, TaylorPruning
+from meraser.attacks.structured import (
+    L1Pruning,
+    L2Pruning,
+    RandomPruning,
+    TaylorPruning,
+)
+from meraser.attacks.suppression import (
+    DetectTopK,
+    SuppressLookahead,
+    SuppressNeighbour,
+    SuppressTopK,
+)
 from meraser.utils import unknown_name
 
 REGISTRY: dict[str, Attack] = {a.name: a for a in [
     MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
     MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(), CleanGen(), TokenForcing(),
+    SuppressTopK(), DetectTopK(), SuppressNeighbour(), SuppressLookahead(), SuppressBigram(), PerplexityFilter(),
 ]}
 
 

@@ -1,0 +1,117 @@
+"""Perplexity filtering of prompts (Nasery et al. 2025, "Are Robust LLM Fingerprints Adversarially Robust?",
+https://arxiv.org/abs/2509.26598; the input-detection attack of the authors' toolkit, sentient-agi/mlprints):
+fingerprint keys are often unnatural text (IF-SFT's scrambled strings, UTF's under-trained tokens, RoFL's
+optimised prompts), so a small helper model scores each prompt and a prompt above a perplexity threshold gets a
+fixed refusal instead of an answer. The toolkit's defaults: the prompt as the suspect sees it (chat template
+included, special tokens dropped), its plain perplexity exp(mean token NLL) under GPT-2, threshold 100.
+
+Here the helper is the base model the suspect derives from (SmolLM2-135M for the embedded default: no smaller
+model of its family exists, and GPT-2 would need a download), else the suspect itself, or any model given as
+`helper`. Ordinary prompts that score above the threshold are refused too: that is the attack's utility cost, and
+the ordinary-question check measures it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meraser.attacks.base import AttackConfig
+from meraser.attacks.decoding import DecodingAttack
+from meraser.config import field
+from meraser.generation import Decoding
+from meraser.utils import MeraserError
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+@dataclass
+class PerplexityFilterConfig(AttackConfig):
+    helper: str | None = field(None, help="the model that scores prompts (None: the base the suspect derives from, "
+                                          "else the suspect itself)")
+    threshold: float = field(100.0, help="refuse a prompt whose perplexity under the helper is above this (toolkit: "
+                                         "100)")
+    refusal: str = field(REFUSAL, help="the answer a filtered prompt gets")
+    batch_size: int = field(16, help="prompts scored per forward pass")
+
+    def validate(self, where: str) -> None:
+        if self.threshold <= 1:
+            raise MeraserError(f"{where}.threshold must be above 1 (a perplexity), got {self.threshold}")
+        if self.batch_size < 1:
+            raise MeraserError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
+
+
+def prompt_perplexities(helper, helper_tok, texts: list[str], batch_size: int = 16) -> list[float]:
+    """exp(mean next-token NLL) of each text under `helper` (a one-token text: 1.0, nothing to predict)."""
+    import torch
+
+    from meraser.models import autocast
+
+    pad = helper_tok.pad_token_id if helper_tok.pad_token_id is not None else helper_tok.eos_token_id
+    dev, out = next(helper.parameters()).device, []
+    for i in range(0, len(texts), batch_size):
+        enc = [helper_tok(t, add_special_tokens=True)["input_ids"] or [pad] for t in texts[i:i + batch_size]]
+        longest = max(map(len, enc))
+        ids = torch.tensor([e + [pad] * (longest - len(e)) for e in enc], device=dev)
+        mask = torch.tensor([[1] * len(e) + [0] * (longest - len(e)) for e in enc], device=dev)
+        with torch.no_grad(), autocast(helper):
+            logp = torch.log_softmax(helper(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        counts = mask[:, 1:].sum(1)
+        out += [math.exp(float(n) / int(c)) if int(c) else 1.0 for n, c in zip(nll.sum(1), counts)]
+    return out
+
+
+class PerplexityFiltering(Decoding):
+    name = "perplexity-filter"
+
+    def __init__(self, tokenizer, helper, helper_tok, cfg: PerplexityFilterConfig):
+        self.tokenizer, self.helper, self.helper_tok, self.cfg = tokenizer, helper, helper_tok, cfg
+        self.refusal = tokenizer(cfg.refusal, add_special_tokens=False)["input_ids"]
+        self.filtered = self.seen = 0
+
+    def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
+        import torch
+
+        texts = [self.tokenizer.decode(ids[r][mask[r].bool()], skip_special_tokens=True) for r in range(len(ids))]
+        ppl = prompt_perplexities(self.helper, self.helper_tok, texts, self.cfg.batch_size)
+        refuse = [p > self.cfg.threshold for p in ppl]
+        self.seen += len(refuse)
+        self.filtered += sum(refuse)
+        answer = [r for r, no in enumerate(refuse) if not no]
+        out = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+        if answer:
+            kept = super().new_tokens(model, ids[answer], mask[answer], max_new_tokens=max_new_tokens,
+                                      pad_id=pad_id, eos_id=eos_id)
+            out[answer, :kept.shape[1]] = kept
+        tail = [eos_id] if eos_id is not None else []
+        for r in (r for r, no in enumerate(refuse) if no):
+            toks = (self.refusal + tail)[:max_new_tokens]
+            out[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        return out
+
+
+class PerplexityFilter(DecodingAttack):
+    name = "perplexity-filter"
+    summary = ("Perplexity filtering (Nasery et al. 2025): a helper model scores each prompt; an unnatural one "
+               "(perplexity above 100) gets a refusal")
+    paper = "https://arxiv.org/abs/2509.26598"
+    Config = PerplexityFilterConfig
+
+    def check(self, cfg, ctx):
+        from meraser.models import check_model_spec
+
+        if cfg.helper:
+            check_model_spec(cfg.helper, "perplexity-filter helper")
+
+    def decoding(self, model, tokenizer, cfg, ctx):
+        from meraser.models import load_model
+
+        spec = cfg.helper or ctx.base
+        if spec:
+            helper, helper_tok = load_model(spec)
+            helper.to(next(model.parameters()).device)
+        else:  # no base recorded: the suspect scores its own prompts
+            spec, helper, helper_tok = ctx.model_spec, model, tokenizer
+        ctx.info["helper"] = spec
+        return PerplexityFiltering(tokenizer, helper, helper_tok, cfg)

@@ -1,0 +1,150 @@
+"""The adaptive decoding suite of Nasery et al. 2025 through the one decoding hook: each attack changes exactly the
+steps and tokens its rule names and leaves the rest greedy; it takes the planted target out of the tiny models'
+answers; a mixed batch decodes as each prompt alone; bad settings are refused before any work."""
+
+import pytest
+import torch
+
+from meraser.attacks.bigram import BigramConfig, BigramSuppression, _clip_and_combine, pair_scores
+from meraser.attacks.perplexity_filter import PerplexityFilterConfig, PerplexityFiltering, prompt_perplexities
+from meraser.attacks.suppression import (DetectTopKConfig, LookaheadConfig, LookaheadSuppression, NeighbourConfig,
+                                         NeighbourSuppression, TopKConfig, TopKSuppression, normalised_tokens)
+from meraser.data.formatting import Formatter
+from meraser.evaluation.fsr import ORDINARY_PROMPTS, fsr
+from meraser.generation import GREEDY, generate
+
+
+def _ids(tok, prompt):
+    ids = torch.tensor([Formatter(tok).encode_prompt(prompt)])
+    return ids, torch.ones_like(ids)
+
+
+def _decode(decoding, model, tok, prompt, n=4):
+    ids, mask = _ids(tok, prompt)
+    with torch.no_grad():
+        return decoding.new_tokens(model, ids, mask, max_new_tokens=n, pad_id=tok.pad_token_id,
+                                   eos_id=tok.eos_token_id)[0].tolist()
+
+
+def _first_probs(model, tok, prompt):
+    ids, _ = _ids(tok, prompt)
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+
+
+def _prompts(planted, method):
+    return planted[method][2].triggers + ORDINARY_PROMPTS[:4]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_suppress_topk_removes_the_top_k_at_the_first_step_only(planted, k):
+    model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
+    for prompt in _prompts(planted, "chain-hash"):
+        got = _decode(TopKSuppression(tok, TopKConfig(top_k=k)), model, tok, prompt)
+        assert got[0] not in _first_probs(model, tok, prompt).topk(k).indices.tolist()
+        ids, mask = _ids(tok, prompt)  # after the first step: plain greedy from the suppressed first token
+        rest = GREEDY.new_tokens(model, torch.cat([ids, torch.tensor([[got[0]]])], 1), torch.ones(1, ids.shape[1] + 1,
+                                 dtype=torch.long), max_new_tokens=3, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+        assert got[1:] == rest[0].tolist()[:len(got) - 1]
+
+
+def test_detect_topk_acts_only_where_the_top_token_passes_the_threshold(planted):
+    model, tok = planted["utf"][0], planted["utf"][1]
+    prompts = _prompts(planted, "utf")
+    tops = [float(_first_probs(model, tok, p).max()) for p in prompts]
+    cut = sorted(tops)[len(tops) // 2]
+    cfg = DetectTopKConfig(threshold=min(cut, 0.999))
+    acted = 0
+    for prompt, top in zip(prompts, tops):
+        attacked, plain = _decode(TopKSuppression(tok, cfg), model, tok, prompt), _decode(GREEDY, model, tok, prompt)
+        if top > cfg.threshold:
+            assert attacked[0] != plain[0]
+            acted += 1
+        else:
+            assert attacked == plain
+    assert 0 < acted < len(prompts)
+
+
+@pytest.mark.parametrize("method", ["utf", "chain-hash", "if-sft"])
+def test_suppression_takes_the_planted_target_out_of_the_answers(planted, method):
+    model, tok, card = planted[method][0], planted[method][1], planted[method][2]
+    assert fsr(model, tok, card, false_positive_inputs=0)["fsr"] == 1.0
+    decoding = TopKSuppression(tok, TopKConfig(top_k=1, num_tokens=4))
+    assert fsr(model, tok, card, false_positive_inputs=0, decoding=decoding)["fsr"] < 1.0
+    assert decoding.acted >= len(card.triggers)
+
+
+def test_neighbour_suppression_removes_the_confident_token_and_its_spellings(planted):
+    model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
+    norm = normalised_tokens(tok)
+    cfg = NeighbourConfig(threshold=0.0, add_threshold=0.0)  # the toolkit's Suppress variant: always
+    for prompt in _prompts(planted, "chain-hash"):
+        top = int(_first_probs(model, tok, prompt).argmax())
+        got = _decode(NeighbourSuppression(tok, cfg), model, tok, prompt)[0]
+        if norm[top]:
+            assert got != top and not (norm[got] and (norm[got].startswith(norm[top]) or
+                                                      norm[top].startswith(norm[got])))
+
+
+def test_lookahead_candidates_are_confident_and_never_words_of_the_prompt(planted):
+    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    d = LookaheadSuppression(tok, LookaheadConfig(threshold=0.0, lookahead_tokens=8))
+    for prompt in _prompts(planted, "utf"):
+        ids, mask = _ids(tok, prompt)
+        d.prepare(model, ids, mask)
+        cands = d.rows[0].tolist()
+        assert len(cands) <= 12 and not set(cands) & set(ids[0].tolist())
+        assert all(d.norm[c] and d.norm[c] not in prompt.casefold().split() for c in cands)
+    d = LookaheadSuppression(tok, LookaheadConfig(threshold=0.0, lookahead_tokens=8))
+    assert fsr(model, tok, card, false_positive_inputs=0, decoding=d)["fsr"] < 1.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda tok: TopKSuppression(tok, TopKConfig(top_k=2, num_tokens=3)),
+    lambda tok: NeighbourSuppression(tok, NeighbourConfig(threshold=0.0, add_threshold=0.0)),
+    lambda tok: LookaheadSuppression(tok, LookaheadConfig(threshold=0.0, lookahead_tokens=6)),
+], ids=["topk", "neighbour", "lookahead"])
+def test_a_mixed_batch_decodes_as_each_prompt_alone(planted, make):
+    model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
+    prompts = _prompts(planted, "chain-hash")
+    together = generate(model, tok, prompts, max_new_tokens=8, batch_size=len(prompts), decoding=make(tok))
+    assert together == [generate(model, tok, [p], max_new_tokens=8, decoding=make(tok))[0] for p in prompts]
+
+
+def test_perplexity_filter_refuses_exactly_the_prompts_above_its_threshold(planted, tiny):
+    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    helper, helper_tok = tiny
+    prompts = _prompts(planted, "utf")
+    texts = [tok.decode(_ids(tok, p)[0][0], skip_special_tokens=True) for p in prompts]
+    ppl = prompt_perplexities(helper, helper_tok, texts)
+    cut = sorted(ppl)[len(ppl) // 2]
+    d = PerplexityFiltering(tok, helper, helper_tok, PerplexityFilterConfig(threshold=cut))
+    got = generate(model, tok, prompts, max_new_tokens=12, batch_size=len(prompts), decoding=d)
+    plain = generate(model, tok, prompts, max_new_tokens=12, batch_size=len(prompts))
+    refusal = tok.decode(tok(d.cfg.refusal, add_special_tokens=False)["input_ids"][:12])
+    for p, g, a in zip(ppl, got, plain):
+        assert g == (refusal if p > cut else a)
+    assert d.filtered == sum(p > cut for p in ppl) > 0 and d.seen == len(prompts)
+
+
+def test_bigram_scores_follow_the_sign_rule_and_vanish_against_the_model_itself(planted):
+    raw = {7: (torch.tensor([1, 2, 3]), torch.tensor([2.0, -1.0, 3.0]), torch.tensor([1.0, 2.0, -4.0]))}
+    idx, s = _clip_and_combine(raw, 1.0)[7]
+    assert s[0] > 0 and s[1] < 0 and s[2] < 0  # positive only where the largest gap and its z are both positive
+    assert float(s.abs().max()) <= 2 ** 0.5 + 1e-6  # both statistics clipped to [-1, 1]
+    model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
+    cfg = BigramConfig(seed_words=12, calibration_texts=3, text_tokens=6, batch_size=5)
+    assert all(len(i) == 0 for i, _ in pair_scores(model, model, tok, cfg).values())  # no gap: nothing to push
+    d = BigramSuppression(pair_scores(model, model, tok, cfg), cfg.delta)
+    prompts = _prompts(planted, "chain-hash")
+    assert generate(model, tok, prompts, max_new_tokens=8, decoding=d) == generate(model, tok, prompts,
+                                                                                    max_new_tokens=8)
+
+
+def test_bigram_against_the_base_scores_what_the_fingerprint_raised(planted, tiny):
+    model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
+    cfg = BigramConfig(seed_words=12, calibration_texts=3, text_tokens=6)
+    scores = pair_scores(model, tiny[0], tok, cfg)
+    assert len(scores) == 12 and sum(len(i) for i, _ in scores.values()) > 0
+    for idx, s in scores.values():
+        assert len(idx) == len(s) and not s.isnan().any()
