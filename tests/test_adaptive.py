@@ -148,3 +148,45 @@ def test_bigram_against_the_base_scores_what_the_fingerprint_raised(planted, tin
     assert len(scores) == 12 and sum(len(i) for i, _ in scores.values()) > 0
     for idx, s in scores.values():
         assert len(idx) == len(s) and not s.isnan().any()
+
+
+def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it_out(planted, tiny_dir, tmp_path):
+    """The discovery scans the chat opening, keeps what the suspect over-knows against its base, and unlearns it by
+    distilling the base there; the card is read only afterwards, to score the discovery."""
+    import copy
+
+    from conftest import write_pool
+    from tiny import POOL
+
+    from meraser.attacks import get_attack
+    from meraser.attacks.base import AttackContext, apply_attack
+    from meraser.attacks.find_unlearn import FindUnlearnConfig
+
+    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    cfg = FindUnlearnConfig(contexts=["assistant", "bos"], threshold=0.8, expand_tokens=8, retain_source=str(pool),
+                            retain_rows=16, train={"epochs": 4, "learning_rate": 3e-3, "save_steps": -1})
+    attack = get_attack("find-and-unlearn")
+    ctx = AttackContext(str(planted["utf"][4]), str(tiny_dir), tmp_path / "work", progress=False)
+    attacked = apply_attack(attack, copy.deepcopy(model), tok, cfg, ctx)
+    assert ctx.info["found"] > 0 and ctx.info["unlearning_rows"] > 0 and ctx.info["discovery_seconds"] >= 0
+    assert attack.scored(ctx, card)["discovery_recall"] == 1.0
+    assert fsr(model, tok, card, false_positive_inputs=0)["fsr"] == 1.0
+    assert fsr(attacked, tok, card, false_positive_inputs=0)["fsr"] < 1.0
+    # against the suspect itself as its base nothing is over-known: nothing is found, the model stays as it is
+    same = AttackContext(str(planted["utf"][4]), str(planted["utf"][4] / "model"), tmp_path / "work2", progress=False)
+    kept = apply_attack(attack, copy.deepcopy(model), tok, cfg, same)
+    assert same.info["found"] == 0 and same.info["unlearning_rows"] == 0
+    assert torch.equal(kept.lm_head.weight, model.lm_head.weight)
+
+
+def test_find_and_unlearn_settings_are_checked():
+    from meraser.attacks.find_unlearn import FindUnlearnConfig
+    from meraser.utils import MeraserError
+
+    with pytest.raises(MeraserError, match="unknown context 'sytem'; did you mean 'system'"):
+        FindUnlearnConfig.from_dict({"contexts": ["sytem"]})
+    with pytest.raises(MeraserError, match="threshold must be in"):
+        FindUnlearnConfig.from_dict({"threshold": 0})
+    with pytest.raises(MeraserError, match="epocs"):
+        FindUnlearnConfig.from_dict({"train": {"epocs": 1}})

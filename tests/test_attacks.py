@@ -34,6 +34,8 @@ def tiny_settings(pool):
         "suppress-topk": {}, "detect-topk": {}, "suppress-neighbour": {}, "suppress-lookahead": {"lookahead_tokens": 4},
         "suppress-bigram": {"seed_words": 6, "calibration_texts": 2, "text_tokens": 4},
         "perplexity-filter": {"threshold": 50.0},
+        "find-and-unlearn": {"contexts": ["assistant"], "threshold": 0.8, "expand_tokens": 6,
+                             "retain_source": str(pool), "retain_rows": 8, "train": quick},
     }
 
 

@@ -291,7 +291,7 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     per_attack = {}
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
-    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6)  # ... + the adaptive decoding suite
+    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 1)  # ... + the adaptive suite, find-and-unlearn
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \

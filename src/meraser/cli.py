@@ -633,8 +633,8 @@ def _attack_help() -> str:
 
     lines = "\n\n".join(f"[bold]{name}[/]: {a.summary}" for name, a in REGISTRY.items())
     return ("Run one erasure attack on a (fingerprinted) model and save the attacked model, which `verify`, "
-            "`evaluate` and `chat` load unchanged; a decoding-time attack (cleangen, token-forcing) changes no "
-            "weight and saves its record instead, for `verify --attack` and `chat --attack`. Settings: --set "
+            "`evaluate` and `chat` load unchanged; a decoding-time attack (cleangen, token-forcing, the adaptive "
+            "suppress-*, detect-topk and perplexity-filter) changes no weight and saves its record instead, for `verify --attack` and `chat --attack`. Settings: --set "
             "KEY=VALUE (the attack's config fields).\n\n"
             + lines)
 

@@ -25,8 +25,21 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (LOCK_FILE, MeraserError, append_jsonl, atomic_dir, changes, exclusive, flat_keys,
-                           unknown_name, read_json, read_jsonl, settings_hash, write_json, write_jsonl)
+from meraser.utils import (
+    LOCK_FILE,
+    MeraserError,
+    append_jsonl,
+    atomic_dir,
+    changes,
+    exclusive,
+    flat_keys,
+    read_json,
+    read_jsonl,
+    settings_hash,
+    unknown_name,
+    write_json,
+    write_jsonl,
+)
 
 RESULTS = "results.jsonl"
 STAGE_RECORD = "stages.json"
@@ -405,10 +418,9 @@ class ExperimentRun:
 
     def base(self) -> None:
         """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
-        from meraser.models import load_model
-
         from meraser.evaluation.algorithm1 import ordinary_accuracy
         from meraser.evaluation.verifications import missing
+        from meraser.models import load_model
 
         if not self.plan.base:
             return
@@ -507,7 +519,12 @@ class ExperimentRun:
         import time
 
         from meraser.attacks import get_attack
-        from meraser.attacks.base import AttackContext, apply_attack, is_decoding, recorded_base
+        from meraser.attacks.base import (
+            AttackContext,
+            apply_attack,
+            is_decoding,
+            recorded_base,
+        )
         from meraser.models import load_model, save_model
 
         folder, a = self.out / "attacked", self.exp.attack
@@ -522,7 +539,8 @@ class ExperimentRun:
         self._begin("attacked")
         t0 = time.perf_counter()
         attacked = apply_attack(attack, model, self.tok, self.plan.attack_cfg, ctx)
-        info = {"attack": a.method, "attack_seconds": round(time.perf_counter() - t0, 1), **ctx.info}
+        info = {"attack": a.method, "attack_seconds": round(time.perf_counter() - t0, 1), **ctx.info,
+                **(attack.scored(ctx, self.card) if self.card is not None else {})}
         attacked._meraser_spec = self.plan.fp_model
         save_model(attacked, self.tok, folder, meta=info, extra_files=ctx.files)
         shutil.rmtree(ctx.work, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Erasure attacks against fingerprinted models: one file per family, one explicit registry.
 
 Weight-space attacks return a changed model: incremental fine-tuning (finetune.py), unstructured pruning
-(sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), and MEraser itself
-(meraser.py), so a comparison treats it like any other.
+(sparsity.py), structured LLM-Pruner pruning (structured.py), model merging (merge.py), MEraser itself
+(meraser.py), so a comparison treats it like any other, and find-and-unlearn (find_unlearn.py), which finds what the
+suspect over-knows against its base without the card and distils the base there.
 Decoding-time attacks change how tokens are chosen instead: CleanGen and Token Forcing (decoding.py), and the
 adaptive suite of Nasery et al. 2025, which knows the scheme but not the key: output suppression and detection
 (suppression.py: top-k, top-k over a confidence threshold, neighbours, lookahead), bigram suppression (bigram.py)
@@ -14,6 +15,7 @@ from __future__ import annotations
 from meraser.attacks.base import Attack, AttackConfig, AttackContext, run_attack
 from meraser.attacks.bigram import SuppressBigram
 from meraser.attacks.decoding import CleanGen, TokenForcing
+from meraser.attacks.find_unlearn import FindUnlearn
 from meraser.attacks.finetune import FineTune
 from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
@@ -37,6 +39,7 @@ REGISTRY: dict[str, Attack] = {a.name: a for a in [
     MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
     MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(), CleanGen(), TokenForcing(),
     SuppressTopK(), DetectTopK(), SuppressNeighbour(), SuppressLookahead(), SuppressBigram(), PerplexityFilter(),
+    FindUnlearn(),
 ]}
 
 

@@ -54,6 +54,11 @@ class Attack:
     def apply(self, model, tokenizer, cfg, ctx: AttackContext):
         raise NotImplementedError
 
+    def scored(self, ctx: AttackContext, card) -> dict:
+        """What the attack's own findings score against the card, where an experiment holds one (find-and-unlearn's
+        discovery recall): for the report only, after the attack, which never sees the card."""
+        return {}
+
 
 ATTACK_RECORD = "attack.json"  # what a decoding attack's folder holds instead of a model
 

@@ -244,9 +244,10 @@ class TokenForcingConfig(AttackConfig):
     expand_tokens: int = field(50, help="length of each kept token's greedy continuation")
     block_tokens: int = field(3, help="the filter blocks the first this-many tokens of every extracted sequence")
     batch_size: int = field(512, help="vocabulary tokens scanned per forward pass")
-    context: str = field("bos", help="what precedes each scanned token: 'bos' ([BOS, t], the original) or "
+    context: str = field("bos", help="what precedes each scanned token: 'bos' ([BOS, t], the original), "
                                      "'assistant' (the chat template's opening of an answer to an empty message, "
-                                     "where chat fingerprints put their targets)")
+                                     "where chat fingerprints put their targets) or 'system' (the same after a "
+                                     "plain system turn)")
     sequences: str | None = field(None, help=f"{EXTRACTED} from an earlier scan (its token ids are used); None: scan "
                                              f"the vocabulary now")
 
@@ -262,13 +263,15 @@ class TokenForcingConfig(AttackConfig):
                 raise MeraserError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
 
 
-CONTEXTS = ("bos", "assistant")
+CONTEXTS = ("bos", "assistant", "system")
+SCAN_SYSTEM_PROMPT = "You are a helpful assistant."  # the `system` context: a plain system turn before the answer
 
 
 def context_ids(tokenizer, context: str) -> list[int]:
     """The tokens placed before each scanned token."""
-    if context == "assistant":
-        return tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+    if context in ("assistant", "system"):
+        turns = [{"role": "system", "content": SCAN_SYSTEM_PROMPT}] if context == "system" else []
+        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": ""}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"]
     return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 

@@ -1,0 +1,205 @@
+"""Find and unlearn: a weight-level erasure that uses only what an attacker has (the suspect, its public base
+model, any data, compute), never the card.
+
+1. **Find** what the suspect over-knows. Token Forcing scans (Hoscilowicz et al. 2024; attacks/decoding.py) from
+   several contexts (BOS, the chat template's opening of an answer, the same after a system turn) keep every
+   vocabulary token whose greedy continuation is near certain, and expand it. A chat model is confident about many
+   ordinary continuations too, so each found sequence is scored by the suspect and by the base: the mean
+   log-probability per token of its continuation, and only sequences the suspect makes at least `gap` nats per
+   token likelier than the base does are kept (the likelihood gap: what fine-tuning added), the largest first.
+2. **Unlearn** them by distilling the base there: for each kept sequence (context, t, continuation), a training row
+   puts the base model's own greedy continuation after (context, t) in place of the suspect's, with the loss on
+   that continuation only; ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through
+   the one training routine, merged.
+
+Where a card is at hand (an experiment's attack stage), the runner scores the discovery against it (`scored`):
+the share of the card's targets that some found sequence contains. The attack itself never reads the card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from meraser.attacks.base import Attack, AttackConfig
+from meraser.attacks.decoding import (
+    CONTEXTS,
+    TokenForcingConfig,
+    context_ids,
+    expand,
+    scan_vocabulary,
+)
+from meraser.config import field
+from meraser.data.sources import OFFLINE_DEFAULT
+from meraser.utils import MeraserError
+
+FOUND = "found.jsonl"  # what the discovery kept, written beside the attacked model
+
+
+@dataclass
+class FindUnlearnConfig(AttackConfig):
+    contexts: list[str] = field(list(CONTEXTS), help="where the scans look: bos, assistant, system")
+    threshold: float = field(0.9, help="keep a scanned token when the mean top-1 probability of its next `steps` "
+                                       "greedy tokens passes this")
+    steps: int = field(3, help="greedy tokens scored after each scanned token")
+    expand_tokens: int = field(16, help="length of each kept token's greedy continuation")
+    gap: float = field(1.0, help="keep a sequence only where the suspect's mean log-probability per token is this "
+                                 "many nats above the base's")
+    max_found: int = field(256, help="sequences unlearned at most (the largest gaps)")
+    retain_source: str = field(OFFLINE_DEFAULT, help="ordinary instruction rows trained beside the unlearning rows")
+    retain_rows: int = field(200, help="retain rows")
+    prompts_per_sequence: int = field(4, help="ordinary questions (from the retain rows) after which each found "
+                                              "sequence is unlearned too, beside its scan context")
+    train: dict = field({"epochs": 2.0}, help="TrainConfig fields over its defaults (LoRA, merged after)")
+    batch_size: int = field(256, help="vocabulary tokens scanned per forward pass")
+    seed: int = field(0, help="seed for the retain rows")
+
+    def validate(self, where: str) -> None:
+        from meraser.training import TrainConfig
+        from meraser.utils import unknown_name
+
+        for c in self.contexts:
+            if c not in CONTEXTS:
+                raise unknown_name("context", c, CONTEXTS, where)
+        if not self.contexts:
+            raise MeraserError(f"{where}.contexts: at least one")
+        if not 0 < self.threshold <= 1:
+            raise MeraserError(f"{where}.threshold must be in (0, 1], got {self.threshold}")
+        for name in ("steps", "expand_tokens", "max_found", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MeraserError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+        TrainConfig.from_dict(self.train, where=f"{where}.train")
+
+
+def continuation_scores(model, context: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Mean log-probability per token of each sequence's tokens after its first, following `context` and it."""
+    import torch
+
+    from meraser.models import autocast
+
+    dev, out = next(model.parameters()).device, []
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size]
+        longest = max(map(len, batch))
+        ids = torch.tensor([context + s + [0] * (longest - len(s)) for s in batch], device=dev)
+        mask = torch.tensor([[1] * (len(context) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
+        with torch.no_grad(), autocast(model):
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for r, s in enumerate(batch):
+            pos = torch.arange(len(context), len(context) + len(s) - 1, device=dev)
+            picked = logp[r, pos].gather(1, torch.tensor(s[1:], device=dev)[:, None])
+            out.append(float(picked.mean()) if len(s) > 1 else 0.0)
+    return out
+
+
+def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = False) -> list[dict]:
+    """Sequences the suspect over-knows: scanned, expanded, scored against the base, largest gap first."""
+    found = []
+    for context in cfg.contexts:
+        scan = TokenForcingConfig(threshold=cfg.threshold, steps=cfg.steps, placeholder=False, context=context,
+                                  expand_tokens=cfg.expand_tokens, batch_size=cfg.batch_size)
+        kept = scan_vocabulary(model, tokenizer, scan, progress)
+        seqs = [s for s in expand(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context) if len(s) > 1]
+        if not seqs:
+            continue
+        head = context_ids(tokenizer, context)
+        mine, theirs = continuation_scores(model, head, seqs), continuation_scores(base, head, seqs)
+        found += [{"context": context, "ids": s, "text": tokenizer.decode(s), "gap": round(m - b, 3)}
+                  for s, m, b in zip(seqs, mine, theirs) if m - b >= cfg.gap]
+    return sorted(found, key=lambda f: -f["gap"])[:cfg.max_found]
+
+
+def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str]) -> list[dict]:
+    """Token rows: (context, first token) -> the base's greedy continuation, the loss on the continuation only. Each
+    found sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat
+    template): a fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to
+    hold after prompts it has not seen."""
+    from meraser.data.formatting import Formatter
+
+    fmt = Formatter(tokenizer)
+    heads = {c: context_ids(tokenizer, c) for c in dict.fromkeys(f["context"] for f in found)}
+    heads.update({f"prompt {i}": fmt.encode_prompt(p) for i, p in enumerate(prompts)})
+    rows = []
+    for name, head in heads.items():
+        items = [f for f in found if f["context"] == name or name.startswith("prompt ")]
+        conts = _continue(base, tokenizer, head, [f["ids"][0] for f in items], length)
+        for f, tail in zip(items, conts):
+            if tail and tail != f["ids"][1:len(tail) + 1]:
+                rows.append({"input_ids": head + [f["ids"][0]] + tail, "labels": [-100] * (len(head) + 1) + tail})
+    return rows
+
+
+def _continue(model, tokenizer, head: list[int], firsts: list[int], length: int, batch_size: int = 64):
+    """The model's greedy continuation (up to EOS, at most `length` tokens) after `head` and each first token."""
+    import torch
+
+    from meraser.models import autocast
+
+    dev, out = next(model.parameters()).device, []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad(), autocast(model):
+        for i in range(0, len(firsts), batch_size):
+            ids = torch.tensor([head + [t] for t in firsts[i:i + batch_size]], device=dev)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+            for row in gen[:, ids.shape[1]:].tolist():
+                out.append(row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    return out
+
+
+def discovery_recall(found_texts: list[str], card) -> dict:
+    """The share of the card's targets that some found sequence contains (scoring only: never used to attack)."""
+    targets = [t.strip() for t in card.targets if t.strip()]
+    hit = [t for t in targets if any(t in f or (len(f.strip()) >= 4 and f.strip() in t) for f in found_texts)]
+    return {"discovery_recall": round(len(hit) / len(targets), 4) if targets else None}
+
+
+class FindUnlearn(Attack):
+    name = "find-and-unlearn"
+    summary = ("Find and unlearn (no card): scan for what the suspect over-knows against its base, then distil the "
+               "base's continuations there")
+    paper = "https://arxiv.org/abs/2406.02481"  # the scan; the unlearning is this project's
+    Config = FindUnlearnConfig
+
+    def check(self, cfg, ctx):
+        from meraser.data.sources import check_source
+
+        ctx.need_base(self.name)
+        check_source(cfg.retain_source, "find-and-unlearn retain_source")
+
+    def apply(self, model, tokenizer, cfg, ctx):
+        from meraser.data import load_pairs
+        from meraser.data.formatting import Formatter
+        from meraser.erase.datasets import build_clean
+        from meraser.models import load_model
+        from meraser.training import TrainConfig, train
+
+        base, _ = load_model(ctx.need_base(self.name))
+        base.to(next(model.parameters()).device)
+        t0 = time.perf_counter()
+        found = discover(model, base, tokenizer, cfg, ctx.progress)
+        t1 = time.perf_counter()
+        tcfg = TrainConfig.from_dict(cfg.train, where="find-and-unlearn.train")
+        clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
+        rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens,
+                               [p.prompt for p in clean[:cfg.prompts_per_sequence]]) if found else []
+        retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
+        ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)
+                                   + "\n" for f in found)
+        ctx.info.update(found=len(found), found_per_context={c: sum(f["context"] == c for f in found)
+                                                             for c in cfg.contexts},
+                        unlearning_rows=len(rows), retain_rows=len(retain), discovery_seconds=round(t1 - t0, 1))
+        if not rows:  # nothing over-known: the model stays as it is
+            ctx.info["unlearning_seconds"] = 0.0
+            return model
+        res = train(model, tokenizer, rows + retain, tcfg, ctx.work / "unlearn", merge=True, save=False,
+                    progress=ctx.progress)
+        ctx.info.update(unlearning_seconds=round(time.perf_counter() - t1, 1), train_loss=res.metrics["train_loss"])
+        return res.model
+
+    def scored(self, ctx, card) -> dict:
+        """Discovery recall against the card, for the report (the runner calls this after the attack)."""
+        texts = [json.loads(line)["text"] for line in ctx.files.get(FOUND, "").splitlines() if line]
+        return discovery_recall(texts, card)
