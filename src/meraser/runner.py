@@ -25,21 +25,8 @@ from meraser.config import Config, field, key_path, load_yaml
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 from meraser.evaluation.evaluate import EvalConfig
-from meraser.utils import (
-    LOCK_FILE,
-    MeraserError,
-    append_jsonl,
-    atomic_dir,
-    changes,
-    exclusive,
-    flat_keys,
-    read_json,
-    read_jsonl,
-    settings_hash,
-    unknown_name,
-    write_json,
-    write_jsonl,
-)
+from meraser.utils import (LOCK_FILE, MeraserError, append_jsonl, atomic_dir, changes, exclusive, flat_keys,
+                           read_json, read_jsonl, settings_hash, unknown_name, write_json, write_jsonl)
 
 RESULTS = "results.jsonl"
 STAGE_RECORD = "stages.json"
@@ -519,12 +506,7 @@ class ExperimentRun:
         import time
 
         from meraser.attacks import get_attack
-        from meraser.attacks.base import (
-            AttackContext,
-            apply_attack,
-            is_decoding,
-            recorded_base,
-        )
+        from meraser.attacks.base import AttackContext, apply_attack, is_decoding, recorded_base
         from meraser.models import load_model, save_model
 
         folder, a = self.out / "attacked", self.exp.attack

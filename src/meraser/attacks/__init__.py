@@ -21,18 +21,8 @@ from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
 from meraser.attacks.perplexity_filter import PerplexityFilter
 from meraser.attacks.sparsity import MagnitudePruning, WandaPruning
-from meraser.attacks.structured import (
-    L1Pruning,
-    L2Pruning,
-    RandomPruning,
-    TaylorPruning,
-)
-from meraser.attacks.suppression import (
-    DetectTopK,
-    SuppressLookahead,
-    SuppressNeighbour,
-    SuppressTopK,
-)
+from meraser.attacks.structured import L1Pruning, L2Pruning, RandomPruning, TaylorPruning
+from meraser.attacks.suppression import DetectTopK, SuppressLookahead, SuppressNeighbour, SuppressTopK
 from meraser.utils import unknown_name
 
 REGISTRY: dict[str, Attack] = {a.name: a for a in [

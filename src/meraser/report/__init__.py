@@ -14,35 +14,11 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from meraser.report.data import (
-    bench_time,
-    fingerprint_name,
-    is_bench,
-    load_bench,
-    load_run,
-    utility,
-)
-from meraser.report.figures import (
-    ablation_pngs,
-    figure_pngs,
-    fsr_curve_png,
-    leaderboard_pngs,
-    stage_fsr_png,
-    strict_curve_png,
-    tasks_png,
-    write_figures,
-)
-from meraser.report.tables import (
-    attack_rows,
-    html_table,
-    markdown_tables,
-    strict_rows,
-    summary_tables,
-    table1_html,
-    tasks_rows,
-    terminal_tables,
-    verification_rows,
-)
+from meraser.report.data import bench_time, fingerprint_name, is_bench, load_bench, load_run, utility
+from meraser.report.figures import (ablation_pngs, figure_pngs, fsr_curve_png, leaderboard_pngs, stage_fsr_png,
+                                    strict_curve_png, tasks_png, write_figures)
+from meraser.report.tables import (attack_rows, html_table, markdown_tables, strict_rows, summary_tables, table1_html,
+                                   tasks_rows, terminal_tables, verification_rows)
 from meraser.utils import MeraserError, atomic_write_text
 
 # what the CLI, the runner, the bench and the tests use

@@ -58,15 +58,7 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(runs, cells): a run per finished cell (as `load_run` gives), and every cell of the matrix with its status:
     done, stale (done under settings that today's defaults change: its figures are shown, flagged, with what
     changed), failed (with the error) or missing. A partial store is fine."""
-    from meraser.bench import (
-        FAILED,
-        RESULTS,
-        Matrix,
-        describe,
-        plan_cells,
-        shared_root,
-        stale_cells,
-    )
+    from meraser.bench import FAILED, RESULTS, Matrix, describe, plan_cells, shared_root, stale_cells
 
     p = Path(path)
     by_cell: dict[str, dict] = {}

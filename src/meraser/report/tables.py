@@ -9,14 +9,7 @@ from meraser.evaluation.evaluate import ppl_text
 from meraser.evaluation.ownership import p_text
 from meraser.evaluation.strict import CHECKS
 from meraser.evaluation.verifications import verdict_text
-from meraser.report.data import (
-    STAGES,
-    final_stage,
-    last_row,
-    run_label,
-    task_accs,
-    utility,
-)
+from meraser.report.data import STAGES, final_stage, last_row, run_label, task_accs, utility
 
 
 def tasks_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
