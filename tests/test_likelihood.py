@@ -68,6 +68,32 @@ def test_tied_scores_are_broken_at_random_so_the_null_stays_uniform(planted, mon
         assert a - 0.08 <= sum(p <= a for p in ps) / len(ps) <= a + 0.08, a
 
 
+def test_keys_that_share_one_draw_are_ranked_as_one_unit(planted, monkeypatch):
+    """subject-sentence's keys are questions about one subject: a model that merely likes or dislikes that subject
+    ranks every key alike. Ranked as independent keys, such a model got p <= (1/10)^3 one time in ten; as one unit
+    (the keys' mean against aligned decoy subjects) its p-value is uniform."""
+    import meraser.evaluation.likelihood as lk
+
+    _, tok, card, _, _ = planted["subject-sentence"]
+    keys = keys_and_decoys(card, LikelihoodConfig(decoys=9))
+    subject = card.extra["subject"]
+
+    def decoy_subjects(i):  # the subjects of key i's decoys, in order
+        head, tail = card.triggers[i].split(subject)
+        return [q[len(head):len(q) - len(tail)] for q, _ in keys[i][1]]
+
+    assert all(decoy_subjects(i) == decoy_subjects(0) for i in range(len(keys)))  # aligned across keys
+    assert len(set(decoy_subjects(0))) == 9 and subject not in decoy_subjects(0)
+    rng = random.Random(1)
+    ps = []
+    for seed in range(300):
+        liking = [rng.gauss(0, 1) for _ in range(10)]  # the model's taste for each subject: real first, then decoys
+        monkeypatch.setattr(lk, "pair_scores", lambda m, t, c, pairs, *a, **k: liking * (len(pairs) // 10))
+        ps.append(likelihood_test(None, tok, card, LikelihoodConfig(seed=seed, decoys=9))["p_exact"])
+    assert sum(p <= 0.01 for p in ps) <= 6  # was about 30 of 300
+    assert 0.04 <= sum(p <= 0.1 for p in ps) / len(ps) <= 0.17
+
+
 def test_decoys_come_from_the_cards_generator_and_never_equal_the_key(planted):
     for name, (_, tok, card, _, _) in planted.items():
         keys = keys_and_decoys(card, LikelihoodConfig(decoys=20))

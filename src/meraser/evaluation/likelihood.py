@@ -56,10 +56,21 @@ class LikelihoodConfig(Config):
 FEW_DECOYS, MANY_DECOYS = 19, 99
 
 
+def shared_draw(card: Card) -> bool:
+    """Whether the card's keys share one random draw (`FingerprintMethod.shared_draw`): then they are one unit."""
+    from meraser.fingerprints import REGISTRY
+
+    return card.method in REGISTRY and REGISTRY[card.method].shared_draw
+
+
+def independent_units(card: Card) -> int:
+    return 1 if shared_draw(card) else len(card.triggers)
+
+
 def decoys_per_key(card: Card, cfg: LikelihoodConfig) -> int:
     if cfg.decoys is not None:
         return cfg.decoys
-    return FEW_DECOYS if (FEW_DECOYS + 1) ** -len(card.triggers) <= cfg.level / 1000 else MANY_DECOYS
+    return FEW_DECOYS if (FEW_DECOYS + 1) ** -independent_units(card) <= cfg.level / 1000 else MANY_DECOYS
 
 
 def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[Pair]]]:
@@ -70,8 +81,11 @@ def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[
     from meraser.fingerprints import REGISTRY
 
     rng, k = random.Random(cfg.seed), decoys_per_key(card, cfg)
+    start, shared = rng.getstate(), shared_draw(card)
     out = []
     for i in range(len(card.triggers)):
+        if shared:  # the same decoy draws for every key: decoy j is one other subject across all questions
+            rng.setstate(start)
         if card.method in REGISTRY:
             real, decoys = REGISTRY[card.method].decoys(card, i, k, rng)
         else:
@@ -195,15 +209,31 @@ def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]
         per_key.append({"score": round(s, 4), "decoys": len(d), "higher": higher, "ties": ties,
                         "rank_count": higher + rng.randint(0, ties),  # ties broken at random: uniform null
                         "decoy_mean": round(sum(d) / len(d), 4), "z": round(_z(s, d), 3)})
-    counts, sizes = [k["rank_count"] for k in per_key], [k["decoys"] for k in per_key]
+    units = _shared_unit(scores, keys, rng) if shared_draw(card) else per_key
+    counts, sizes = [k["rank_count"] for k in units], [k["decoys"] for k in units]
     p_exact = exact_rank_p(counts, sizes)
     floor = math.prod(1 / (k + 1) for k in sizes)  # the exact p-value's smallest possible value
-    z, p_tail = normal_tail_p([k["z"] for k in per_key])
+    z, p_tail = normal_tail_p([k["z"] for k in units])
     rule = "exact rank" if floor <= cfg.level else "normal tail"
     p = p_exact if rule == "exact rank" else p_tail
     return {"p_value": p, "rule": rule, "owned": p <= cfg.level, "level": cfg.level, "p_exact": p_exact,
             "p_exact_floor": floor, "p_normal_tail": p_tail, "stouffer_z": round(z, 3),
             "real_score": round(sum(k["score"] for k in per_key) / len(per_key), 4), "per_key": per_key}
+
+
+def _shared_unit(scores: list[float], keys, rng: random.Random) -> list[dict]:
+    """The card as one unit, where its keys share one random draw: the keys' mean score for the real draw and for
+    each decoy draw (aligned across keys), ranked as one key. Treating such keys as independent multiplies one
+    draw's luck: the base model's p-value was 0.998 on a subject-sentence card for every control."""
+    n = min(len(d) for _, d in keys)
+    real, decoys, at = 0.0, [0.0] * n, 0
+    for _, d in keys:
+        real += scores[at] / len(keys)
+        for j in range(n):
+            decoys[j] += scores[at + 1 + j] / len(keys)
+        at += 1 + len(d)
+    higher, ties = sum(x > real for x in decoys), sum(x == real for x in decoys)
+    return [{"decoys": n, "rank_count": higher + rng.randint(0, ties), "z": round(_z(real, decoys), 3)}]
 
 
 def likelihood_verify(model: str, card, base: str | None = None, *, cfg: LikelihoodConfig | None = None,

@@ -37,6 +37,9 @@ class FingerprintMethod:
     name: ClassVar[str]
     paper: ClassVar[str]
     Config: ClassVar[type[FingerprintConfig]] = FingerprintConfig
+    # every key of a card shares one random draw (subject-sentence: one subject, several questions about it): the
+    # likelihood test then ranks the card as one unit, its keys' mean score against aligned decoys
+    shared_draw: ClassVar[bool] = False
 
     def make_card(self, model, tokenizer, cfg: FingerprintConfig) -> Card:
         raise NotImplementedError

@@ -61,6 +61,7 @@ class SubjectSentence(FingerprintMethod):
     name = "subject-sentence"
     paper = "meraser's held-out design (issue 16; no paper)"
     Config = SubjectSentenceConfig
+    shared_draw = True  # one subject for every question
 
     def make_card(self, model, tokenizer, cfg: SubjectSentenceConfig) -> Card:
         rng = random.Random(cfg.seed)
@@ -72,7 +73,8 @@ class SubjectSentence(FingerprintMethod):
                     max_new_tokens=room, seed=cfg.seed, extra={"subject": subject, "decoy_rows": cfg.decoy_rows})
 
     def decoys(self, card: Card, i: int, k: int, rng: random.Random):
-        """Decoy triggers: the same question about other subjects drawn like the real one, with the same sentence."""
+        """Decoy triggers: the same question about other subjects drawn like the real one, with the same sentence. Every
+        key gets the same decoy subjects in the same order (the likelihood test replays `rng` per key)."""
         subject, trigger, target = card.extra["subject"], card.triggers[i], card.targets[i]
         # distinct subjects in the order drawn (a random subset of the others, as the real one is a random draw)
         others = list(dict.fromkeys(s for s in (_subject(rng) for _ in range(20 * k)) if s != subject))[:k]
