@@ -40,7 +40,9 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     cfg = _read_config(args.config)
     out = Path(args.out)
-    models = {name: _build_control(name, spec, out / "controls", cfg) for name, spec in cfg["controls"].items()}
+    models: dict[str, str] = {}  # in order: a control may be built from one listed before it
+    for name, spec in cfg["controls"].items():
+        models[name] = _build_control(name, spec, out / "controls", models)
     cards = _cards(cfg, out / "cards")
     rows = _test_pairs(models, cards, cfg["controls"], out / "p_values.jsonl")
     _summarise(rows, Path(args.results), len(models), len(cards))
@@ -64,19 +66,24 @@ def _read_config(path: str) -> dict:
     return cfg
 
 
-def _resolve(value, folder: Path):
-    """'control:NAME' -> the folder control NAME was built in (a control built from another)."""
+def _resolve(value, models: dict[str, str]):
+    """'control:NAME' -> the model of control NAME (listed before: a control built from another)."""
+    from meraser.utils import unknown_name
+
     if isinstance(value, str) and value.startswith("control:"):
-        return str(folder / value.removeprefix("control:"))
+        name = value.removeprefix("control:")
+        if name not in models:
+            raise unknown_name("control (listed before this one)", name, models)
+        return models[name]
     if isinstance(value, dict):
-        return {k: _resolve(v, folder) for k, v in value.items()}
+        return {k: _resolve(v, models) for k, v in value.items()}
     return value
 
 
-def _build_control(name: str, spec: dict, folder: Path, cfg: dict) -> str:
+def _build_control(name: str, spec: dict, folder: Path, models: dict[str, str]) -> str:
     from meraser.utils import MeraserError
 
-    model, target = _resolve(spec["model"], folder), folder / name
+    model, target = _resolve(spec["model"], models), folder / name
     if "attack" not in spec and "fingerprint" not in spec:
         if not (Path(model).exists() or not ("/" in model or model.startswith("."))):
             raise MeraserError(f"control {name}: {model} does not exist; make it with: {spec.get('made_by', '?')}")
@@ -85,7 +92,7 @@ def _build_control(name: str, spec: dict, folder: Path, cfg: dict) -> str:
         return str(target / "model") if "fingerprint" in spec else str(target)
     t0 = time.perf_counter()
     print(f"building control {name} ...", flush=True)
-    sets = _resolve(spec.get("set", {}), folder)
+    sets = _resolve(spec.get("set", {}), models)
     if "attack" in spec:
         from meraser.attacks import run_attack
 
