@@ -85,7 +85,7 @@ def _build_control(name: str, spec: dict, folder: Path, models: dict[str, str]) 
 
     model, target = _resolve(spec["model"], models), folder / name
     if "attack" not in spec and "fingerprint" not in spec:
-        if not (Path(model).exists() or not ("/" in model or model.startswith("."))):
+        if ("/" in model or model.startswith(".")) and not Path(model).exists():
             raise MeraserError(f"control {name}: {model} does not exist; make it with: {spec.get('made_by', '?')}")
         return model
     if (target / "built.json").exists():
@@ -106,6 +106,7 @@ def _build_control(name: str, spec: dict, folder: Path, models: dict[str, str]) 
 
 
 def _cards(cfg: dict, folder: Path) -> list:
+    from meraser.evaluation.likelihood import tokenizer_digest
     from meraser.fingerprints import get_method
     from meraser.fingerprints.card import Card
 
@@ -123,8 +124,6 @@ def _cards(cfg: dict, folder: Path) -> list:
                 extra = {"secret_key": secrets.token_hex(16)} if method == "chain-hash" else {}
                 over = {"seed": 1000 + i, **cfg.get("card_config", {}).get(method, {}), **extra}
                 card = m.make_card(base, tok, m.Config.from_dict(over))
-                from meraser.evaluation.likelihood import tokenizer_digest
-
                 card.extra["tokenizer"] = tokenizer_digest(tok)
                 card.save(path)
             cards.append((path.stem, Card.load(path)))

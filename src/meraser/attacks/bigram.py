@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from meraser.attacks.base import AttackConfig
-from meraser.attacks.decoding import DecodingAttack, cache_kw, check_same_tokenizer
+from meraser.attacks.decoding import DecodingAttack, cache_kw, companion_spec, load_companion
 from meraser.config import field
 from meraser.generation import Decoding
 from meraser.utils import MeraserError
@@ -187,27 +187,17 @@ class SuppressBigram(DecodingAttack):
     paper = "https://arxiv.org/abs/2509.26598"
     Config = BigramConfig
 
-    def _calibration(self, cfg, ctx) -> str:
-        spec = cfg.calibration or ctx.base
-        if not spec:
-            raise MeraserError("suppress-bigram needs a calibration model: --set calibration=MODEL (the base the "
-                               "suspect derives from is not recorded with it)")
-        return spec
-
     def check(self, cfg, ctx):
         from meraser.models import check_model_spec
 
-        check_model_spec(self._calibration(cfg, ctx), "suppress-bigram calibration")
+        check_model_spec(companion_spec(cfg.calibration, ctx, "suppress-bigram calibration"),
+                         "suppress-bigram calibration")
 
     def decoding(self, model, tokenizer, cfg, ctx):
         import time
 
-        from meraser.models import load_model
-
-        spec = self._calibration(cfg, ctx)
-        calibration, cal_tok = load_model(spec)
-        check_same_tokenizer(tokenizer, cal_tok, f"suppress-bigram calibration {spec}")
-        calibration.to(next(model.parameters()).device)
+        spec = companion_spec(cfg.calibration, ctx, "suppress-bigram calibration")
+        calibration = load_companion(spec, model, tokenizer, "suppress-bigram calibration")
         t0 = time.perf_counter()
         scores = pair_scores(model, calibration, tokenizer, cfg, ctx.progress)
         ctx.info.update(calibration=spec, seed_words=len(scores), scoring_seconds=round(time.perf_counter() - t0, 1))

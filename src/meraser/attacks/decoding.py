@@ -193,13 +193,33 @@ class _Pair:
         self.carry = (replacement, replaced) if bool(replaced.any()) else None
 
 
+def companion_spec(spec: str | None, ctx, what: str) -> str:
+    """A second model an attack compares the suspect with (`what`: "cleangen reference"): its setting, else the base
+    the suspect derives from."""
+    spec = spec or ctx.base
+    if not spec:
+        name, setting = what.split(" ", 1)
+        raise MeraserError(f"{name} needs a {setting} model: --set {setting}=MODEL (the base the suspect derives "
+                           f"from is not recorded with it)")
+    return spec
+
+
+def load_companion(spec: str, model, tokenizer, what: str):
+    """Load a companion model onto the suspect's device, refusing one with another vocabulary."""
+    from meraser.models import load_model
+
+    other, other_tok = load_model(spec)
+    check_same_tokenizer(tokenizer, other_tok, f"{what} {spec}")
+    return other.to(next(model.parameters()).device)
+
+
 def check_same_tokenizer(tokenizer, other, where: str) -> None:
     if len(tokenizer) != len(other) or tokenizer.get_vocab() != other.get_vocab():
         mine, theirs = tokenizer.get_vocab(), other.get_vocab()
         differ = len(set(mine.items()) ^ set(theirs.items()))
         raise MeraserError(f"{where} has another tokenizer ({len(other)} tokens against the suspect's "
-                           f"{len(tokenizer)}, {differ} entries differ): CleanGen compares the two models token by "
-                           f"token, so both must share one vocabulary")
+                           f"{len(tokenizer)}, {differ} entries differ): the attack compares the two models token "
+                           f"by token, so both must share one vocabulary")
 
 
 class CleanGen(DecodingAttack):
@@ -208,25 +228,14 @@ class CleanGen(DecodingAttack):
     paper = "https://arxiv.org/abs/2406.12257"
     Config = CleanGenConfig
 
-    def _reference(self, cfg, ctx) -> str:
-        ref = cfg.reference or ctx.base
-        if not ref:
-            raise MeraserError("cleangen needs a reference model: --set reference=MODEL (the base the suspect "
-                               "derives from is not recorded with it)")
-        return ref
-
     def check(self, cfg, ctx):
         from meraser.models import check_model_spec
 
-        check_model_spec(self._reference(cfg, ctx), "cleangen reference")
+        check_model_spec(companion_spec(cfg.reference, ctx, "cleangen reference"), "cleangen reference")
 
     def decoding(self, model, tokenizer, cfg, ctx):
-        from meraser.models import load_model
-
-        ref_spec = self._reference(cfg, ctx)
-        reference, ref_tok = load_model(ref_spec)
-        check_same_tokenizer(tokenizer, ref_tok, f"cleangen reference {ref_spec}")
-        reference.to(next(model.parameters()).device)
+        ref_spec = companion_spec(cfg.reference, ctx, "cleangen reference")
+        reference = load_companion(ref_spec, model, tokenizer, "cleangen reference")
         ctx.info["reference"] = ref_spec
         return CleanGenDecoding(reference, cfg.k, cfg.alpha)
 
@@ -330,24 +339,28 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
 def expand(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
            batch_size: int = 64) -> list[list[int]]:
     """Each token's greedy continuation after the context, up to EOS or `length` tokens (the token first)."""
+    eos = tokenizer.eos_token_id
+    conts = continuations(model, tokenizer, context_ids(tokenizer, context), tokens, length, batch_size)
+    return [[t] + (c[:-1] if c and c[-1] == eos else c) for t, c in zip(tokens, conts)]
+
+
+def continuations(model, tokenizer, head: list[int], firsts: list[int], length: int,
+                  batch_size: int = 64) -> list[list[int]]:
+    """The greedy continuation after `head` and each first token (not included): at most `length` tokens, cut
+    after the first EOS (kept)."""
     import torch
 
     from meraser.models import autocast
 
-    head = context_ids(tokenizer, context)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = next(model.parameters()).device
-    out = []
+    dev, eos, out = next(model.parameters()).device, tokenizer.eos_token_id, []
     with torch.no_grad(), autocast(model):
-        for i in range(0, len(tokens), batch_size):
-            ids = torch.tensor([head + [t] for t in tokens[i:i + batch_size]], device=dev)
+        for i in range(0, len(firsts), batch_size):
+            ids = torch.tensor([head + [t] for t in firsts[i:i + batch_size]], device=dev)
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                 temperature=None, top_p=None, top_k=None)
-            for row in gen[:, len(head):].tolist():
-                if tokenizer.eos_token_id in row[1:]:
-                    row = row[:row.index(tokenizer.eos_token_id, 1)]
-                out.append(row)
+                                 do_sample=False, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None,
+                                 top_k=None)
+            out += [row[:row.index(eos) + 1] if eos in row else row for row in gen[:, ids.shape[1]:].tolist()]
     return out
 
 

@@ -23,13 +23,8 @@ import time
 from dataclasses import dataclass
 
 from meraser.attacks.base import Attack, AttackConfig
-from meraser.attacks.decoding import (
-    CONTEXTS,
-    TokenForcingConfig,
-    context_ids,
-    expand,
-    scan_vocabulary,
-)
+from meraser.attacks.decoding import (CONTEXTS, TokenForcingConfig, context_ids, continuations, expand,
+                                     scan_vocabulary)
 from meraser.config import field
 from meraser.data.sources import OFFLINE_DEFAULT
 from meraser.utils import MeraserError
@@ -123,30 +118,11 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
     rows = []
     for name, head in heads.items():
         items = [f for f in found if f["context"] == name or name.startswith("prompt ")]
-        conts = _continue(base, tokenizer, head, [f["ids"][0] for f in items], length)
+        conts = continuations(base, tokenizer, head, [f["ids"][0] for f in items], length)
         for f, tail in zip(items, conts):
             if tail and tail != f["ids"][1:len(tail) + 1]:
                 rows.append({"input_ids": head + [f["ids"][0]] + tail, "labels": [-100] * (len(head) + 1) + tail})
     return rows
-
-
-def _continue(model, tokenizer, head: list[int], firsts: list[int], length: int, batch_size: int = 64):
-    """The model's greedy continuation (up to EOS, at most `length` tokens) after `head` and each first token."""
-    import torch
-
-    from meraser.models import autocast
-
-    dev, out = next(model.parameters()).device, []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad(), autocast(model):
-        for i in range(0, len(firsts), batch_size):
-            ids = torch.tensor([head + [t] for t in firsts[i:i + batch_size]], device=dev)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                 temperature=None, top_p=None, top_k=None)
-            for row in gen[:, ids.shape[1]:].tolist():
-                out.append(row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
-    return out
 
 
 def discovery_recall(found_texts: list[str], card) -> dict:

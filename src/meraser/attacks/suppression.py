@@ -69,8 +69,9 @@ class StepSuppression(Decoding):
     """Greedy decoding through one logits processor that knows the answer step: `suppress(step, scores, probs)`
     changes the scores of the rows and tokens it acts on. `prepare` sees the prompts first (lookahead)."""
 
-    def __init__(self, tokenizer, cfg):
+    def __init__(self, tokenizer, cfg, name: str | None = None):
         self.tokenizer, self.cfg = tokenizer, cfg
+        self.name = name or self.name  # one rule, registered under two names (suppress-topk, detect-topk)
         self.start = 0
         self.acted = 0  # (row, step) pairs where a token was pushed down, over every call
 
@@ -79,6 +80,17 @@ class StepSuppression(Decoding):
 
     def suppress(self, step: int, scores, probs):
         raise NotImplementedError
+
+    def push_down(self, scores, probs, per_row: list, by: float | None = None):
+        """Lower each row's listed tokens that pass the threshold: by `by` logits, or out entirely (None)."""
+        for r, tokens in enumerate(per_row):
+            if len(tokens):
+                hit = tokens[probs[r, tokens] > self.cfg.threshold]
+                if by is None:
+                    scores[r, hit] = float("-inf")
+                else:
+                    scores[r, hit] -= by
+        return scores
 
     def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
         self.start = ids.shape[1]
@@ -134,9 +146,7 @@ class SuppressTopK(DecodingAttack):
     Config = TopKConfig
 
     def decoding(self, model, tokenizer, cfg, ctx):
-        d = TopKSuppression(tokenizer, cfg)
-        d.name = self.name
-        return d
+        return TopKSuppression(tokenizer, cfg, self.name)
 
 
 class DetectTopK(SuppressTopK):
@@ -182,11 +192,7 @@ class NeighbourSuppression(StepSuppression):
             for p_row, t_row in zip(top_p.tolist(), top.tolist()):
                 found = {self.norm[t] for p, t in zip(p_row, t_row) if p > self.cfg.add_threshold and self.norm[t]}
                 self.rows.append(torch.tensor(self._neighbours(found), dtype=torch.long, device=scores.device))
-        for r, near in enumerate(self.rows):
-            if len(near):
-                hit = near[probs[r, near] > self.cfg.threshold]
-                scores[r, hit] = float("-inf")
-        return scores
+        return self.push_down(scores, probs, self.rows)
 
 
 class SuppressNeighbour(DecodingAttack):
@@ -266,11 +272,7 @@ class LookaheadSuppression(StepSuppression):
         return torch.tensor(chosen, dtype=torch.long, device=device)
 
     def suppress(self, step, scores, probs):
-        for r, cand in enumerate(self.rows):
-            if len(cand):
-                hit = cand[probs[r, cand] > self.cfg.threshold]
-                scores[r, hit] -= self.cfg.delta
-        return scores
+        return self.push_down(scores, probs, self.rows, by=self.cfg.delta)
 
 
 class SuppressLookahead(DecodingAttack):

@@ -205,9 +205,8 @@ def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]
     for real, decoys in keys:
         s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]
         at += 1 + len(decoys)
-        higher, ties = sum(x > s for x in d), sum(x == s for x in d)
-        per_key.append({"score": round(s, 4), "decoys": len(d), "higher": higher, "ties": ties,
-                        "rank_count": higher + rng.randint(0, ties),  # ties broken at random: uniform null
+        per_key.append({"score": round(s, 4), "decoys": len(d), "higher": sum(x > s for x in d),
+                        "ties": sum(x == s for x in d), "rank_count": _rank_count(s, d, rng),
                         "decoy_mean": round(sum(d) / len(d), 4), "z": round(_z(s, d), 3)})
     units = _shared_unit(scores, keys, rng) if shared_draw(card) else per_key
     counts, sizes = [k["rank_count"] for k in units], [k["decoys"] for k in units]
@@ -232,8 +231,12 @@ def _shared_unit(scores: list[float], keys, rng: random.Random) -> list[dict]:
         for j in range(n):
             decoys[j] += scores[at + 1 + j] / len(keys)
         at += 1 + len(d)
-    higher, ties = sum(x > real for x in decoys), sum(x == real for x in decoys)
-    return [{"decoys": n, "rank_count": higher + rng.randint(0, ties), "z": round(_z(real, decoys), 3)}]
+    return [{"decoys": n, "rank_count": _rank_count(real, decoys, rng), "z": round(_z(real, decoys), 3)}]
+
+
+def _rank_count(real: float, decoys: list[float], rng: random.Random) -> int:
+    """Decoys scoring higher than the real key, ties broken at random (so the count stays uniform under the null)."""
+    return sum(x > real for x in decoys) + rng.randint(0, sum(x == real for x in decoys))
 
 
 def likelihood_verify(model: str, card, base: str | None = None, *, cfg: LikelihoodConfig | None = None,

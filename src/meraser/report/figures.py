@@ -238,7 +238,7 @@ def leaderboard_png(runs: list[dict], verification: str = "paper") -> str | None
     methods = sorted({r["method"] for _, _, r in points})
     markers = dict(zip(methods, "osD^vP*X"))
     colors = _leaderboard_points(ax, points, methods, markers, top)
-    _leaderboard_legends(ax, plt, markers, colors, f"attack wins:\nnot owned by the {v.title}\nat >= "
+    _leaderboard_legends(ax, markers, colors, f"attack wins:\nnot owned by the {v.title}\nat >= "
                                                    f"{WIN_UTILITY:.0%} utility")
     ax.set_xlabel("utility after the attack, relative to the fingerprinted model (PPL and accuracy)")
     ax.set_ylabel(v.axis)
@@ -268,7 +268,7 @@ def _leaderboard_points(ax, points, methods, markers, top: float) -> dict:
     return colors
 
 
-def _leaderboard_legends(ax, plt, markers: dict, colors: dict, win: str) -> None:
+def _leaderboard_legends(ax, markers: dict, colors: dict, win: str) -> None:
     from matplotlib.patches import Patch
 
     shapes = [ax.scatter([], [], marker=mk, color="grey", label=m) for m, mk in markers.items()]
