@@ -112,7 +112,7 @@ def test_a_mixed_batch_decodes_as_each_prompt_alone(planted, make):
 
 
 def test_perplexity_filter_refuses_exactly_the_prompts_above_its_threshold(planted, tiny):
-    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    model, tok = planted["utf"][0], planted["utf"][1]
     helper, helper_tok = tiny
     prompts = _prompts(planted, "utf")
     texts = [tok.decode(_ids(tok, p)[0][0], skip_special_tokens=True) for p in prompts]

@@ -389,6 +389,29 @@ def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():
     assert utility(run) == pytest.approx(0.5)  # perplexity alone
 
 
+def test_the_strongest_attack_is_the_lowest_score_that_keeps_the_models_utility():
+    """Per fingerprint and verification: a cell that breaks the model never wins, however low its score; among the
+    others the lowest score wins, ties to the higher utility; a fingerprint whose every cell breaks has none."""
+    from meraser.report.data import strongest
+    from meraser.report.tables import strongest_rows
+
+    def cell(method, attack, fsr, ppl):
+        return {"name": f"{method}-{attack}", "method": method, "attack": attack, "settings": "",
+                "stages": {"fingerprinted": {"fsr": 1.0, "ppl": {"ppl": 10.0}},
+                           "attacked": {"fsr": fsr, "ppl": {"ppl": ppl}}}}
+
+    runs = [cell("utf", "prune", 0.0, 100.0),      # FSR 0, utility 10%: broken
+            cell("utf", "finetune", 0.5, 10.5),    # utility 95%
+            cell("utf", "merge", 0.5, 10.0),       # same FSR, utility 100%: the strongest
+            cell("if-sft", "prune", 0.0, 20.0)]    # utility 50% only
+    best = strongest(runs, "paper")
+    assert best["utf"]["attack"] == "merge" and "if-sft" not in best
+    head, rows = strongest_rows(runs)
+    assert head[:2] == ["fingerprint", "by the paper FSR"]
+    assert rows[0][0] == "utf" and rows[0][1].startswith("merge (FSR 50%") and "utility 100%" in rows[0][1]
+    assert rows[1][1] == "none keeps 90% utility"
+
+
 def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tiny_dir):
     """The shared folder is named by the matrix's fingerprint settings; if a default under them has changed since
     it was made, the bench says so instead of attacking an old fingerprint under the new settings' name."""

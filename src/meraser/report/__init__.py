@@ -14,11 +14,12 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from meraser.report.data import bench_time, fingerprint_name, is_bench, load_bench, load_run, utility
+from meraser.report.data import (WIN_UTILITY, bench_time, fingerprint_name, is_bench, load_bench, load_run,
+                                 utility)
 from meraser.report.figures import (ablation_pngs, figure_pngs, fsr_curve_png, leaderboard_pngs, stage_fsr_png,
                                     strict_curve_png, tasks_png, write_figures)
-from meraser.report.tables import (attack_rows, html_table, markdown_tables, strict_rows, summary_tables, table1_html,
-                                   tasks_rows, terminal_tables, verification_rows)
+from meraser.report.tables import (attack_rows, html_table, markdown_tables, strict_rows, strongest_rows, summary_tables,
+                                   table1_html, tasks_rows, terminal_tables, verification_rows)
 from meraser.utils import MeraserError, atomic_write_text
 
 # what the CLI, the runner, the bench and the tests use
@@ -109,10 +110,14 @@ def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: 
     ablations = "".join(f"<h2>FSR against {html.escape(key)}</h2>{_figure(f'FSR against {key}', png, '')}"
                         for key, png in ablation_pngs(runs))
     page = render(runs, title, show_secrets)
+    head, rows = strongest_rows(runs)
+    strongest = f"<h3>The strongest attack on each fingerprint</h3>{html_table(head, rows)}" if rows else ""
     extra = (f"<h2>Attacks: every cell of the matrix</h2><p>{html.escape(timing)}</p>"
              f"{html_table(*attack_rows(runs, cells))}"
              f"<h2>Leaderboard: fingerprint survival against utility</h2><p>One figure per verification: what it "
-             f"still shows after each attack.</p>{boards}{ablations}")
+             f"still shows after each attack; the strongest attack on each fingerprint is ringed: of the cells "
+             f"keeping at least {WIN_UTILITY:.0%} of the fingerprinted model's utility, the one the verification "
+             f"scores lowest.</p>{boards}{strongest}{ablations}")
     return page.replace("<h2>Table 1</h2>", extra + "<h2>Table 1</h2>", 1)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from meraser.utils import MeraserError, read_json, read_jsonl
 
 STAGES = ("base", "fingerprinted", "erased", "recovered", "attacked")  # attacked: an `attack:` stage instead
+WIN_UTILITY = 0.9  # an attack "wins" a cell where the verification no longer shows ownership at this much of the
+                   # fingerprinted model's utility (the leaderboard's shaded region, the strongest-attack rule)
 
 
 def load_run(path: str | Path) -> dict:
@@ -138,3 +140,21 @@ def bench_time(path: str | Path, runs: list[dict], cells: list[dict]) -> str:
     if seconds or not unknown:
         text += f", plus {_duration(seconds)} of shared work (fingerprinted models, transfer adapter, merge experts)"
     return text + (f"; the shared work's time is not recorded for {', '.join(unknown)}" if unknown else "")
+
+
+def strongest(runs: list[dict], verification: str) -> dict[str, dict]:
+    """{fingerprint: run} the strongest attack on each fingerprint by one verification: of the cells that keep at
+    least WIN_UTILITY of the fingerprinted model's utility, the one the verification scores lowest (shows the least
+    ownership), ties to the higher utility. An attack that breaks the model is never the strongest; a fingerprint
+    whose every cell does has none."""
+    from meraser.evaluation.verifications import REGISTRY
+
+    v, best = REGISTRY[verification], {}
+    for r in runs:
+        u, score = utility(r), v.score(last_row(r))
+        if u is None or score is None or u < WIN_UTILITY or "attack" not in r:
+            continue
+        held = best.get(r["method"])
+        if held is None or (score, -u) < (v.score(last_row(held)), -utility(held)):
+            best[r["method"]] = r
+    return best

@@ -7,7 +7,7 @@ import base64
 import io
 from pathlib import Path
 
-from meraser.report.data import STAGES, last_row, run_label, task_accs, utility
+from meraser.report.data import STAGES, WIN_UTILITY, last_row, run_label, strongest, task_accs, utility
 
 
 def fsr_curve_png(runs: list[dict]) -> str | None:
@@ -210,9 +210,6 @@ def strict_curve_png(runs: list[dict]) -> str | None:
     return _png(fig)
 
 
-WIN_UTILITY = 0.9  # an attack "wins" a cell: FSR 0 with at least this much of the fingerprinted model's utility
-
-
 LABEL_POINTS = 12  # up to this many cells each point is labelled; beyond, labels only cover each other (the table
                   # beside the figure names every cell)
 
@@ -221,7 +218,7 @@ def leaderboard_png(runs: list[dict], verification: str = "paper") -> str | None
     """What a verification still shows after the attack (the paper's FSR by default; `Verification.score`) against
     the attacked model's relative utility, one point per cell: the colour is the attack, the marker the
     fingerprint, and the region where the attack wins (below the verification's claim, at >= WIN_UTILITY utility)
-    is shaded. Cells with the same score and utility on different fingerprints are drawn a little apart, so that
+    is shaded; the strongest attack on each fingerprint (`strongest`) is ringed. Cells with the same score and utility on different fingerprints are drawn a little apart, so that
     none hides another."""
     from meraser.evaluation.verifications import REGISTRY
 
@@ -238,6 +235,10 @@ def leaderboard_png(runs: list[dict], verification: str = "paper") -> str | None
     methods = sorted({r["method"] for _, _, r in points})
     markers = dict(zip(methods, "osD^vP*X"))
     colors = _leaderboard_points(ax, points, methods, markers, top)
+    best = {id(r) for r in strongest(runs, verification).values()}
+    ringed = [(u, f + _nudge(r, methods, top)) for u, f, r in points if id(r) in best]
+    if ringed:
+        ax.scatter(*zip(*ringed), s=190, facecolors="none", edgecolors="black", linewidths=1.3, zorder=3)
     _leaderboard_legends(ax, markers, colors, f"attack wins:\nnot owned by the {v.title}\nat >= "
                                                    f"{WIN_UTILITY:.0%} utility")
     ax.set_xlabel("utility after the attack, relative to the fingerprinted model (PPL and accuracy)")
@@ -255,8 +256,7 @@ def _leaderboard_points(ax, points, methods, markers, top: float) -> dict:
     palette = plt.get_cmap("tab20" if len(attacks) > 10 else "tab10")
     colors = {a: palette(i % palette.N) for i, a in enumerate(attacks)}
     for u, f, r in points:
-        nudge = 0.015 * top * (methods.index(r["method"]) - (len(methods) - 1) / 2)
-        ax.scatter(u, f + nudge, marker=markers[r["method"]], color=colors[r["attack"]], s=45, alpha=0.85,
+        ax.scatter(u, f + _nudge(r, methods, top), marker=markers[r["method"]], color=colors[r["attack"]], s=45, alpha=0.85,
                    edgecolors="black", linewidths=0.3)
     if len(points) <= LABEL_POINTS:
         placed: list[tuple[float, float]] = []
@@ -268,11 +268,18 @@ def _leaderboard_points(ax, points, methods, markers, top: float) -> dict:
     return colors
 
 
+def _nudge(run: dict, methods: list[str], top: float) -> float:
+    """How far a cell is drawn off its score, by fingerprint, so that equal cells on different fingerprints show."""
+    return 0.015 * top * (methods.index(run["method"]) - (len(methods) - 1) / 2)
+
+
 def _leaderboard_legends(ax, markers: dict, colors: dict, win: str) -> None:
     from matplotlib.patches import Patch
 
     shapes = [ax.scatter([], [], marker=mk, color="grey", label=m) for m, mk in markers.items()]
-    first = ax.legend(handles=[Patch(color="tab:green", alpha=0.2, label=win), *shapes], fontsize=7,
+    ring = ax.scatter([], [], s=90, facecolors="none", edgecolors="black", linewidths=1.3,
+                      label="strongest attack on\nthe fingerprint")
+    first = ax.legend(handles=[Patch(color="tab:green", alpha=0.2, label=win), ring, *shapes], fontsize=7,
                       loc="upper left", bbox_to_anchor=(1.01, 1.0), title="fingerprint", title_fontsize=7)
     ax.add_artist(first)
     ax.legend(handles=[Patch(color=c, label=a) for a, c in colors.items()], fontsize=7, loc="lower left",

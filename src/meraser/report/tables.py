@@ -9,7 +9,7 @@ from meraser.evaluation.evaluate import ppl_text
 from meraser.evaluation.ownership import p_text
 from meraser.evaluation.strict import CHECKS
 from meraser.evaluation.verifications import verdict_text
-from meraser.report.data import STAGES, final_stage, last_row, run_label, task_accs, utility
+from meraser.report.data import STAGES, WIN_UTILITY, final_stage, last_row, run_label, strongest, task_accs, utility
 
 
 def tasks_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
@@ -134,6 +134,25 @@ def verification_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+def strongest_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Fingerprint x verification: the strongest attack on each fingerprint by each verification (`strongest`), what
+    that verification concludes after it and the utility it keeps; the leaderboard rings the same cells."""
+    from meraser.evaluation.verifications import REGISTRY
+
+    attacked = [r for r in runs if "attack" in r]
+    if not attacked:
+        return [], []
+    best = {name: strongest(attacked, name) for name in REGISTRY}
+    head = ["fingerprint"] + [f"by the {v.title}" for v in REGISTRY.values()]
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in attacked):
+        rows.append([method] + [
+            f"{run_label(r, fingerprint=False)} ({verdict_text(v, last_row(r)) or '-'}; utility {utility(r):.0%})"
+            if (r := best[name].get(method)) else f"none keeps {WIN_UTILITY:.0%} utility"
+            for name, v in REGISTRY.items()])
+    return head, rows
+
+
 def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tuple[str, list[str], list[list]]]:
     """(title, head, rows) of what `meraser report` prints and writes as Markdown: the attack table (a bench),
     Table 1, and accuracy per task where measured."""
@@ -145,6 +164,9 @@ def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tu
         tables.append(("attacks: every cell", head, [
             r[:4] + [f"{r[4]} -> {r[5]}" if r[5] else "", r[6], r[7], f"{r[8]} -> {r[9]}" if r[9] else "", r[10],
                      r[11], r[12]] + r[14:] for r in rows]))
+        head, rows = strongest_rows(runs)
+        if rows:
+            tables.append(("the strongest attack on each fingerprint, by each verification", head, rows))
     head, rows = verification_rows(runs)
     if rows:
         tables.append(("which verification still shows ownership", head, rows))
