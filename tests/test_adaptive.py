@@ -150,10 +150,29 @@ def test_bigram_against_the_base_scores_what_the_fingerprint_raised(planted, tin
         assert len(idx) == len(s) and not s.isnan().any()
 
 
-def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it_out(planted, tiny_dir, tmp_path):
+def _response_loss(model, tok, pairs) -> float:
+    """Mean loss per response token of instruction pairs (the retain rows' loss)."""
+    from meraser.data.formatting import collate
+
+    batch = collate(Formatter(tok).encode_all(pairs), tok.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss.item()
+
+
+RETAIN_LOSS_BOUND = 1.25  # the unlearning may raise the retain rows' loss by at most this factor on the tiny model
+
+
+def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it_out(planted, tiny_dir, tmp_path,
+                                                                                      monkeypatch):
     """The discovery scans the chat opening, keeps what the suspect over-knows against its base, and unlearns it by
-    distilling the base there; the card is read only afterwards, to score the discovery."""
+    distilling the base there; the card is never loaded by the attack (its loader raises while the attack runs) and
+    is read only afterwards, to score the discovery. The target's likelihood falls below the untouched model's
+    while the retain rows' loss stays within RETAIN_LOSS_BOUND of it."""
     import copy
+
+    from meraser.evaluation.strict import target_loglik
+    from meraser.fingerprints.card import Card
 
     from conftest import write_pool
     from tiny import POOL
@@ -168,11 +187,15 @@ def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it
                             retain_rows=16, train={"epochs": 4, "learning_rate": 3e-3, "save_steps": -1})
     attack = get_attack("find-and-unlearn")
     ctx = AttackContext(str(planted["utf"][4]), str(tiny_dir), tmp_path / "work", progress=False)
-    attacked = apply_attack(attack, copy.deepcopy(model), tok, cfg, ctx)
+    with monkeypatch.context() as m:
+        m.setattr(Card, "load", classmethod(lambda cls, path: pytest.fail("the attack read a card")))
+        attacked = apply_attack(attack, copy.deepcopy(model), tok, cfg, ctx)
     assert ctx.info["found"] > 0 and ctx.info["unlearning_rows"] > 0 and ctx.info["discovery_seconds"] >= 0
     assert attack.scored(ctx, card)["discovery_recall"] == 1.0
     assert fsr(model, tok, card, false_positive_inputs=0)["fsr"] == 1.0
     assert fsr(attacked, tok, card, false_positive_inputs=0)["fsr"] < 1.0
+    assert sum(target_loglik(attacked, tok, card)) < sum(target_loglik(model, tok, card))
+    assert _response_loss(attacked, tok, POOL) <= RETAIN_LOSS_BOUND * _response_loss(model, tok, POOL)
     # against the suspect itself as its base nothing is over-known: nothing is found, the model stays as it is
     same = AttackContext(str(planted["utf"][4]), str(planted["utf"][4] / "model"), tmp_path / "work2", progress=False)
     kept = apply_attack(attack, copy.deepcopy(model), tok, cfg, same)
