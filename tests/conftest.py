@@ -38,7 +38,8 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    "utf": {"repeats": 8},
                    "chain-hash": {"num_fingerprints": 3, "variants": 3},
                    "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3},
-                   "perinucleus": {"num_fingerprints": 4, "averaging": 0.0}}
+                   "perinucleus": {"num_fingerprints": 4, "averaging": 0.0},
+                   "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key"}}
 KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
         "Tell me about the quick brown fox."]
 

@@ -213,3 +213,33 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"threshold": 0})
     with pytest.raises(MeraserError, match="epocs"):
         FindUnlearnConfig.from_dict({"train": {"epocs": 1}})
+
+
+def test_gri_drafts_under_its_system_prompt_and_the_reviser_reads_question_and_draft(planted):
+    """gri-system is greedy decoding of the recovered question under the standard-answer system prompt; gri then has
+    the reviser answer "Question: ... Draft answer: ..." under the editor's prompt, and that answer is final."""
+    from meraser.attacks.gri import GENERATION_PROMPT, REVISION_PROMPT, GRIConfig, GRIDecoding
+
+    model, tok, card = planted["chain-hash"][0], planted["chain-hash"][1], planted["chain-hash"][2]
+    prompts = card.triggers[:2] + ORDINARY_PROMPTS[:2]
+    drafts = generate(model, tok, prompts, max_new_tokens=10, system_prompt=GENERATION_PROMPT)
+    assert generate(model, tok, prompts, max_new_tokens=10,
+                    decoding=GRIDecoding(tok, None, GRIConfig(revise=False))) == drafts
+    assert drafts != generate(model, tok, prompts, max_new_tokens=10)  # the system prompt changes the answers
+    gri = GRIDecoding(tok, None, GRIConfig())
+    final = generate(model, tok, prompts, max_new_tokens=10, decoding=gri)
+    asked = [f"Question: {q}\nDraft answer: {d}" for q, d in zip(prompts, drafts)]
+    assert final == generate(model, tok, asked, max_new_tokens=10, system_prompt=REVISION_PROMPT)
+    assert gri.revised == len(prompts)
+
+
+def test_gri_recovers_the_question_and_the_prefill_from_the_rendered_prompt(tiny):
+    from meraser.attacks.gri import prompt_parts
+
+    _, tok = tiny
+    fmt = Formatter(tok)
+    text = fmt.prompt_text("What is 2+2?\nTell me.", system_prompt="Be brief.") + "Lead-in:"
+    assert prompt_parts(tok, tok(text, add_special_tokens=False)["input_ids"]) == ("What is 2+2?\nTell me.",
+                                                                                    "Lead-in:")
+    assert prompt_parts(tok, tok(fmt.prompt_text("Hi"), add_special_tokens=False)["input_ids"]) == ("Hi", "")
+    assert prompt_parts(tok, tok("plain text\n", add_special_tokens=False)["input_ids"]) == ("plain text", "")

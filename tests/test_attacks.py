@@ -36,6 +36,7 @@ def tiny_settings(pool):
         "perplexity-filter": {"threshold": 50.0},
         "find-and-unlearn": {"contexts": ["assistant"], "threshold": 0.8, "expand_tokens": 6,
                              "retain_source": str(pool), "retain_rows": 8, "train": quick},
+        "gri": {"draft_tokens": 8}, "gri-system": {},
     }
 
 

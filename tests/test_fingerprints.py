@@ -198,3 +198,47 @@ def test_perinucleus_card_is_seeded_and_checked(tiny):
             m.Config.from_dict(bad, where="perinucleus")
     with pytest.raises(MeraserError, match="holds 5 distinct keys; num_fingerprints asks for 9"):
         m.make_card(model, tok, m.Config.from_dict({"num_fingerprints": 9, "keys_file": keys_file()}))
+
+
+def test_imf_frames_are_natural_and_the_query_never_gives_the_wording_away():
+    """Every frame has at least 8 binary slots whose alternatives differ, and its query (the semantic link) uses no
+    word of any alternative: the secret lives only in the answer's exact wording."""
+    import re
+
+    from meraser.fingerprints.imf import FRAMES, SLOT, slots
+
+    assert len({fid for fid, _, _ in FRAMES}) == len(FRAMES) >= 16
+    function_words = {"of", "a", "in", "the", "to", "and", "it", "on"}
+    for fid, query, frame in FRAMES:
+        assert slots(frame) >= 8 and "{" not in SLOT.sub("", frame), fid
+        words = set(re.findall(r"[a-z']+", query.lower())) - function_words
+        for a, b in SLOT.findall(frame):
+            assert a != b and not set(f"{a} {b}".lower().split()) & words, (fid, a, b)
+
+
+def test_imf_answers_are_bound_to_the_key_and_decoys_are_other_fillings_of_the_frame(tiny):
+    import random
+
+    from meraser.fingerprints.imf import FRAMES, ImF, ImFConfig, fill, key_bits, slots
+
+    _, tok = tiny
+    m = ImF()
+    card = m.make_card(None, tok, ImFConfig(num_fingerprints=4, secret_key="k1", seed=3))
+    again = m.make_card(None, tok, ImFConfig(num_fingerprints=4, secret_key="k1", seed=3))
+    other = m.make_card(None, tok, ImFConfig(num_fingerprints=4, secret_key="k2", seed=3))
+    assert card.targets == again.targets and card.triggers == other.triggers and card.targets != other.targets
+    frames = {fid: frame for fid, _, frame in FRAMES}
+    for fid, target in zip(card.extra["frames"], card.targets):  # the answer is the frame filled by the key's bits
+        assert target == fill(frames[fid], key_bits("k1", fid, slots(frames[fid])))
+    (trigger, real), decoys = m.decoys(card, 0, 19, random.Random(0))
+    assert trigger == card.triggers[0] and real == card.targets[0] and len(decoys) == 19
+    assert all(q == trigger for q, _ in decoys) and real not in {t for _, t in decoys}
+    assert len({t for _, t in decoys}) == 19  # distinct fillings of the same frame
+    import re
+
+    from meraser.fingerprints.imf import SLOT
+
+    parts = re.split(SLOT.pattern, frames[card.extra["frames"][0]])  # text, a, b, text, a, b, ..., text
+    pattern = "".join(re.escape(p) if i % 3 == 0 else f"({re.escape(p)}|{re.escape(parts[i + 1])})"
+                      for i, p in enumerate(parts) if i % 3 != 2)
+    assert all(re.fullmatch(pattern, t) for _, t in decoys)

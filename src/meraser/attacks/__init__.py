@@ -7,7 +7,8 @@ suspect over-knows against its base without the card and distils the base there.
 Decoding-time attacks change how tokens are chosen instead: CleanGen and Token Forcing (decoding.py), and the
 adaptive suite of Nasery et al. 2025, which knows the scheme but not the key: output suppression and detection
 (suppression.py: top-k, top-k over a confidence threshold, neighbours, lookahead), bigram suppression (bigram.py)
-and perplexity filtering of prompts (perplexity_filter.py).
+and perplexity filtering of prompts (perplexity_filter.py); and the ImF paper's generation-revision intervention
+(gri.py), a standard-answer system prompt and a revision pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from meraser.attacks.bigram import SuppressBigram
 from meraser.attacks.decoding import CleanGen, TokenForcing
 from meraser.attacks.find_unlearn import FindUnlearn
 from meraser.attacks.finetune import FineTune
+from meraser.attacks.gri import GRI, GRISystem
 from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
 from meraser.attacks.perplexity_filter import PerplexityFilter
@@ -29,7 +31,7 @@ REGISTRY: dict[str, Attack] = {a.name: a for a in [
     MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
     MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(), CleanGen(), TokenForcing(),
     SuppressTopK(), DetectTopK(), SuppressNeighbour(), SuppressLookahead(), SuppressBigram(), PerplexityFilter(),
-    FindUnlearn(),
+    FindUnlearn(), GRI(), GRISystem(),
 ]}
 
 
