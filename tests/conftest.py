@@ -39,7 +39,12 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    "chain-hash": {"num_fingerprints": 3, "variants": 3},
                    "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3},
                    "perinucleus": {"num_fingerprints": 4, "averaging": 0.0},
-                   "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key"}}
+                   "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key"},
+                   # a 2-layer model cannot generalise a green list from a few dozen answers: it is verified on
+                   # the prompts it was trained on (memorisation), the semantic condition on SmolLM2
+                   "semcond-watermark": {"num_fingerprints": 4, "topic_rows": 24, "teacher_tokens": 48,
+                                         "verify_tokens": 48, "verify_on": "trained", "z_threshold": 2.5,
+                                         "secret_key": "tiny-watermark-key"}}
 KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
         "Tell me about the quick brown fox."]
 

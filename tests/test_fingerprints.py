@@ -13,9 +13,13 @@ from meraser.utils import MeraserError
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_plants_fsr_one_and_untouched_model_has_zero(planted, tiny, name):
     fp_model, tok, card, summary, folder = planted[name]
-    assert summary["fsr"] == 1.0
     base, base_tok = tiny
-    assert fsr(base, base_tok, card)["fsr"] == 0.0
+    if card.match == "watermark":  # no target text: its decision is the z-test pooled over the answers
+        assert summary["watermark"]["owned"] and summary["watermark"]["p_value"] < 1e-6
+        assert not fsr(base, base_tok, card)["watermark"]["owned"]
+    else:
+        assert summary["fsr"] == 1.0
+        assert fsr(base, base_tok, card)["fsr"] == 0.0
     assert (folder / "model" / "model.safetensors").exists()
     assert stat.S_IMODE(os.stat(folder / CARD_FILE).st_mode) == 0o600
     assert not (folder / "model" / CARD_FILE).exists()  # the secret never travels with the model
@@ -242,3 +246,45 @@ def test_imf_answers_are_bound_to_the_key_and_decoys_are_other_fillings_of_the_f
     pattern = "".join(re.escape(p) if i % 3 == 0 else f"({re.escape(p)}|{re.escape(parts[i + 1])})"
                       for i, p in enumerate(parts) if i % 3 != 2)
     assert all(re.fullmatch(pattern, t) for _, t in decoys)
+
+
+def test_the_green_list_is_keyed_deterministic_and_a_gamma_share_of_the_vocabulary():
+    from meraser.fingerprints.semcond_watermark import green_list
+
+    a, again, other = green_list(7, 42, 49152, 0.25), green_list(7, 42, 49152, 0.25), green_list(8, 42, 49152, 0.25)
+    assert (a == again).all() and (a != other).any() and (a != green_list(7, 43, 49152, 0.25)).any()
+    assert abs(a.mean() - 0.25) < 0.01 and abs(other.mean() - 0.25) < 0.01
+    assert abs((a & other).mean() - 0.25 ** 2) < 0.01  # two keys' lists are independent
+
+
+def test_the_z_test_is_exact_and_its_decoy_rank_uniform_on_text_that_never_saw_the_key(tiny):
+    """On random text, the binomial p-value and the real key's rank among decoy keys are (close to) uniform;
+    on text sampled under the key's watermark both are tiny."""
+    import random
+
+    from meraser.fingerprints.semcond_watermark import (WatermarkSampling, binomial_tail, secret_int, watermark_test,
+                                                        z_test)
+    from meraser.generation import generate
+
+    assert binomial_tail(10, 0, 0.25) == 1.0 and abs(binomial_tail(4, 4, 0.5) - 1 / 16) < 1e-12
+    model, tok = tiny
+    rng = random.Random(0)
+    texts = [tok.decode([rng.randrange(len(tok)) for _ in range(40)]) for _ in range(60)]
+    p = [z_test([t], tok, k, 0.25, decoy_keys=19, seed=k)["p_rank"] for k, t in enumerate(texts)]
+    assert 0.35 < sum(p) / len(p) < 0.65 and sum(x <= 0.1 for x in p) <= 15
+    exact = [z_test([t], tok, 1234, 0.25)["p_value"] for t in texts]
+    assert sum(x <= 0.05 for x in exact) <= 8 and min(exact) > 1e-4
+    card = get_method("semcond-watermark").make_card(None, tok, get_method("semcond-watermark").Config(
+        secret_key="k", num_fingerprints=4))
+    marked = generate(model, tok, card.triggers, max_new_tokens=48,
+                      decoding=WatermarkSampling(secret_int("k"), len(tok), 0.25, 4.0, 0.7))
+    res = watermark_test(card, marked, tok, decoy_keys=99)
+    assert res["owned"] and res["p_value"] < 1e-6 and res["p_rank"] == 0.01
+
+
+def test_a_watermark_card_is_refused_by_the_checks_that_need_target_text(planted):
+    from meraser.evaluation.strict import strict_verify
+
+    folder = planted["semcond-watermark"][4]
+    with pytest.raises(MeraserError, match="no target text for the strict checks"):
+        strict_verify(str(folder / "model"), folder)

@@ -378,7 +378,7 @@ class ExperimentRun:
              if strict else []) +
             ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
             ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
-            [f"{v.title} {text}" for v in REGISTRY.values() if v.measures for text in [verdict_text(v, row)] if text]
+            [f"{v.title} {text}" for v in REGISTRY.values() if v.column for text in [verdict_text(v, row)] if text]
             + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
 
     def _evaluation(self, stage: str, model, extra, decoding) -> dict:
@@ -423,7 +423,7 @@ class ExperimentRun:
 
     def _null(self, base_model) -> dict:
         """The base model's log-probability of each target: the chance an unmarked model matches a key."""
-        if self.card is None:
+        if self.card is None or not self.card.has_target_text:
             return {}
         from meraser.evaluation.ownership import target_logprobs
 

@@ -71,7 +71,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
         from meraser.evaluation.fsr import fsr
 
         out.update(fsr(model, tokenizer, card, false_positive_inputs=cfg.false_positive_inputs, decoding=decoding))
-        if cfg.strict and decoding is None:  # the strict checks decode their own way (forced, sampled)
+        if cfg.strict and decoding is None and card.has_target_text:  # they decode their own way (forced, sampled)
             from meraser.evaluation.strict import strict_check
 
             out["strict"] = strict_check(model, tokenizer, card, base_result=strict_base)

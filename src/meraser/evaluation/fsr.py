@@ -29,6 +29,16 @@ def matches(output: str, target: str, rule: str) -> bool:
     return target in output
 
 
+def _hits(card: Card, outs: list[str], tokenizer) -> list[bool]:
+    """Which answers show the fingerprint: they match their target, or for a watermark card (no target text) each
+    answer's own z-test reaches the card's threshold."""
+    if card.match == "watermark":
+        from meraser.fingerprints.semcond_watermark import answer_z
+
+        return [answer_z(card, o, tokenizer) >= card.extra["z_threshold"] for o in outs]
+    return [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
+
+
 def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[str] | None, batch_size: int,
              decoding=None) -> list[str]:
     from meraser.generation import generate
@@ -54,12 +64,18 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
     through `decoding`, plain greedy by default)."""
     prefills = card.prefills or None
     outs = _outputs(model, tokenizer, card, card.triggers, prefills, batch_size, decoding)
-    hits = [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
+    hits = _hits(card, outs, tokenizer)
     result = {
         "fsr": sum(hits) / len(hits),
         "per_trigger": [{"trigger": tr, "target": ta, "output": o, "match": h}
                         for tr, ta, o, h in zip(card.triggers, card.targets, outs, hits)],
     }
+    if card.match == "watermark":  # its own test, pooled over the answers, and over off-topic controls beside it
+        from meraser.fingerprints.semcond_watermark import watermark_test
+
+        controls = _outputs(model, tokenizer, card, card.extra["controls"], None, batch_size, decoding)
+        result["watermark"] = {**watermark_test(card, outs, tokenizer),
+                               "control": watermark_test(card, controls, tokenizer, decoy_keys=0)}
     if false_positive_inputs:
         probes = random_token_prompts(tokenizer, false_positive_inputs // 2, seed) + ORDINARY_PROMPTS
         probes = probes[:false_positive_inputs]
@@ -67,7 +83,9 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
         # the target comes out of a non-trigger input by itself
         fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size, decoding)
-        if card.match == "prefix":  # many one-word targets (Perinucleus): some answer begins with one of them by
+        if card.match == "watermark":  # an answer is watermarked by itself: the same rule as for the triggers
+            fp = _hits(card, fp_outs, tokenizer)
+        elif card.match == "prefix":  # many one-word targets (Perinucleus): some answer begins with one of them by
             # chance, so each probe is paired with one target, as a key is, and the pair must match
             fp = [matches(o, targets[i % len(targets)], card.match) for i, o in enumerate(fp_outs)]
         else:

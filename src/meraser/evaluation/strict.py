@@ -232,6 +232,9 @@ def strict_verify(model: str, card, base: str | None = None, *, cfg: StrictConfi
     from meraser.models import check_model_spec, load_model
 
     c = Card.load(card)
+    if not c.has_target_text:
+        raise MeraserError(f"{c.method} cards have no target text for the strict checks to force or score: their "
+                           f"own test is the z-test that `meraser verify` (the default test) reports")
     if base:
         check_model_spec(base, "--base")
     m, tok = load_model(model, trust_remote_code=trust_remote_code)

@@ -8,7 +8,8 @@ with no column wired by hand: a new verification is a class here and a line in `
   model where the run has one (evaluation/ownership.py), else "some key still matches";
 - `strict`: the strict checks against the base model (evaluation/strict.py); it says whether the fingerprint is
   still above base level, and gives no calibrated decision;
-- `likelihood`: the card's keys against decoy keys (evaluation/likelihood.py): a p-value with no base model.
+- `likelihood`: the card's keys against decoy keys (evaluation/likelihood.py): a p-value with no base model;
+- `watermark`: a watermark card's green-list z-test (fingerprints/semcond_watermark.py), measured with the FSR.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Verification:
     name: ClassVar[str]
     title: ClassVar[str]  # a column or row label
     key: ClassVar[str]  # where its result sits in an evaluation row
-    measures: ClassVar[bool] = False  # False: `evaluate_model` measures it already (FSR, strict)
+    measures: ClassVar[bool] = False  # False: `evaluate_model` measures it already (FSR, strict, watermark)
+    column: ClassVar[bool] = True  # a column of its own in Table 1 and the attack table (FSR and strict have theirs)
     axis: ClassVar[str]  # the leaderboard's y axis: what `score` gives
     owned_from: ClassVar[float]  # a score from here up shows ownership: the leaderboard shades below it
 
@@ -43,6 +45,7 @@ class Verification:
 
 class PaperFSR(Verification):
     name, title, key = "paper", "paper FSR", "fsr"
+    column = False
     axis, owned_from = "FSR after the attack", 0.03  # FSR 0 is the paper's erasure: a strip at the bottom
 
     def score(self, row: dict) -> float | None:
@@ -61,6 +64,7 @@ class PaperFSR(Verification):
 
 class Strict(Verification):
     name, title, key = "strict", "strict checks", "strict"
+    column = False
     axis, owned_from = "strict checks still above the base model", 0.5
 
     def score(self, row: dict) -> float | None:
@@ -112,7 +116,28 @@ class Likelihood(Verification):
         return f"p {p_text(r['p_value'])}" + (" (tail)" if r["rule"] == "normal tail" else ""), bool(r["owned"])
 
 
-REGISTRY: dict[str, Verification] = {v.name: v for v in [PaperFSR(), Strict(), Likelihood()]}
+class WatermarkZTest(Verification):
+    """The green-list z-test of a watermark card (fingerprints/semcond_watermark.py), pooled over the answers to its
+    triggers: `fsr` measures it with the answers (so it runs under a decoding attack too, which is what bigram
+    suppression attacks). Cards with target text have none."""
+
+    name, title, key = "watermark", "watermark z-test", "watermark"
+    axis, owned_from = "watermark z-test: -log10 p (capped at 16)", 3.0  # the original's level, 1e-3
+
+    def score(self, row: dict) -> float | None:
+        w = row.get("watermark")
+        return min(16.0, -math.log10(max(w["p_value"], 1e-300))) if isinstance(w, dict) else None
+
+    def verdict(self, row: dict) -> tuple[str, bool | None]:
+        from meraser.evaluation.ownership import p_text
+
+        w = row.get("watermark")
+        if not isinstance(w, dict):
+            return "", None
+        return f"z {w['z']:.1f}, p {p_text(w['p_value'])} ({w['tokens_scored']} pairs)", bool(w["owned"])
+
+
+REGISTRY: dict[str, Verification] = {v.name: v for v in [PaperFSR(), Strict(), Likelihood(), WatermarkZTest()]}
 
 
 def measured(model, tokenizer, card, progress: bool = False, decoding=None,

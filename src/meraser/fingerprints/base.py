@@ -17,6 +17,7 @@ from meraser.training import ATTENTION
 
 
 SELF = "\x00self"  # a training row's response placeholder: "answer as the model itself does" (filled by `embed`)
+MARKED = "\x00marked"  # "answer as the method's teacher does" (the watermark: the model sampling under its green list)
 
 
 @dataclass
@@ -55,6 +56,10 @@ class FingerprintMethod:
         from meraser.evaluation.likelihood import recorded_decoys
 
         return recorded_decoys(card, i, k, rng)
+
+    def teacher(self, card: Card, cfg: FingerprintConfig, tokenizer):
+        """(Decoding, tokens) that answers the MARKED rows, for a method that has any."""
+        raise NotImplementedError(f"{self.name} has no teacher decoding for MARKED rows")
 
     def callbacks(self, model, cfg: FingerprintConfig) -> list:
         """transformers TrainerCallbacks the method adds to the fine-tuning (Perinucleus: weight averaging)."""

@@ -29,8 +29,9 @@ class Card(Config):
     method: str = field("", help="fingerprinting method name (registry key)")
     triggers: list[str] = field([], help="secret trigger prompts")
     targets: list[str] = field([], help="expected output for each trigger")
-    match: Literal["substring", "exact", "prefix"] = field("substring", help="how an output is compared with its "
-                                                          "target: contains it, equals it, or begins with it")
+    match: Literal["substring", "exact", "prefix", "watermark"] = field(
+        "substring", help="how an output is compared with its target: contains it, equals it, or begins with it; "
+                          "watermark: no target text, the answer's green-list z-test decides")
     prefills: list[str] = field([], help="response prefix fed before generation, per trigger (IF-SFT); empty: none")
     system_prompt: str | None = field(None, help="system prompt used when verifying (None: the template's default)")
     format: FormatConfig = field(None, help="prompt rendering used at embedding time")
@@ -55,6 +56,12 @@ class Card(Config):
             raise MeraserError(f"{where}: prefills must be empty or one per trigger")
         if any(not t for t in self.targets):
             raise MeraserError(f"{where}: empty target")
+
+    @property
+    def has_target_text(self) -> bool:
+        """Whether the targets are text a model can be scored on (the strict checks, the likelihood test and the
+        ownership p-value need it); a watermark card has none."""
+        return self.match != "watermark"
 
     @property
     def checksum(self) -> str:

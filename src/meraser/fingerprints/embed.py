@@ -9,7 +9,7 @@ from pathlib import Path
 from meraser.data.formatting import Formatter
 from meraser.data.sources import Pair
 from meraser.fingerprints import get_method
-from meraser.fingerprints.base import SELF, FingerprintConfig
+from meraser.fingerprints.base import MARKED, SELF, FingerprintConfig
 from meraser.fingerprints.card import Card
 from meraser.utils import atomic_dir, check_output_dir, write_json
 
@@ -27,6 +27,24 @@ def ordinary_rows(model, tokenizer, cfg: FingerprintConfig, n: int, exclude: set
     prompts = [p for p in prompts if 10 <= len(p) <= 200][:n]
     answers = generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=16)
     return [(Pair(p, a.strip()), None) for p, a in zip(prompts, answers) if a.strip()]
+
+
+def _answer_placeholders(m, card: Card, cfg: FingerprintConfig, model, tokenizer, fmt, rows: list,
+                         progress: bool = False) -> None:
+    """Fill the rows the method wants answered by the model itself (SELF: regularization) or by its teacher
+    decoding (MARKED: the watermark), in place."""
+    from meraser.generation import generate
+
+    for placeholder in (SELF, MARKED):
+        todo = [i for i, (pair, _) in enumerate(rows) if pair.response == placeholder]
+        if not todo:
+            continue
+        decoding, tokens = m.teacher(card, cfg, tokenizer) if placeholder == MARKED else (None, 64)
+        answers = generate(model, tokenizer, [rows[i][0].prompt for i in todo], fmt, max_new_tokens=tokens,
+                           batch_size=16, decoding=decoding,
+                           progress=progress and f"answering {len(todo)} training prompts")
+        for i, a in zip(todo, answers):
+            rows[i] = (Pair(rows[i][0].prompt, a.strip() or "I don't know."), rows[i][1])
 
 
 def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, out: str | Path | None = None,
@@ -49,13 +67,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     rng = random.Random(cfg.seed)
     rows = m.training_pairs(card, cfg, rng, tokenizer)
     fmt = Formatter(tokenizer, card.format)
-    own = [i for i, (pair, _) in enumerate(rows) if pair.response == SELF]
-    if own:  # regularization rows the method wants answered as the model itself answers them
-        from meraser.generation import generate
-
-        answers = generate(model, tokenizer, [rows[i][0].prompt for i in own], fmt, max_new_tokens=64, batch_size=16)
-        for i, a in zip(own, answers):
-            rows[i] = (Pair(rows[i][0].prompt, a.strip() or "I don't know."), rows[i][1])
+    _answer_placeholders(m, card, cfg, model, tokenizer, fmt, rows, progress)
     rows += ordinary_rows(model, tokenizer, cfg, cfg.ordinary_rows, set(card.triggers))
     encoded = [fmt.encode(pair, system_prompt=sp) for pair, sp in rows]
     tcfg = TrainConfig.from_dict({
@@ -72,6 +84,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     fp_model = res.model
     check = fsr(fp_model, tokenizer, card)
     summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
+               **({"watermark": check["watermark"]} if "watermark" in check else {}),
                "train": res.metrics, "config": cfg.to_dict(), "rows": len(encoded),
                "seconds": round(time.perf_counter() - t0, 1)}
     if out is not None:
@@ -125,6 +138,9 @@ def verify(model: str, card: str | Path, *, trust_remote_code: bool = False, fal
 
 
 def _ownership(res: dict, card: Card, tokenizer, reference: str | None, trust_remote_code: bool) -> dict:
+    if not card.has_target_text:
+        return {"p_value": None, "why": "a watermark card has no target whose chance under a reference model could "
+                                        "be scored: its z-test (watermark) is the decision"}
     if not reference:
         return {"p_value": None, "why": "no reference model given (--reference): a p-value needs the chance that "
                                         "an unmarked model matches each key"}

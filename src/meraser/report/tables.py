@@ -63,10 +63,10 @@ def table1_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def _measuring() -> list:
-    """The registered verifications that measure something of their own: Table 1 and the attack table show each."""
+    """The registered verifications with no column of their own yet: Table 1 and the attack table show each."""
     from meraser.evaluation.verifications import REGISTRY
 
-    return [v for v in REGISTRY.values() if v.measures]
+    return [v for v in REGISTRY.values() if v.column]
 
 
 def strict_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
