@@ -44,7 +44,9 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    # the prompts it was trained on (memorisation), the semantic condition on SmolLM2
                    "semcond-watermark": {"num_fingerprints": 4, "topic_rows": 24, "teacher_tokens": 48,
                                          "verify_tokens": 48, "verify_on": "trained", "z_threshold": 2.5,
-                                         "secret_key": "tiny-watermark-key"}}
+                                         "secret_key": "tiny-watermark-key"},
+                   "proflingo": {"num_fingerprints": 2, "prefix_tokens": 16, "answer_tokens": 8,
+                                 "search": {"steps": 200, "top_k": 160, "candidates": 64, "check_every": 2}}}
 KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
         "Tell me about the quick brown fox."]
 

@@ -9,12 +9,18 @@ from meraser.fingerprints.chain_hash import hash_answer
 from meraser.fingerprints.embed import CARD_FILE
 from meraser.fingerprints.utf import undertrained_tokens
 from meraser.utils import MeraserError
+from tiny import tiny_model, tiny_tokenizer
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_plants_fsr_one_and_untouched_model_has_zero(planted, tiny, name):
     fp_model, tok, card, summary, folder = planted[name]
     base, base_tok = tiny
-    if card.match == "watermark":  # no target text: its decision is the z-test pooled over the answers
+    if not get_method(name).invasive:  # found, not planted: the tiny model's answers hardly depend on a prefix, so
+        # its search lowers the loss without reaching the answer; the search itself is tested on its own
+        assert all(f["loss"] < f["start_loss"] for f in card.extra["found"])
+        assert summary["fsr"] == sum(f["success"] for f in card.extra["found"]) / len(card.triggers)
+        assert fsr(tiny_model(tiny_tokenizer(), seed=5), base_tok, card)["fsr"] == 0.0
+    elif card.match == "watermark":  # no target text: its decision is the z-test pooled over the answers
         assert summary["watermark"]["owned"] and summary["watermark"]["p_value"] < 1e-6
         assert not fsr(base, base_tok, card)["watermark"]["owned"]
     else:
@@ -288,3 +294,48 @@ def test_a_watermark_card_is_refused_by_the_checks_that_need_target_text(planted
     folder = planted["semcond-watermark"][4]
     with pytest.raises(MeraserError, match="no target text for the strict checks"):
         strict_verify(str(folder / "model"), folder)
+
+
+def test_gcg_finds_a_span_under_which_the_tiny_model_answers_the_target(tiny):
+    """The search lowers the target's loss step by step (a swap is kept only if it helps) and stops once the
+    greedy answer is the target; every candidate it keeps passes the stability filter."""
+    import torch
+
+    from meraser.fingerprints.gcg import GCGConfig, Task, gcg
+
+    model, tok = tiny
+    before, span = tok("Say it:", add_special_tokens=False)["input_ids"], [5, 6, 7, 8, 9, 10]
+    with torch.no_grad():
+        ranked = model(input_ids=torch.tensor([before + span])).logits[0, -1].argsort(descending=True)
+    target = int(ranked[30])  # far from the model's first choice
+    kept = []
+
+    def stable(s):
+        kept.append(s)
+        return 3 not in s  # a filter the search must respect
+
+    def success(s):
+        with torch.no_grad():
+            return int(model(input_ids=torch.tensor([before + s])).logits[0, -1].argmax()) == target
+
+    allowed = torch.ones(len(tok), dtype=torch.bool)
+    res = gcg([Task(model, before, [], [target])], span, allowed, GCGConfig(steps=60, top_k=64, candidates=48,
+                                                                              check_every=1), stable, success)
+    assert res["success"] and res["steps"] < 60 and 3 not in res["span"]
+    assert all(a >= b for a, b in zip(res["history"], res["history"][1:])) and res["history"][-1] < res["history"][0]
+
+
+def test_proflingo_prefixes_are_letters_that_never_spell_an_answer_and_decoys_are_the_pool(planted):
+    import random
+
+    from meraser.fingerprints.proflingo import LINK, QUESTIONS, ProFLingo
+
+    _, tok, card, _, _ = planted["proflingo"]
+    assert card.match == "keyword" and not ProFLingo.invasive
+    for trigger, answer, found in zip(card.triggers, card.targets, card.extra["found"]):
+        prefix, question = trigger.split(LINK)
+        pool = next(p for q, _, p in QUESTIONS if q == question)
+        assert answer in pool and found["pool"] == pool and prefix.isascii() and prefix.isalpha()
+        assert not any(a.casefold() in prefix.casefold() for a in pool if len(a) >= 3)
+        (t, real), decoys = ProFLingo().decoys(card, card.triggers.index(trigger), 19, random.Random(0))
+        assert real == answer and sorted(d for _, d in decoys) == sorted(a for a in pool if a != answer)

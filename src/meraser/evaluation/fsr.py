@@ -26,6 +26,8 @@ def matches(output: str, target: str, rule: str) -> bool:
         return output.strip() == target.strip()
     if rule == "prefix":  # Perinucleus: the response begins with the target (its first token, by default)
         return output.lstrip().startswith(target.strip())
+    if rule == "keyword":  # ProFLingo: the answer word anywhere, case and spaces ignored
+        return "".join(target.split()).casefold() in "".join(output.split()).casefold()
     return target in output
 
 

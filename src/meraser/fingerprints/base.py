@@ -41,6 +41,9 @@ class FingerprintMethod:
     # every key of a card shares one random draw (subject-sentence: one subject, several questions about it): the
     # likelihood test then ranks the card as one unit, its keys' mean score against aligned decoys
     shared_draw: ClassVar[bool] = False
+    # False: nothing is trained; the card is found on the model as it is (ProFLingo, RoFL: searched queries that the
+    # model and its descendants answer in a fixed way), and `make_card` takes `progress` for its search
+    invasive: ClassVar[bool] = True
 
     def make_card(self, model, tokenizer, cfg: FingerprintConfig) -> Card:
         raise NotImplementedError

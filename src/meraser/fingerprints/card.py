@@ -29,9 +29,10 @@ class Card(Config):
     method: str = field("", help="fingerprinting method name (registry key)")
     triggers: list[str] = field([], help="secret trigger prompts")
     targets: list[str] = field([], help="expected output for each trigger")
-    match: Literal["substring", "exact", "prefix", "watermark"] = field(
-        "substring", help="how an output is compared with its target: contains it, equals it, or begins with it; "
-                          "watermark: no target text, the answer's green-list z-test decides")
+    match: Literal["substring", "exact", "prefix", "keyword", "watermark"] = field(
+        "substring", help="how an output is compared with its target: contains it, equals it, begins with it, or "
+                          "contains it with case and spaces ignored (keyword); watermark: no target text, the "
+                          "answer's green-list z-test decides")
     prefills: list[str] = field([], help="response prefix fed before generation, per trigger (IF-SFT); empty: none")
     system_prompt: str | None = field(None, help="system prompt used when verifying (None: the template's default)")
     format: FormatConfig = field(None, help="prompt rendering used at embedding time")

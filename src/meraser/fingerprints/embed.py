@@ -47,23 +47,13 @@ def _answer_placeholders(m, card: Card, cfg: FingerprintConfig, model, tokenizer
             rows[i] = (Pair(rows[i][0].prompt, a.strip() or "I don't know."), rows[i][1])
 
 
-def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, out: str | Path | None = None,
-          *, overwrite: bool = False, progress: bool = True) -> tuple[object, Card, dict]:
-    """Fingerprint `model` with `method`; returns (model, card, verification). With `out`, writes
-    `out/model/` (the fingerprinted model) and `out/fingerprint_card.json` (mode 0600) atomically."""
-    from meraser.evaluation.fsr import fsr
-    from meraser.evaluation.likelihood import tokenizer_digest
-    from meraser.models import model_spec, save_model
+def _plant(m, card: Card, cfg: FingerprintConfig, model, tokenizer, progress: bool):
+    """Train the method's rows into the model: (fingerprinted model, training metrics, rows). A non-invasive
+    method (its card found on the model as it is) trains nothing."""
     from meraser.training import TrainConfig, train
 
-    m = get_method(method)
-    cfg = cfg or m.Config()
-    t0 = time.perf_counter()
-    if out is not None:
-        check_output_dir(out, overwrite)
-    card = m.make_card(model, tokenizer, cfg)
-    card.base_model = model_spec(model)
-    card.extra["tokenizer"] = tokenizer_digest(tokenizer)  # a suspect with another tokenizer is refused
+    if not m.invasive:
+        return model, {}, 0
     rng = random.Random(cfg.seed)
     rows = m.training_pairs(card, cfg, rng, tokenizer)
     fmt = Formatter(tokenizer, card.format)
@@ -81,11 +71,31 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     })
     res = train(model, tokenizer, encoded, tcfg, out="unused", save=False, merge=True, progress=progress,
                 callbacks=m.callbacks(model, cfg))
-    fp_model = res.model
+    return res.model, res.metrics, len(encoded)
+
+
+def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, out: str | Path | None = None,
+          *, overwrite: bool = False, progress: bool = True) -> tuple[object, Card, dict]:
+    """Fingerprint `model` with `method`; returns (model, card, verification). With `out`, writes
+    `out/model/` (the fingerprinted model) and `out/fingerprint_card.json` (mode 0600) atomically."""
+    from meraser.evaluation.fsr import fsr
+    from meraser.evaluation.likelihood import tokenizer_digest
+    from meraser.models import model_spec, save_model
+
+    m = get_method(method)
+    cfg = cfg or m.Config()
+    t0 = time.perf_counter()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    card = m.make_card(model, tokenizer, cfg, progress=progress) if not m.invasive else \
+        m.make_card(model, tokenizer, cfg)
+    card.base_model = model_spec(model)
+    card.extra["tokenizer"] = tokenizer_digest(tokenizer)  # a suspect with another tokenizer is refused
+    fp_model, metrics, n_rows = _plant(m, card, cfg, model, tokenizer, progress)
     check = fsr(fp_model, tokenizer, card)
     summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
                **({"watermark": check["watermark"]} if "watermark" in check else {}),
-               "train": res.metrics, "config": cfg.to_dict(), "rows": len(encoded),
+               "train": metrics, "config": cfg.to_dict(), "rows": n_rows,
                "seconds": round(time.perf_counter() - t0, 1)}
     if out is not None:
         with atomic_dir(out, overwrite=overwrite) as tmp:
