@@ -46,7 +46,10 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                                          "verify_tokens": 48, "verify_on": "trained", "z_threshold": 2.5,
                                          "secret_key": "tiny-watermark-key"},
                    "proflingo": {"num_fingerprints": 2, "prefix_tokens": 16, "answer_tokens": 8,
-                                 "search": {"steps": 200, "top_k": 160, "candidates": 64, "check_every": 2}}}
+                                 "search": {"steps": 200, "top_k": 160, "candidates": 64, "check_every": 2}},
+                   "rofl": {"num_fingerprints": 2, "random_tokens": 2, "prompt_tokens": 8, "response_tokens": 4,
+                            "system_prompts": [None], "decoys": 5,
+                            "search": {"steps": 40, "top_k": 64, "candidates": 32, "check_every": 2}}}
 KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
         "Tell me about the quick brown fox."]
 

@@ -15,9 +15,10 @@ from tiny import tiny_model, tiny_tokenizer
 def test_every_method_plants_fsr_one_and_untouched_model_has_zero(planted, tiny, name):
     fp_model, tok, card, summary, folder = planted[name]
     base, base_tok = tiny
-    if not get_method(name).invasive:  # found, not planted: the tiny model's answers hardly depend on a prefix, so
-        # its search lowers the loss without reaching the answer; the search itself is tested on its own
-        assert all(f["loss"] < f["start_loss"] for f in card.extra["found"])
+    if not get_method(name).invasive:  # found, not planted: the card's FSR is what its search reached (ProFLingo's
+        # lowers the loss without reaching the answer on a model whose answers hardly depend on a prefix; the search
+        # itself is tested on its own), and an unrelated model does not answer it
+        assert all(f["loss"] <= f["start_loss"] for f in card.extra["found"])
         assert summary["fsr"] == sum(f["success"] for f in card.extra["found"]) / len(card.triggers)
         assert fsr(tiny_model(tiny_tokenizer(), seed=5), base_tok, card)["fsr"] == 0.0
     elif card.match == "watermark":  # no target text: its decision is the z-test pooled over the answers
@@ -339,3 +340,18 @@ def test_proflingo_prefixes_are_letters_that_never_spell_an_answer_and_decoys_ar
         assert not any(a.casefold() in prefix.casefold() for a in pool if len(a) >= 3)
         (t, real), decoys = ProFLingo().decoys(card, card.triggers.index(trigger), 19, random.Random(0))
         assert real == answer and sorted(d for _, d in decoys) == sorted(a for a in pool if a != answer)
+
+
+def test_rofl_prompts_tokenise_back_and_its_decoys_are_other_prompts_responses(planted, tiny):
+    from meraser.data.formatting import Formatter
+    from meraser.generation import generate
+
+    model, tok = tiny
+    _, _, card, summary, _ = planted["rofl"]
+    assert card.match == "prefix" and summary["fsr"] == 1.0 and len(card.extra["decoys"]) == 5
+    for trigger, target in zip(card.triggers, card.targets):
+        ids = tok(trigger, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == trigger and "\ufffd" not in target
+        answer = generate(model, tok, [trigger], Formatter(tok), max_new_tokens=len(tok(target)["input_ids"]))[0]
+        assert answer.lstrip().startswith(target.strip())  # the base model's own greedy response
+    assert not set(card.extra["decoys"]) & set(card.targets)

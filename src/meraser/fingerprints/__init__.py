@@ -9,6 +9,7 @@ from meraser.fingerprints.if_sft import InstructionalFingerprint
 from meraser.fingerprints.imf import ImF
 from meraser.fingerprints.perinucleus import Perinucleus
 from meraser.fingerprints.proflingo import ProFLingo
+from meraser.fingerprints.rofl import RoFL
 from meraser.fingerprints.semcond_watermark import SemCondWatermark
 from meraser.fingerprints.subject_sentence import SubjectSentence
 from meraser.fingerprints.utf import UTF
@@ -16,7 +17,7 @@ from meraser.utils import unknown_name
 
 REGISTRY: dict[str, FingerprintMethod] = {m.name: m for m in [InstructionalFingerprint(), UTF(), ChainHash(),
                                                             SubjectSentence(), Perinucleus(), ImF(),
-                                                            SemCondWatermark(), ProFLingo()]}
+                                                            SemCondWatermark(), ProFLingo(), RoFL()]}
 
 
 def get_method(name: str) -> FingerprintMethod:
