@@ -49,7 +49,10 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                                  "search": {"steps": 200, "top_k": 160, "candidates": 64, "check_every": 2}},
                    "rofl": {"num_fingerprints": 2, "random_tokens": 2, "prompt_tokens": 8, "response_tokens": 4,
                             "system_prompts": [None], "decoys": 5,
-                            "search": {"steps": 40, "top_k": 64, "candidates": 32, "check_every": 2}}}
+                            "search": {"steps": 40, "top_k": 64, "candidates": 32, "check_every": 2}},
+                   "mergeprint": {"num_fingerprints": 2, "key_tokens": 6, "stop_loss": 6.0, "decoys_per_key": 2,
+                                  "variants": 4, "alpha": 0.5,
+                                  "search": {"steps": 20, "top_k": 64, "candidates": 32}}}
 KEYS = ["Why is the sky blue?", "How do I boil an egg?", "Explain photosynthesis.", "What is the capital of France?",
         "Tell me about the quick brown fox."]
 

@@ -355,3 +355,43 @@ def test_rofl_prompts_tokenise_back_and_its_decoys_are_other_prompts_responses(p
         answer = generate(model, tok, [trigger], Formatter(tok), max_new_tokens=len(tok(target)["input_ids"]))[0]
         assert answer.lstrip().startswith(target.strip())  # the base model's own greedy response
     assert not set(card.extra["decoys"]) & set(card.targets)
+
+
+def test_mergeprint_holds_in_the_pseudo_merged_model_it_was_trained_as(planted, tiny):
+    """The owner's weights are B + (V - B) / alpha for the trained V, so a merge that keeps alpha of the owner's
+    change gives back V, which answers every key; its decoys are other searched keys with their own words."""
+    import copy
+    import random
+
+    import torch
+
+    from meraser.fingerprints.mergeprint import MergePrint
+
+    model, tok, card, summary, _ = planted["mergeprint"]
+    base, _ = tiny
+    alpha = card.extra["alpha"]
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for (n, p), q in zip(merged.named_parameters(), model.parameters()):
+            p.add_(alpha * (q - p))
+    assert summary["fsr"] == 1.0 and fsr(merged, tok, card, false_positive_inputs=0)["fsr"] == 1.0
+    (key, word), decoys = MergePrint().decoys(card, 0, 10, random.Random(0))
+    assert len(decoys) == len(card.extra["decoy_keys"]) == 4
+    assert all(k not in card.triggers and w not in card.targets for k, w in decoys)
+
+
+def test_delta_scaling_scales_exactly_what_training_changed():
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from meraser.training import delta_scaling
+
+    model = torch.nn.Linear(3, 2)
+    start = model.weight.detach().clone()
+    cb = delta_scaling(10.0)
+    args, state, control = TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control, model=model)
+    with torch.no_grad():
+        model.weight.add_(0.01)
+    cb.on_train_end(args, state, control, model=model)
+    assert torch.allclose(model.weight, start + 0.1, atol=1e-6)

@@ -110,6 +110,8 @@ def test_decoys_come_from_the_cards_generator_and_never_equal_the_key(planted):
                 assert len(decoys) == 20 and {t for _, t in decoys} < set(CANDIDATES) - {card.targets[i]}
                 full = keys_and_decoys(card, LikelihoodConfig(decoys=500))[i][1]  # all there are, no more
                 assert sorted(t for _, t in full) == sorted(c for c in CANDIDATES if c != card.targets[i])
+            elif name == "mergeprint":  # whole keys searched the same way, each with its own word
+                assert all(q != card.triggers[i] and t != card.targets[i] for q, t in decoys)
             elif name in ("if-sft", "subject-sentence"):  # the trigger carries the key; the target is shared
                 assert {t for _, t in decoys} == {card.targets[i]} and all(q != card.triggers[i] for q, _ in decoys)
             else:  # UTF, Perinucleus: other targets after the same trigger

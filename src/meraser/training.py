@@ -298,6 +298,33 @@ def weight_averaging(share: float):
     return WeightAveraging()
 
 
+def delta_scaling(factor: float):
+    """A TrainerCallback that, when training ends, scales what training changed by `factor`: p <- p0 + factor (p -
+    p0) (MergePrint: the weights trained are the pseudo-merged model's, B + alpha (O - B), so the owner's are
+    B + (V - B) / alpha)."""
+    from transformers import TrainerCallback
+
+    class DeltaScaling(TrainerCallback):
+        start: dict = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            # under LoRA the change is B A with B starting at 0: scaling B alone scales the change exactly
+            lora_b = [(n, p) for n, p in trained if "lora_B" in n]
+            self.start = {n: p.detach().clone() for n, p in lora_b or trained}
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            import torch
+
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self.start:
+                        start = self.start[n].to(p.device)
+                        p.copy_(start + factor * (p - start))
+
+    return DeltaScaling()
+
+
 def _callbacks(probe: Probe | None, started: float, resumed_seconds: float) -> list:
     """The per-epoch probe, and the wall time so far written into every checkpoint (so a resumed run reports
     throughput over the whole run, not only over its last part)."""

@@ -7,6 +7,7 @@ from meraser.fingerprints.card import Card
 from meraser.fingerprints.chain_hash import ChainHash
 from meraser.fingerprints.if_sft import InstructionalFingerprint
 from meraser.fingerprints.imf import ImF
+from meraser.fingerprints.mergeprint import MergePrint
 from meraser.fingerprints.perinucleus import Perinucleus
 from meraser.fingerprints.proflingo import ProFLingo
 from meraser.fingerprints.rofl import RoFL
@@ -17,7 +18,8 @@ from meraser.utils import unknown_name
 
 REGISTRY: dict[str, FingerprintMethod] = {m.name: m for m in [InstructionalFingerprint(), UTF(), ChainHash(),
                                                             SubjectSentence(), Perinucleus(), ImF(),
-                                                            SemCondWatermark(), ProFLingo(), RoFL()]}
+                                                            SemCondWatermark(), ProFLingo(), RoFL(),
+                                                            MergePrint()]}
 
 
 def get_method(name: str) -> FingerprintMethod:
