@@ -291,7 +291,7 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     per_attack = {}
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
-    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 1)  # ... + the adaptive suite, find-and-unlearn
+    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 1 + 2)  # ... + the adaptive suite, find-and-unlearn, GRI
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \
@@ -301,6 +301,19 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     assert sorted(c.experiment["attack"]["config"]["weights"][0] for c in per_attack["merge-dare"]) == \
         [0.4] * 3 + [0.5] * 3 + [0.6] * 3
     assert len({c.id for c in cells}) == len(cells)
+
+
+def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matrix():
+    """benchmarks/matrix_fingerprints3.yaml: the five new schemes against the SmolLM2 matrix's attacks (MEraser at the
+    paper's setting and meraser's default instead of the mismatched-set ablation), sharing its folder."""
+    from meraser.bench import plan_cells, shared_root
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    smollm2, new = load_matrix(bench / "matrix_smollm2.yaml"), load_matrix(bench / "matrix_fingerprints3.yaml")
+    cells = plan_cells(new)
+    assert shared_root(new) == shared_root(smollm2) and len({c.id for c in cells}) == len(cells) == 5 * 28
+    assert {c.fingerprint["method"] for c in cells} == {"imf", "semcond-watermark", "proflingo", "rofl", "mergeprint"}
+    assert {c.attack["method"] for c in cells} == {c.attack["method"] for c in plan_cells(smollm2)}
 
 
 def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
