@@ -423,6 +423,7 @@ def test_the_strongest_attack_is_the_lowest_score_that_keeps_the_models_utility(
     assert head[:2] == ["fingerprint", "by the paper FSR"]
     assert rows[0][0] == "utf" and rows[0][1].startswith("merge (FSR 50%") and "utility 100%" in rows[0][1]
     assert rows[1][1] == "none keeps 90% utility"
+    assert rows[0][head.index("by the likelihood test")] == "not measured"  # no cell has a likelihood result
 
 
 def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tiny_dir):

@@ -146,11 +146,18 @@ def strongest_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     head = ["fingerprint"] + [f"by the {v.title}" for v in REGISTRY.values()]
     rows = []
     for method in dict.fromkeys(r["method"] for r in attacked):
-        rows.append([method] + [
-            f"{run_label(r, fingerprint=False)} ({verdict_text(v, last_row(r)) or '-'}; utility {utility(r):.0%})"
-            if (r := best[name].get(method)) else f"none keeps {WIN_UTILITY:.0%} utility"
-            for name, v in REGISTRY.items()])
+        rows.append([method] + [_strongest_cell(best[name].get(method), v, [r for r in attacked if r["method"] == method])
+                                for name, v in REGISTRY.items()])
     return head, rows
+
+
+def _strongest_cell(best: dict | None, v, runs: list[dict]) -> str:
+    if best is not None:
+        return (f"{run_label(best, fingerprint=False)} ({verdict_text(v, last_row(best)) or '-'}; "
+                f"utility {utility(best):.0%})")
+    if all(v.score(last_row(r)) is None for r in runs):
+        return "not measured"
+    return f"none keeps {WIN_UTILITY:.0%} utility"
 
 
 def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tuple[str, list[str], list[list]]]:
