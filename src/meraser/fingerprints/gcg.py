@@ -86,7 +86,7 @@ def _gradient(tasks: list[Task], span: list[int]):
     return total
 
 
-def _losses(tasks: list[Task], spans: list[list[int]], batch_size: int) -> list[float]:
+def losses(tasks: list[Task], spans: list[list[int]], batch_size: int) -> list[float]:
     import torch
 
     out = [0.0] * len(spans)
@@ -108,7 +108,7 @@ def gcg(tasks: list[Task], span: list[int], allowed, cfg: GCGConfig, stable: Cal
     import torch
 
     t0, gen = time.perf_counter(), torch.Generator().manual_seed(cfg.seed)
-    best, loss = list(span), _losses(tasks, [span], cfg.batch_size)[0]
+    best, loss = list(span), losses(tasks, [span], cfg.batch_size)[0]
     history, done, step = [round(loss, 4)], success(best), 0
     bar = _bar(progress, cfg.steps)
     while not done and step < cfg.steps and not (cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds):
@@ -122,7 +122,7 @@ def gcg(tasks: list[Task], span: list[int], allowed, cfg: GCGConfig, stable: Cal
         cands = [c for c in dict.fromkeys(tuple(best[:p] + [int(top[p, r])] + best[p + 1:])
                                           for p, r in zip(pos.tolist(), rank.tolist())) if stable(list(c))]
         if cands:
-            scores = _losses(tasks, [list(c) for c in cands], cfg.batch_size)
+            scores = losses(tasks, [list(c) for c in cands], cfg.batch_size)
             i = min(range(len(cands)), key=scores.__getitem__)
             if scores[i] < loss:
                 best, loss = list(cands[i]), scores[i]

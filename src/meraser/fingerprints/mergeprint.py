@@ -95,7 +95,7 @@ def search_key(model, tokenizer, fmt, word: str, cfg: MergePrintConfig, rng: ran
     """(key, word, search record): GCG over a random-token key until the answer's first word reaches `stop_loss`."""
     import torch
 
-    from meraser.fingerprints.gcg import Task, _losses, gcg, rendered
+    from meraser.fingerprints.gcg import Task, losses, gcg, rendered
 
     before, after = rendered(tokenizer, fmt, lambda span: span)
     target = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -109,7 +109,7 @@ def search_key(model, tokenizer, fmt, word: str, cfg: MergePrintConfig, rng: ran
             == before + span + after
 
     def reached(span):
-        return _losses([task], [span], 1)[0] <= cfg.stop_loss
+        return losses([task], [span], 1)[0] <= cfg.stop_loss
 
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     for _ in range(200):
