@@ -36,7 +36,7 @@ def shared_data():
 TINY = {"method": "full", "epochs": 30, "learning_rate": 3e-3, "ordinary_rows": 0, "batch_size": 8}
 TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    "utf": {"repeats": 8},
-                   "chain-hash": {"num_fingerprints": 3, "variants": 3},
+                   "chain-hash": {"num_fingerprints": 3, "variants": 3, "secret_key": "tiny-chain-hash-key"},
                    "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3},
                    "perinucleus": {"num_fingerprints": 4, "averaging": 0.0},
                    "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key"},

@@ -104,7 +104,10 @@ def test_lookahead_candidates_are_confident_and_never_words_of_the_prompt(plante
     lambda tok: NeighbourSuppression(tok, NeighbourConfig(threshold=0.0, add_threshold=0.0)),
     lambda tok: LookaheadSuppression(tok, LookaheadConfig(threshold=0.0, lookahead_tokens=6)),
 ], ids=["topk", "neighbour", "lookahead"])
-def test_a_mixed_batch_decodes_as_each_prompt_alone(planted, make):
+def test_a_mixed_batch_decodes_as_each_prompt_alone(planted, make, monkeypatch):
+    # in fp32: bf16 rounds a padded row's logits differently from the row alone, and a near-tie then flips a token
+    # (the planted key is random, so one run in many met one)
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
     model, tok = planted["chain-hash"][0], planted["chain-hash"][1]
     prompts = _prompts(planted, "chain-hash")
     together = generate(model, tok, prompts, max_new_tokens=8, batch_size=len(prompts), decoding=make(tok))
