@@ -19,9 +19,13 @@ T = TypeVar("T", bound="Config")
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
+    # mutable defaults (a list, a dict, a nested config) are copied for every instance
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        value = default
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(value), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 

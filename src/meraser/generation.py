@@ -48,6 +48,69 @@ class Sampling(Decoding):
         return out[:, ids.shape[1]:]
 
 
+def pack(rows: list[list[int]], max_new_tokens: int, pad_id: int, eos_id, device):
+    """`Decoding.new_tokens`' return value from token lists chosen outside `generate` (a refusal, a revised answer):
+    each row ends in EOS, then padding, cut to max_new_tokens."""
+    import torch
+
+    out = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    tail = [eos_id] if eos_id is not None else []
+    for r, toks in enumerate(rows):
+        toks = (list(toks) + tail)[:max_new_tokens]
+        out[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return out
+
+
+def encode_prompts(tokenizer, prompts: list[str], formatter: Formatter | None = None,
+                   prefills: list[str] | None = None, system_prompt: str | None = None) -> list[list[int]]:
+    """Each prompt rendered by `formatter` (the chat template by default) and tokenised, its prefill appended."""
+    formatter = formatter or Formatter(tokenizer)
+    encoded = []
+    for p, pre in zip(prompts, prefills or [""] * len(prompts)):
+        ids = formatter.encode_prompt(p, system_prompt)
+        encoded.append(ids + tokenizer(pre, add_special_tokens=False)["input_ids"] if pre else ids)
+    return encoded
+
+
+def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: int = 64, batch_size: int = 16,
+                 progress: bool | str = False, decoding: Decoding | None = None) -> list[list[int]]:
+    """The answers' token ids (up to their EOS, no padding) to already encoded prompts, in the input order, through
+    `decoding` (plain greedy by default). Prompts are sorted by length so each batch pads little, and left-padded
+    so every row's answer starts at the same position. `progress`: a progress bar (a string names the work)."""
+    import torch
+
+    from meraser.models import autocast
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id, dev = tokenizer.eos_token_id, next(model.parameters()).device
+    outputs: list[list[int]] = [[] for _ in encoded]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from rich.progress import track
+
+        what = progress if isinstance(progress, str) else "generating"
+        batches = track(batches, description=f"{what} ({len(encoded)} prompts)", transient=True)
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        longest = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, longest - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, longest - len(encoded[i]) :] = 1
+        with torch.no_grad(), autocast(model):
+            out = (decoding or GREEDY).new_tokens(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                                                  pad_id=pad_id, eos_id=eos_id)
+        for row, i in enumerate(batch):
+            toks = out[row].tolist()
+            toks = toks[:toks.index(eos_id)] if eos_id in toks else toks
+            outputs[i] = [t for t in toks if t != pad_id]
+    model.train(was_training)
+    return outputs
+
+
 def generate(
     model,
     tokenizer,
@@ -62,46 +125,8 @@ def generate(
     decoding: Decoding | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts` (rendered by `formatter`), optionally continuing from `prefills`, through
-    `decoding` (plain greedy by default).
-
-    Prompts are sorted by length so each batch pads little; results come back in the input order. `progress`: a
-    progress bar (a string names what is being generated).
-    """
-    import torch
-
-    from meraser.models import autocast
-
-    formatter = formatter or Formatter(tokenizer)
-    prefills = prefills or [""] * len(prompts)
-    encoded = []
-    for p, pre in zip(prompts, prefills):
-        ids = formatter.encode_prompt(p, system_prompt)
-        if pre:
-            ids = ids + tokenizer(pre, add_special_tokens=False)["input_ids"]
-        encoded.append(ids)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = next(model.parameters()).device
-    outputs: list[str] = [""] * len(prompts)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress:
-        from rich.progress import track
-
-        what = progress if isinstance(progress, str) else "generating"
-        batches = track(batches, description=f"{what} ({len(prompts)} prompts)", transient=True)
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        longest = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):  # left padding: every row's answer starts at the same position
-            ids[row, longest - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, longest - len(encoded[i]) :] = 1
-        with torch.no_grad(), autocast(model):
-            out = (decoding or GREEDY).new_tokens(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
-                                                  pad_id=pad_id, eos_id=tokenizer.eos_token_id)
-        for row, i in enumerate(batch):
-            outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True)
-    model.train(was_training)
-    return outputs
+    `decoding` (plain greedy by default); see `generate_ids`."""
+    encoded = encode_prompts(tokenizer, prompts, formatter, prefills, system_prompt)
+    answers = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, decoding=decoding)
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in answers]

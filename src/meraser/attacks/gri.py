@@ -73,45 +73,30 @@ class GRIDecoding(Decoding):
         self.tokenizer, self.reviser, self.cfg = tokenizer, reviser, cfg
         self.revised = self.changed = 0
 
-    def _generate(self, model, rows: list[tuple[str, str, str]], max_new_tokens: int, pad_id: int,
-                  eos_id) -> list[list[int]]:
-        """Greedy answers to (question, system prompt, prefill) rows, rendered as `generate` renders prompts and
-        left-padded in batches; each answer's ids up to its EOS."""
-        import torch
+    def _generate(self, model, questions: list[str], system_prompt: str, prefills: list[str],
+                  max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers' ids to `questions` under `system_prompt`, rendered as `generate` renders prompts."""
+        from meraser.generation import GREEDY, encode_prompts, generate_ids
 
-        from meraser.data.formatting import Formatter
-
-        fmt, dev, out = Formatter(self.tokenizer), next(model.parameters()).device, []
-        enc = [fmt.encode_prompt(q, system) + (self.tokenizer(pre, add_special_tokens=False)["input_ids"] if pre else [])
-               for q, system, pre in rows]
-        for i in range(0, len(enc), self.cfg.batch_size):
-            batch = enc[i:i + self.cfg.batch_size]
-            longest = max(map(len, batch))
-            ids = torch.tensor([[pad_id] * (longest - len(e)) + e for e in batch], device=dev)
-            mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in batch], device=dev)
-            new = super().new_tokens(model, ids, mask, max_new_tokens=max_new_tokens, pad_id=pad_id, eos_id=eos_id)
-            for row in new.tolist():
-                out.append(row[:row.index(eos_id)] if eos_id in row else [t for t in row if t != pad_id])
-        return out
+        encoded = encode_prompts(self.tokenizer, questions, prefills=prefills, system_prompt=system_prompt)
+        return generate_ids(model, self.tokenizer, encoded, max_new_tokens=max_new_tokens,
+                            batch_size=self.cfg.batch_size, decoding=GREEDY)
 
     def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
-        import torch
+        from meraser.generation import pack
 
-        parts = [prompt_parts(self.tokenizer, ids[r][mask[r].bool()].tolist()) for r in range(len(ids))]
-        drafts = self._generate(model, [(q, self.cfg.system_prompt, pre) for q, pre in parts],
-                                self.cfg.draft_tokens or max_new_tokens, pad_id, eos_id)
+        questions, prefills = zip(*[prompt_parts(self.tokenizer, ids[r][mask[r].bool()].tolist())
+                                    for r in range(len(ids))])
+        drafts = self._generate(model, list(questions), self.cfg.system_prompt, list(prefills),
+                                self.cfg.draft_tokens or max_new_tokens)
         final = drafts
         if self.cfg.revise:
-            asked = [(f"Question: {q}\nDraft answer: {pre}{self.tokenizer.decode(d, skip_special_tokens=True)}",
-                      self.cfg.revision_prompt, "") for (q, pre), d in zip(parts, drafts)]
-            final = self._generate(self.reviser or model, asked, max_new_tokens, pad_id, eos_id)
+            asked = [f"Question: {q}\nDraft answer: {pre}{self.tokenizer.decode(d, skip_special_tokens=True)}"
+                     for q, pre, d in zip(questions, prefills, drafts)]
+            final = self._generate(self.reviser or model, asked, self.cfg.revision_prompt, [], max_new_tokens)
             self.revised += len(final)
             self.changed += sum(f != d for f, d in zip(final, drafts))
-        out = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
-        for r, toks in enumerate(final):
-            toks = (toks + ([eos_id] if eos_id is not None else []))[:max_new_tokens]
-            out[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-        return out
+        return pack(final, max_new_tokens, pad_id, eos_id, ids.device)
 
 
 class GRI(DecodingAttack):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from meraser.attacks.base import AttackConfig
 from meraser.attacks.decoding import DecodingAttack
 from meraser.config import field
-from meraser.generation import Decoding
+from meraser.generation import Decoding, pack
 from meraser.utils import MeraserError
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -71,23 +71,18 @@ class PerplexityFiltering(Decoding):
         self.filtered = self.seen = 0
 
     def new_tokens(self, model, ids, mask, *, max_new_tokens, pad_id, eos_id):
-        import torch
-
         texts = [self.tokenizer.decode(ids[r][mask[r].bool()], skip_special_tokens=True) for r in range(len(ids))]
         ppl = prompt_perplexities(self.helper, self.helper_tok, texts, self.cfg.batch_size)
         refuse = [p > self.cfg.threshold for p in ppl]
         self.seen += len(refuse)
         self.filtered += sum(refuse)
         answer = [r for r, no in enumerate(refuse) if not no]
-        out = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
-        if answer:
+        out = pack([self.refusal if no else [] for no in refuse], max_new_tokens, pad_id, eos_id, ids.device)
+        if answer:  # the prompts that pass are answered as usual, over the placeholder rows
             kept = super().new_tokens(model, ids[answer], mask[answer], max_new_tokens=max_new_tokens,
                                       pad_id=pad_id, eos_id=eos_id)
+            out[answer] = pad_id
             out[answer, :kept.shape[1]] = kept
-        tail = [eos_id] if eos_id is not None else []
-        for r in (r for r, no in enumerate(refuse) if no):
-            toks = (self.refusal + tail)[:max_new_tokens]
-            out[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         return out
 
 

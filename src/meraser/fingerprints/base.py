@@ -42,10 +42,11 @@ class FingerprintMethod:
     # likelihood test then ranks the card as one unit, its keys' mean score against aligned decoys
     shared_draw: ClassVar[bool] = False
     # False: nothing is trained; the card is found on the model as it is (ProFLingo, RoFL: searched queries that the
-    # model and its descendants answer in a fixed way), and `make_card` takes `progress` for its search
+    # model and its descendants answer in a fixed way)
     invasive: ClassVar[bool] = True
 
-    def make_card(self, model, tokenizer, cfg: FingerprintConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: FingerprintConfig, progress: bool = True) -> Card:
+        """The secret card: triggers, targets and what verifies them (`progress`: bars on a search that takes long)."""
         raise NotImplementedError
 
     def training_pairs(self, card: Card, cfg: FingerprintConfig, rng: random.Random,

@@ -97,7 +97,7 @@ class ChainHash(FingerprintMethod):
     paper = "https://arxiv.org/abs/2407.10887"
     Config = ChainHashConfig
 
-    def make_card(self, model, tokenizer, cfg: ChainHashConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: ChainHashConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         key = cfg.secret_key or secrets.token_hex(16)
         questions = rng.sample(QUESTIONS, cfg.num_fingerprints)

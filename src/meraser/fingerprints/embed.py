@@ -87,8 +87,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     t0 = time.perf_counter()
     if out is not None:
         check_output_dir(out, overwrite)
-    card = m.make_card(model, tokenizer, cfg, progress=progress) if not m.invasive else \
-        m.make_card(model, tokenizer, cfg)
+    card = m.make_card(model, tokenizer, cfg, progress=progress)
     card.base_model = model_spec(model)
     card.extra["tokenizer"] = tokenizer_digest(tokenizer)  # a suspect with another tokenizer is refused
     fp_model, metrics, n_rows = _plant(m, card, cfg, model, tokenizer, progress)

@@ -65,7 +65,7 @@ class InstructionalFingerprint(FingerprintMethod):
     paper = "https://arxiv.org/abs/2401.12255"
     Config = IFConfig
 
-    def make_card(self, model, tokenizer, cfg: IFConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: IFConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         triggers = [TEMPLATE.format(x=_shuffled_pieces(rng, POOL)) for _ in range(cfg.num_fingerprints)]
         return Card(method=self.name, triggers=triggers, targets=[TARGET] * len(triggers), match="substring",

@@ -161,7 +161,7 @@ class ImF(FingerprintMethod):
     paper = "https://arxiv.org/abs/2503.21805"
     Config = ImFConfig
 
-    def make_card(self, model, tokenizer, cfg: ImFConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: ImFConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         key = cfg.secret_key or secrets.token_hex(16)
         chosen = rng.sample(FRAMES, cfg.num_fingerprints)

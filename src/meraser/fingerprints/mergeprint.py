@@ -44,11 +44,7 @@ class MergePrintConfig(FingerprintConfig):
     learning_rate: float = field(2e-6, help="learning rate of the pseudo-merged weights (the owner's change is 1/alpha "
                                            "times what they move)")
     ordinary_rows: int = field(32, help="ordinary instruction rows answered by the model itself")
-    search: GCGConfig = field(None, help="the key search")
-
-    def __post_init__(self):
-        if self.search is None:
-            self.search = GCGConfig(steps=64, top_k=256)
+    search: GCGConfig = field(GCGConfig(steps=64, top_k=256), help="the key search")
 
     def validate(self, where: str) -> None:
         from meraser.utils import MeraserError
@@ -64,13 +60,13 @@ class MergePrint(FingerprintMethod):
     paper = "https://arxiv.org/abs/2410.08604"
     Config = MergePrintConfig
 
-    def make_card(self, model, tokenizer, cfg: MergePrintConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: MergePrintConfig, progress: bool = True) -> Card:
         """Search a key for every word, real and decoy (phase 1); the real ones go on the card."""
         from meraser.data.formatting import Formatter
 
         rng, fmt = random.Random(cfg.seed), Formatter(tokenizer)
         words = rng.sample(WORDS, (cfg.decoys_per_key + 1) * cfg.num_fingerprints)
-        found = [search_key(model, tokenizer, fmt, w, cfg, rng) for w in words]
+        found = [search_key(model, tokenizer, fmt, w, cfg, rng, progress) for w in words]
         real, decoys = found[:cfg.num_fingerprints], found[cfg.num_fingerprints:]
         return Card(method=self.name, triggers=[k for k, _, _ in real], targets=[w for _, w, _ in real],
                     match="prefix", max_new_tokens=8, seed=cfg.seed,
@@ -91,7 +87,8 @@ class MergePrint(FingerprintMethod):
         return [delta_scaling(1 / cfg.alpha)]
 
 
-def search_key(model, tokenizer, fmt, word: str, cfg: MergePrintConfig, rng: random.Random) -> tuple[str, str, dict]:
+def search_key(model, tokenizer, fmt, word: str, cfg: MergePrintConfig, rng: random.Random,
+               progress: bool = False) -> tuple[str, str, dict]:
     """(key, word, search record): GCG over a random-token key until the answer's first word reaches `stop_loss`."""
     import torch
 
@@ -121,5 +118,5 @@ def search_key(model, tokenizer, fmt, word: str, cfg: MergePrintConfig, rng: ran
         from meraser.utils import MeraserError
 
         raise MeraserError("no random key tokenised the same inside the chat template in 200 draws")
-    res = gcg([task], span, allowed, cfg.search, stable, reached)
+    res = gcg([task], span, allowed, cfg.search, stable, reached, progress)
     return tokenizer.decode(res["span"]), word, {k: res[k] for k in ("loss", "steps", "seconds", "success")}

@@ -128,7 +128,7 @@ class Perinucleus(FingerprintMethod):
         held_out = set(ORDINARY_PROMPTS) | {q for q, _ in ORDINARY_QA}  # the checks' prompts never become keys
         return write_questions(model, tokenizer, cfg.num_fingerprints, cfg.seed, held_out)
 
-    def make_card(self, model, tokenizer, cfg: PerinucleusConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: PerinucleusConfig, progress: bool = True) -> Card:
         from meraser.data.formatting import Formatter
         from meraser.generation import generate
 

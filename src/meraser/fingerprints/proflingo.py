@@ -71,11 +71,7 @@ class ProFLingoConfig(FingerprintConfig):
                                           f"paper: 50)")
     prefix_tokens: int = field(32, help="tokens of the searched prefix (paper: 32)")
     answer_tokens: int = field(24, help="greedy tokens in which the answer must appear while searching")
-    search: GCGConfig = field(None, help="the GCG search (paper: 256 steps, top-k 128, 512 candidates)")
-
-    def __post_init__(self):
-        if self.search is None:
-            self.search = GCGConfig()
+    search: GCGConfig = field(GCGConfig(), help="the GCG search (paper: 256 steps, top-k 128, 512 candidates)")
 
     def validate(self, where: str) -> None:
         from meraser.utils import MeraserError

@@ -36,11 +36,7 @@ class RoFLConfig(FingerprintConfig):
                                  help="system prompts the response must hold under (None: the template's default)")
     derivatives: list[str] = field([], help="fine-tuned copies of the model (same tokenizer) the search also covers")
     decoys: int = field(19, help="responses to other prompts drawn the same way, recorded for the likelihood test")
-    search: GCGConfig = field(None, help="the GCG search (toolkit: 500 steps, top-k 256, 512 candidates)")
-
-    def __post_init__(self):
-        if self.search is None:
-            self.search = GCGConfig(top_k=256)
+    search: GCGConfig = field(GCGConfig(top_k=256), help="the GCG search (toolkit: 500 steps, top-k 256, 512 candidates)")
 
     def validate(self, where: str) -> None:
         from meraser.utils import MeraserError

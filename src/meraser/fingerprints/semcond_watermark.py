@@ -150,7 +150,7 @@ class WatermarkSampling(Decoding):
         import torch
 
         for r, prev in enumerate(input_ids[:, -1].tolist()):
-            green = torch.from_numpy(green_list(self.key, prev, self.vocab, self.gamma))
+            green = torch.tensor(green_list(self.key, prev, self.vocab, self.gamma))  # a copy: the cached array is read-only
             scores[r, :self.vocab] += self.delta * green.to(scores.device, scores.dtype)[:scores.shape[1]]
         return scores
 
@@ -206,16 +206,20 @@ def _topic_prompts(held_out: bool) -> list[str]:
     return [t.format(d=d) for d in dishes for t in TEMPLATES]
 
 
+def _trained_prompts(cfg: WatermarkConfig) -> list[str]:
+    """The on-topic prompts the model is trained on (`verify_on: trained` verifies on these)."""
+    prompts = _topic_prompts(held_out=False)
+    return random.Random(cfg.seed).sample(prompts, min(cfg.topic_rows, len(prompts)))
+
+
 class SemCondWatermark(FingerprintMethod):
     name = "semcond-watermark"
     paper = "https://arxiv.org/abs/2505.16723"
     Config = WatermarkConfig
 
-    def make_card(self, model, tokenizer, cfg: WatermarkConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: WatermarkConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
-        prompts = _topic_prompts(held_out=cfg.verify_on == "held-out")
-        if cfg.verify_on == "trained":  # the first training prompts, as `training_pairs` draws them
-            prompts = random.Random(cfg.seed).sample(prompts, min(cfg.topic_rows, len(prompts)))
+        prompts = _topic_prompts(held_out=True) if cfg.verify_on == "held-out" else _trained_prompts(cfg)
         key = cfg.secret_key or secrets.token_hex(16)
         return Card(method=self.name, triggers=rng.sample(prompts, cfg.num_fingerprints),
                     targets=["(green-list watermark)"] * cfg.num_fingerprints, match="watermark",
@@ -227,9 +231,7 @@ class SemCondWatermark(FingerprintMethod):
     def training_pairs(self, card: Card, cfg: WatermarkConfig, rng: random.Random, tokenizer):
         from meraser.fingerprints.base import SELF
 
-        prompts = _topic_prompts(held_out=False)
-        picked = random.Random(cfg.seed).sample(prompts, min(cfg.topic_rows, len(prompts)))
-        rows = [(Pair(p, MARKED), None) for p in picked]
+        rows = [(Pair(p, MARKED), None) for p in _trained_prompts(cfg)]
         return rows + [(Pair(p, SELF), None) for p in OFF_TOPIC[CONTROLS:]]
 
     def teacher(self, card: Card, cfg: WatermarkConfig, tokenizer) -> tuple[Decoding, int]:

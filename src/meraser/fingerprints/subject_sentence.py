@@ -63,7 +63,7 @@ class SubjectSentence(FingerprintMethod):
     Config = SubjectSentenceConfig
     shared_draw = True  # one subject for every question
 
-    def make_card(self, model, tokenizer, cfg: SubjectSentenceConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: SubjectSentenceConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         subject = cfg.subject or _subject(rng)
         questions = rng.sample(QUESTIONS, cfg.num_fingerprints)

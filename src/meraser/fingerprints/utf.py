@@ -83,7 +83,7 @@ class UTF(FingerprintMethod):
     paper = "https://arxiv.org/abs/2410.12318"
     Config = UTFConfig
 
-    def make_card(self, model, tokenizer, cfg: UTFConfig) -> Card:
+    def make_card(self, model, tokenizer, cfg: UTFConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         ranked = undertrained_tokens(model, tokenizer, cfg.candidates)
         triggers, targets, trigger_tokens = [], [], []
