@@ -65,6 +65,15 @@ def test_unknown_config_key_gets_suggestion():
     assert TrainConfig.from_dict({"learning_rate": "1e-4"}).learning_rate == 1e-4
 
 
+def test_a_nested_config_default_is_a_fresh_copy_per_instance():
+    from meraser.fingerprints.rofl import RoFLConfig
+
+    a, b = RoFLConfig(), RoFLConfig.from_dict({"search": {"steps": 3}})
+    a.search.steps = 7
+    assert RoFLConfig().search.steps not in (3, 7) and RoFLConfig().search.top_k == 256
+    assert b.search.steps == 3 and b.search.top_k == 256  # a partial override keeps the method's own defaults
+
+
 def test_duplicate_yaml_key_is_refused(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("epochs: 3\nlearning_rate: 1e-4\nepochs: 5\n")

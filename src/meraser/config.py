@@ -83,6 +83,15 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _over_default(f: dataclasses.Field, value):
+    """A partial mapping for a nested config whose default is a config instance (a method's own GCG settings) is
+    laid over that default, so `--set search.steps=8` keeps the method's other search settings."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    return {**default.to_dict(), **value} if isinstance(default, Config) else value
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: subclasses are dataclasses; `validate` hooks check values beyond types."""
@@ -100,7 +109,8 @@ class Config:
                 raise MeraserError(f"{key_path(where, k)}: {cls.misplaced_keys[k]}")
             raise MeraserError(f"{where.rstrip(': ')}: unknown key '{k}'{did_you_mean(k, names)} "
                                f"(known: {', '.join(names)})")
-        kwargs = {k: _check_type(v, hints[k], key_path(where, k)) for k, v in data.items()}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: _check_type(_over_default(fields[k], v), hints[k], key_path(where, k)) for k, v in data.items()}
         obj = cls(**kwargs)
         obj.validate(where)
         return obj
