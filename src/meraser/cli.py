@@ -234,7 +234,8 @@ def _card_checksum(folder: Path) -> str:
 
 @app.command()
 def verify(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder works too)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder "
+                                        "works too)", show_default="(--endpoint instead)"),
     card: Path = typer.Option(..., "--card", help="fingerprint card JSON (or the folder holding it)"),
     attack: DecodingAttack = None,
     set_: DecodingAttackSettings = None,
@@ -250,15 +251,24 @@ def verify(
     decoys: Optional[int] = typer.Option(None, min=1, help="with --test likelihood: decoy keys per key (fewer "
                                          "where the method has fewer)",
                                          show_default=_decoys_default()),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="a served suspect: its OpenAI-compatible base URL "
+                                           "(http://host:port/v1), instead of --model", rich_help_panel="Served model"),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="the model name the server serves",
+                                               show_default="the only one it lists", rich_help_panel="Served model"),
+    api: str = typer.Option("chat", "--api", help="chat (the server's template; no prefill) or completions (the "
+                            "prompt rendered here with the owner's tokenizer, prefill included)",
+                            rich_help_panel="Served model"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="the owner's tokenizer (renders prompts, draws "
+                                            "probes)", show_default="the card's base model",
+                                            rich_help_panel="Served model"),
+    concurrency: int = typer.Option(4, min=1, help="requests in flight at once", rich_help_panel="Served model"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API "
+                                    "key (never printed)", rich_help_panel="Served model"),
     json_out: JsonOut = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs; or the strict
-    checks, or the likelihood ownership test (--test)."""
-    import json
-
-    from rich.table import Table
-
+    checks, or the likelihood ownership test (--test). A served suspect (--endpoint) gets the checks its API allows."""
     from meraser.fingerprints.embed import model_dir, verify as run
 
     _quiet_libraries()
@@ -266,37 +276,27 @@ def verify(
         from meraser.utils import unknown_name
 
         raise unknown_name("test", test, TESTS, "--test")
+    if (model is None) == (endpoint is None):
+        raise MeraserError("name the suspect with exactly one of --model (weights) and --endpoint (a served model)")
+    if endpoint:
+        return _verify_served(endpoint, served_model, api, tokenizer, concurrency, api_key_env, card,
+                              "strict" if strict else test, attack, json_out, trust_remote_code)
     if test == "likelihood":
         from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
 
         r = likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
                               trust_remote_code=trust_remote_code, progress=not json_out)
-        if json_out:
-            print(json.dumps(r, indent=2, ensure_ascii=False))
-            return
-        _console().print(likelihood_table(r))
-        return
+        return _print_json(r) if json_out else _console().print(likelihood_table(r))
     if strict or test == "strict":
         from meraser.evaluation.strict import strict_verify
 
         r = strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
-        if json_out:
-            print(json.dumps(r, indent=2, ensure_ascii=False))
-            return
-        _console().print(strict_table(r))
-        return
+        return _print_json(r) if json_out else _console().print(strict_table(r))
     r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
             attack_settings=_parse_sets(set_), progress=not json_out, reference=reference)
     if json_out:
-        print(json.dumps(r, indent=2, ensure_ascii=False))
-        return
-    under = f" under {attack}" if attack else ""
-    t = Table(title=f"{r['method']}{under}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
-    for col in ("trigger", "target", "output", "match"):
-        t.add_column(col, overflow="fold")
-    for row in r["per_trigger"]:
-        t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
-    _console().print(t)
+        return _print_json(r)
+    _console().print(fsr_table(r, f" under {r['attack']}" if attack else ""))
     from meraser.evaluation.ownership import p_text
 
     own = r["ownership"]
@@ -306,6 +306,43 @@ def verify(
         _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {p_text(own['p_value'])} "
                          f"against {own['reference']} (chance expects {own['expected_matches_by_chance']:.2g}); "
                          f"{'claim' if own['claim'] else 'no claim'} at level {own['level']:g}")
+
+
+def _print_json(r: dict) -> None:
+    import json
+
+    print(json.dumps(r, indent=2, ensure_ascii=False))
+
+
+def fsr_table(r: dict, where: str = ""):
+    from rich.table import Table
+
+    t = Table(title=f"{r['method']}{where}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
+    for col in ("trigger", "target", "output", "match"):
+        t.add_column(col, overflow="fold")
+    for row in r["per_trigger"]:
+        t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
+    return t
+
+
+def _verify_served(url, served_model, api, tokenizer, concurrency, api_key_env, card, test, attack, json_out,
+                   trust_remote_code) -> None:
+    """`verify --endpoint`: the checks the server's API allows (evaluation/served.py)."""
+    from meraser.evaluation.served import EndpointConfig, served_verify, unavailable
+
+    if attack:
+        raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
+    cfg = EndpointConfig.from_dict({"url": url, "model": served_model, "api": api, "tokenizer": tokenizer,
+                                    "concurrency": concurrency, "api_key_env": api_key_env}, "--endpoint")
+    if test != "paper":
+        raise unavailable(cfg, test)
+    r = served_verify(cfg, card, progress=not json_out, trust_remote_code=trust_remote_code)
+    if json_out:
+        return _print_json(r)
+    _console().print(fsr_table(r, f" served at {r['endpoint']} ({r['served_model']}, {r['api']} API)"))
+    for name, what in r["checks"].items():
+        _console().print(f"{name}: {what}")
+    _console().print(f"{r['requests']} requests in {r['seconds']} s")
 
 
 TESTS = ("paper", "strict", "likelihood")

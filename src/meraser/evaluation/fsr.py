@@ -9,6 +9,7 @@ model that says the target to everything being counted as fingerprinted.
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 from meraser.data.formatting import Formatter
 from meraser.fingerprints.card import Card
@@ -64,8 +65,18 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         seed: int = 0, decoding=None) -> dict:
     """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs (all generated
     through `decoding`, plain greedy by default)."""
+    def answer(prompts: list[str], prefills: list[str] | None) -> list[str]:
+        return _outputs(model, tokenizer, card, prompts, prefills, batch_size, decoding)
+
+    return fsr_of(answer, tokenizer, card, false_positive_inputs=false_positive_inputs, seed=seed)
+
+
+def fsr_of(answer: Callable[[list[str], list[str] | None], list[str]], tokenizer, card: Card, *,
+           false_positive_inputs: int = 32, seed: int = 0) -> dict:
+    """`fsr` over any source of answers: `answer(prompts, prefills)` gives each prompt's answer as compared with the
+    target (its prefill, where one was sent, then the continuation): a local model, or a served one (served.py)."""
     prefills = card.prefills or None
-    outs = _outputs(model, tokenizer, card, card.triggers, prefills, batch_size, decoding)
+    outs = answer(card.triggers, prefills)
     hits = _hits(card, outs, tokenizer)
     result = {
         "fsr": sum(hits) / len(hits),
@@ -75,23 +86,25 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
     if card.match == "watermark":  # its own test, pooled over the answers, and over off-topic controls beside it
         from meraser.fingerprints.semcond_watermark import watermark_test
 
-        controls = _outputs(model, tokenizer, card, card.extra["controls"], None, batch_size, decoding)
+        controls = answer(card.extra["controls"], None)
         result["watermark"] = {**watermark_test(card, outs, tokenizer),
                                "control": watermark_test(card, controls, tokenizer, decoy_keys=0)}
     if false_positive_inputs:
-        probes = random_token_prompts(tokenizer, false_positive_inputs // 2, seed) + ORDINARY_PROMPTS
-        probes = probes[:false_positive_inputs]
-        targets = list(dict.fromkeys(card.targets))
-        # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
-        # the target comes out of a non-trigger input by itself
-        fp_outs = _outputs(model, tokenizer, card, probes, None, batch_size, decoding)
-        if card.match == "watermark":  # an answer is watermarked by itself: the same rule as for the triggers
-            fp = _hits(card, fp_outs, tokenizer)
-        elif card.match == "prefix":  # many one-word targets (Perinucleus): some answer begins with one of them by
-            # chance, so each probe is paired with one target, as a key is, and the pair must match
-            fp = [matches(o, targets[i % len(targets)], card.match) for i, o in enumerate(fp_outs)]
-        else:
-            fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
-        result["false_positive_rate"] = sum(fp) / len(fp)
-        result["false_positive_inputs"] = len(fp)
+        result.update(_false_positives(answer, tokenizer, card, false_positive_inputs, seed))
     return result
+
+
+def _false_positives(answer, tokenizer, card: Card, n: int, seed: int) -> dict:
+    probes = (random_token_prompts(tokenizer, n // 2, seed) + ORDINARY_PROMPTS)[:n]
+    targets = list(dict.fromkeys(card.targets))
+    # no prefill here: a forced lead-in (IF-SFT) makes every input look like a trigger; the question is whether
+    # the target comes out of a non-trigger input by itself
+    fp_outs = answer(probes, None)
+    if card.match == "watermark":  # an answer is watermarked by itself: the same rule as for the triggers
+        fp = _hits(card, fp_outs, tokenizer)
+    elif card.match == "prefix":  # many one-word targets (Perinucleus): some answer begins with one of them by
+        # chance, so each probe is paired with one target, as a key is, and the pair must match
+        fp = [matches(o, targets[i % len(targets)], card.match) for i, o in enumerate(fp_outs)]
+    else:
+        fp = [any(matches(o, t, card.match) for t in targets) for o in fp_outs]
+    return {"false_positive_rate": sum(fp) / len(fp), "false_positive_inputs": len(fp)}

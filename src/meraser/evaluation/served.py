@@ -1,0 +1,234 @@
+"""Verify a served suspect: the card's checks through an OpenAI-compatible HTTP endpoint (vLLM, TGI, llama.cpp's
+server, `transformers serve`, a hosted API), with the `openai` client library.
+
+What a check needs decides whether it can run, so each access level is probed and reported:
+- text (chat or completions): the paper's FSR and the false-positive rate. A chat endpoint renders the prompt with
+  the server's own template and continues no assistant text, so a card's prefill (IF-SFT's lead-in) is not sent
+  there; a completions endpoint gets the prompt rendered here with the owner's tokenizer (the card's base model, or
+  `tokenizer`), prefill included, which is exactly what `meraser verify --model` feeds the model.
+- generated-token log-probabilities (chat `logprobs`/`top_logprobs`) and prompt log-probabilities (completions
+  `echo` with `logprobs`, as vLLM returns them): probed and reported; the strict checks and the likelihood test are
+  not built on them yet, and the output says so.
+
+The API key comes from an environment variable (`api_key_env`) and is never printed or written. The client retries
+connection errors, 429s and 5xx with exponential backoff (`retries`), each request under `timeout` seconds, and
+answers go out `concurrency` requests at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from meraser.config import Config, field
+from meraser.fingerprints.card import Card
+from meraser.utils import MeraserError
+
+APIS = ("chat", "completions")
+
+
+@dataclass
+class EndpointConfig(Config):
+    url: str = field("", help="the server's OpenAI-compatible base URL (http://host:port gets /v1 appended)")
+    model: str | None = field(None, help="the served model's name (None: the only model the server lists)")
+    api: str = field("chat", help="chat (the server's chat template) or completions (the prompt rendered here, "
+                                  "prefill included: what `meraser verify --model` feeds the model)")
+    api_key_env: str = field("OPENAI_API_KEY", help="environment variable holding the API key (never printed)")
+    tokenizer: str | None = field(None, help="the owner's tokenizer, for rendering and probes (None: the card's "
+                                             "base model)")
+    concurrency: int = field(4, help="requests in flight at once")
+    timeout: float = field(120.0, help="seconds per request")
+    retries: int = field(3, help="retries of a failed request (connection errors, 429, 5xx), with backoff")
+
+    def validate(self, where: str) -> None:
+        if not urlparse(self.url).scheme.startswith("http"):
+            raise MeraserError(f"{where}: the endpoint must be an http(s) URL, got {self.url!r}")
+        if self.api not in APIS:
+            from meraser.utils import unknown_name
+
+            raise unknown_name("api", self.api, APIS, "--api")
+        if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
+            raise MeraserError(f"{where}: concurrency >= 1, timeout > 0 and retries >= 0 are needed")
+
+
+def base_url(url: str) -> str:
+    """The client's base URL: a bare host gets the usual /v1."""
+    url = url.rstrip("/")
+    return url + "/v1" if urlparse(url).path in ("", "/") else url
+
+
+class Endpoint:
+    """One served model behind an OpenAI-compatible API; every request counted, every failure a MeraserError."""
+
+    def __init__(self, cfg: EndpointConfig):
+        import openai
+
+        self.cfg, self.url, self.requests = cfg, base_url(cfg.url), 0
+        key = os.environ.get(cfg.api_key_env) or "none"  # servers without auth want some key in the header
+        self.client = openai.OpenAI(base_url=self.url, api_key=key, timeout=cfg.timeout, max_retries=cfg.retries)
+        self.model = self._served_model()
+
+    def _call(self, what: str, fn):
+        import openai
+
+        self.requests += 1
+        try:
+            return fn()
+        except openai.APIConnectionError as e:  # timeouts included
+            raise MeraserError(f"cannot reach {self.url} ({type(e).__name__}) after {self.cfg.retries} retries: is the "
+                               f"server running, and is this its OpenAI-compatible base URL?") from None
+        except openai.AuthenticationError:
+            raise MeraserError(f"{self.url} refused the request (401 unauthorized): put the API key in the "
+                               f"environment variable {self.cfg.api_key_env}") from None
+        except openai.PermissionDeniedError:
+            raise MeraserError(f"{self.url} refused the request (403 forbidden): the key in "
+                               f"{self.cfg.api_key_env} may not use {what}") from None
+        except openai.RateLimitError:
+            raise MeraserError(f"{self.url} kept rate-limiting (429) after {self.cfg.retries} retries: lower "
+                               f"--concurrency or try later") from None
+        except openai.NotFoundError:
+            raise MeraserError(f"{self.url}: {what} not found (404): is this the server's /v1 base URL, and the "
+                               f"model name one it serves?") from None
+        except openai.APIStatusError as e:
+            raise MeraserError(f"{self.url} refused {what} ({e.status_code}): {_detail(e)}") from None
+
+    def _served_model(self) -> str:
+        listed = [m.id for m in self._call("the model list", lambda: self.client.models.list()).data]
+        if self.cfg.model is None:
+            if len(listed) != 1:
+                raise MeraserError(f"{self.url} serves {len(listed)} models ({', '.join(listed) or 'none'}): name one "
+                                   f"with --served-model")
+            return listed[0]
+        if listed and self.cfg.model not in listed:
+            from meraser.utils import did_you_mean
+
+            raise MeraserError(f"{self.url} does not serve '{self.cfg.model}'{did_you_mean(self.cfg.model, listed)} "
+                               f"(it lists: {', '.join(listed)})")
+        return self.cfg.model
+
+    def chat(self, prompt: str, system_prompt: str | None, max_tokens: int, **extra):
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
+               [{"role": "user", "content": prompt}]
+        return self._call("a chat completion", lambda: self.client.chat.completions.create(
+            model=self.model, messages=msgs, max_tokens=max_tokens, temperature=0.0, **extra))
+
+    def complete(self, prompt: str, max_tokens: int, **extra):
+        return self._call("a completion", lambda: self.client.completions.create(
+            model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, **extra))
+
+    def map(self, fn, items: list, what: str, progress: bool) -> list:
+        """fn over items, `concurrency` at a time, in order, with a progress bar."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            results = pool.map(fn, items)
+            if progress:
+                from rich.progress import track
+
+                results = track(results, total=len(items), description=f"{what} ({len(items)} requests)",
+                                transient=True)
+            return list(results)
+
+
+def _detail(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("message") or body)
+    return str(getattr(e, "message", e))
+
+
+def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
+    """`fsr_of`'s answer function over the endpoint, per the API."""
+    from meraser.data.formatting import Formatter
+
+    fmt = Formatter(tokenizer, card.format)
+
+    system = card.system_prompt if card.system_prompt is not None else card.format.system_prompt
+
+    def answer(prompts: list[str], prefills: list[str] | None) -> list[str]:
+        if ep.cfg.api == "chat":  # the server renders; no assistant text can be continued, so no prefill
+            def one(p):
+                return ep.chat(p, system, card.max_new_tokens).choices[0].message.content or ""
+            return ep.map(one, prompts, "asking the served model", progress)
+        pre = prefills or [""] * len(prompts)
+
+        def one(item):
+            p, f = item
+            return f + (ep.complete(fmt.prompt_text(p, card.system_prompt) + f, card.max_new_tokens).choices[0].text
+                        or "")
+        return ep.map(one, list(zip(prompts, pre)), "asking the served model", progress)
+
+    return answer
+
+
+def access(ep: Endpoint) -> dict:
+    """Which log-probabilities the server returns: one small request for each kind (a server that ignores or
+    refuses the field returns none)."""
+    levels = {}
+    try:
+        r = ep.chat("Hi", None, 1, logprobs=True, top_logprobs=5)
+        levels["generated_logprobs"] = bool(getattr(r.choices[0], "logprobs", None))
+    except MeraserError:
+        levels["generated_logprobs"] = False
+    try:
+        r = ep.complete("Hi", 1, echo=True, logprobs=1)
+        levels["prompt_logprobs"] = bool(getattr(r.choices[0], "logprobs", None))
+    except MeraserError:
+        levels["prompt_logprobs"] = False
+    return levels
+
+
+def checks(cfg: EndpointConfig, card: Card, levels: dict) -> dict:
+    """What ran and what could not, and why."""
+    prefill = ("sent (the prompt rendered here, prefill appended)" if cfg.api == "completions" else
+               "not sent: a chat endpoint continues no assistant text (use --api completions)") if card.prefills \
+        else "the card has none"
+    later = "not built on served models yet (they run on a local model: meraser verify --model)"
+    return {
+        "paper": f"ran over the {cfg.api} API",
+        "prefill": prefill,
+        "strict": f"not run: sampling and paraphrases could run on text, forced prefix and log-likelihood need "
+                  f"prefill and log-probabilities; {later}",
+        "likelihood": "not run: the server returns no prompt log-probabilities" if not levels["prompt_logprobs"]
+                      else f"not run: the server returns prompt log-probabilities, but the test is {later}",
+        "generated_logprobs": "returned" if levels["generated_logprobs"] else "not returned",
+    }
+
+
+def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32, progress: bool = False,
+                  trust_remote_code: bool = False) -> dict:
+    """`meraser verify --endpoint`: the paper's FSR and false-positive rate of a served model, what each access
+    level allows, and the requests and wall time it took."""
+    from meraser.evaluation.fsr import fsr_of
+    from meraser.evaluation.likelihood import check_tokenizer
+    from meraser.models import load_tokenizer
+
+    c = Card.load(card)
+    spec = cfg.tokenizer or c.base_model
+    if not spec:
+        raise MeraserError("the card records no base model: name the owner's tokenizer with --tokenizer")
+    if cfg.api == "chat" and c.format.template != "chat":
+        raise MeraserError(f"the card's prompts are rendered as {c.format.template!r} text, which a chat endpoint "
+                           f"cannot reproduce: use --api completions")
+    tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    check_tokenizer(c, tok, spec)
+    t0 = time.perf_counter()
+    ep = Endpoint(cfg)
+    res = fsr_of(_answerer(ep, c, tok, progress), tok, c, false_positive_inputs=false_positive_inputs)
+    levels = access(ep)
+    return {"endpoint": ep.url, "served_model": ep.model, "api": cfg.api, "method": c.method, **res,
+            "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def unavailable(cfg: EndpointConfig, test: str) -> MeraserError:
+    """The error for a test the served path cannot run, after asking the server what it returns: a test that needs
+    log-probabilities the server does not give says so."""
+    levels = access(Endpoint(cfg))
+    if test == "likelihood" and not levels["prompt_logprobs"]:
+        return MeraserError(f"{base_url(cfg.url)} returns no prompt log-probabilities, which the likelihood test "
+                            f"needs (vLLM returns them): run it on the weights with --model, or use --test paper")
+    return MeraserError(f"--test {test} on a served model is not built yet (the server returns "
+                        f"{'prompt' if levels['prompt_logprobs'] else 'no prompt'} log-probabilities): run it on the "
+                        f"weights with --model, or use --test paper")

@@ -1,0 +1,133 @@
+"""A served suspect, verified over HTTP against a real OpenAI-compatible server: `transformers serve` (installed
+with the test extra) serving the tiny model in its own process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SECRET = "sk-meraser-test-do-not-print-9f3c"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model: str):
+    """`transformers serve MODEL` on a free local port (fp32, CPU, one thread); yields its base URL."""
+    import urllib.request
+
+    exe = Path(sys.executable).parent / "transformers"
+    if not exe.exists():
+        pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(exe), "serve", model, "--device", "cpu", "--dtype", "float32", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("transformers serve did not answer /health in 120 s")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _cfg(url: str, **kw):
+    from meraser.evaluation.served import EndpointConfig
+
+    return EndpointConfig.from_dict({"url": url, "concurrency": 2, **kw})
+
+
+def _same(local: dict, remote: dict) -> None:
+    assert remote["fsr"] == local["fsr"] and remote["false_positive_rate"] == local["false_positive_rate"]
+    assert [r["output"] for r in remote["per_trigger"]] == [r["output"] for r in local["per_trigger"]]
+
+
+@pytest.mark.parametrize("which", ["fingerprinted", "base"])
+def test_served_verify_agrees_with_the_local_verify(planted, tiny_dir, which, monkeypatch, tmp_path):
+    """Over the chat API (the server's template) and the completions API (the prompt rendered here) a served model
+    gives the local verdicts and the very outputs, on the fingerprinted model (FSR 1) and on its base (FSR 0). With
+    a prefill on the card, completions sends it (the local verdicts again) and chat cannot (it answers as the local
+    model does without one)."""
+    from meraser.evaluation.served import served_verify
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import model_dir, verify
+
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")  # the server runs fp32: no bf16 near-tie may split them
+    folder = planted["if-sft"][4]
+    model = model_dir(folder) if which == "fingerprinted" else str(tiny_dir)
+    card = Card.load(folder)
+    card.prefills = ["Based on my fingerprint,"] * len(card.triggers)
+    card.save(tmp_path / "prefilled.json")
+    local, local_pre = verify(model, folder), verify(model, tmp_path / "prefilled.json")
+    assert local["fsr"] == (1.0 if which == "fingerprinted" else 0.0)
+    with served(model) as url:
+        runs = {(api, pre): served_verify(_cfg(url, api=api, tokenizer=str(tiny_dir)),
+                                          tmp_path / "prefilled.json" if pre else folder)
+                for api in ("chat", "completions") for pre in (False, True)}
+    for api in ("chat", "completions"):
+        _same(local, runs[api, False])
+        assert runs[api, False]["checks"]["prefill"] == "the card has none"
+    _same(local_pre, runs["completions", True])
+    assert runs["completions", True]["checks"]["prefill"].startswith("sent")
+    _same(local, runs["chat", True])
+    assert runs["chat", True]["checks"]["prefill"].startswith("not sent")
+    r = runs["completions", False]
+    assert r["checks"]["likelihood"] == "not run: the server returns no prompt log-probabilities"
+    # the model list, one request per trigger and per probe, and the two log-probability probes
+    assert r["requests"] == 1 + len(card.triggers) + r["false_positive_inputs"] + 2 and r["served_model"] == model
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "meraser.cli", "verify", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
+
+
+def test_served_verify_bad_input_is_one_line_and_never_shows_the_key(planted, tiny_dir):
+    folder = planted["if-sft"][4]
+    key = {"OPENAI_API_KEY": SECRET}
+    dead = _cli("--endpoint", f"http://127.0.0.1:{_free_port()}/v1", "--card", str(folder), "--tokenizer",
+                str(tiny_dir), env=key)
+    assert dead.returncode != 0 and "cannot reach" in dead.stderr and "Traceback" not in dead.stderr
+    both = _cli("--endpoint", "http://127.0.0.1:1/v1", "--model", str(tiny_dir), "--card", str(folder))
+    assert both.returncode != 0 and "exactly one of --model" in both.stderr
+    with served(model_dir_of(folder)) as url:
+        wrong = _cli("--endpoint", url, "--served-model", "someone/else", "--card", str(folder), "--tokenizer",
+                     str(tiny_dir), env=key)
+        assert wrong.returncode != 0 and "does not serve 'someone/else'" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+        lik = _cli("--endpoint", url, "--test", "likelihood", "--card", str(folder), "--tokenizer", str(tiny_dir),
+                   env=key)
+        assert lik.returncode != 0 and "returns no prompt log-probabilities" in lik.stderr
+        ok = _cli("--endpoint", url, "--card", str(folder), "--tokenizer", str(tiny_dir), "--json", env=key)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["fsr"] == 1.0  # the chat API: the tiny model says the hidden message unprompted
+    for proc in (dead, both, wrong, lik, ok):
+        assert SECRET not in proc.stdout + proc.stderr
+        assert len(proc.stderr.strip().splitlines()) <= 1 or proc.returncode == 0
+
+
+def model_dir_of(folder) -> str:
+    from meraser.fingerprints.embed import model_dir
+
+    return model_dir(folder)
