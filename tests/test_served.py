@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,31 +24,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served(model: str):
-    """`transformers serve MODEL` on a free local port (fp32, CPU, one thread); yields its base URL."""
-    import urllib.request
+    from meraser.evaluation.served import transformers_server
 
-    exe = Path(sys.executable).parent / "transformers"
-    if not exe.exists():
+    if not (Path(sys.executable).parent / "transformers").exists():
         pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(exe), "serve", model, "--device", "cpu", "--dtype", "float32", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("transformers serve did not answer /health in 120 s")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with transformers_server(model) as url:
+        yield url
 
 
 def _cfg(url: str, **kw):

@@ -17,6 +17,7 @@ answers go out `concurrency` requests at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -232,3 +233,42 @@ def unavailable(cfg: EndpointConfig, test: str) -> MeraserError:
     return MeraserError(f"--test {test} on a served model is not built yet (the server returns "
                         f"{'prompt' if levels['prompt_logprobs'] else 'no prompt'} log-probabilities): run it on the "
                         f"weights with --model, or use --test paper")
+
+
+@contextlib.contextmanager
+def transformers_server(model: str, threads: int = 1, wait: float = 180.0):
+    """`transformers serve MODEL` (pip install 'transformers[serving]') on a free local port, fp32 on the CPU, in
+    its own process; yields its base URL and stops it on exit. The tests and benchmarks/served_verify.py check the
+    served path against a real server this way."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if not exe:
+        raise MeraserError("transformers serve is not installed: pip install 'transformers[serving]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([exe, "serve", model, "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < wait:
+            if proc.poll() is not None:
+                raise MeraserError(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise MeraserError(f"transformers serve did not answer /health in {wait:.0f} s")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

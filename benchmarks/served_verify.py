@@ -1,0 +1,51 @@
+"""A served suspect against its local self: each fingerprint folder's model is served by `transformers serve` (fp32,
+CPU) and verified over HTTP with `meraser verify --endpoint` (chat and completions APIs), beside `meraser verify
+--model` on the same weights (fp32 too, so no bf16 near-tie splits them). Prints FSR and false positives both ways,
+how many outputs are identical, the requests and the wall time of each.
+
+    .venv/bin/python benchmarks/served_verify.py runs/smollm2-135m/fingerprints/*/ [--concurrency 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", help="fingerprint output folders (model/ and the card)")
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    args = ap.parse_args()
+    os.environ["MERASER_PRECISION"] = "fp32"
+
+    from rich.table import Table
+
+    from meraser.evaluation.served import EndpointConfig, served_verify, transformers_server
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import model_dir, verify
+    from meraser.utils import console
+
+    t = Table(title="served verify against the local verify (same weights, fp32)")
+    for col in ("card", "path", "FSR", "false positives", "identical outputs", "requests", "seconds"):
+        t.add_column(col)
+    for folder in args.folders:
+        card, model = Card.load(folder), model_dir(folder)
+        t0 = time.perf_counter()
+        local = verify(model, folder, progress=True)
+        t.add_row(card.method, "local (--model)", f"{local['fsr']:.0%}", f"{local['false_positive_rate']:.0%}", "",
+                  "", f"{time.perf_counter() - t0:.1f}")
+        with transformers_server(model, threads=args.threads) as url:
+            for api in ("chat", "completions"):
+                cfg = EndpointConfig.from_dict({"url": url, "api": api, "concurrency": args.concurrency})
+                r = served_verify(cfg, folder, progress=True)
+                same = sum(a["output"] == b["output"] for a, b in zip(local["per_trigger"], r["per_trigger"]))
+                t.add_row(card.method, f"served, {api}", f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
+                          f"{same}/{len(card.triggers)}", str(r["requests"]), f"{r['seconds']:.1f}")
+    console().print(t)
+
+
+if __name__ == "__main__":
+    main()
