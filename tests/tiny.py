@@ -65,6 +65,34 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_gemma(tokenizer, seed: int = 0, hidden: int = 32):
+    """A Gemma-3-shaped model: sliding-window and global layers, one KV head, a vocabulary far wider than the hidden
+    size, tied embeddings (the real one: 262k x 640)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, initializer_range=0.1,
+    )
+    model = Gemma3ForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def save_tiny_gemma(path: Path, seed: int = 0) -> Path:
+    """The tiny Gemma with a base model's tokenizer: no chat template."""
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tiny_gemma(tok, seed).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
 def _pool():
     from meraser.data import Pair
 

