@@ -316,6 +316,18 @@ def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matri
     assert {c.attack["method"] for c in cells} == {c.attack["method"] for c in plan_cells(smollm2)}
 
 
+def test_checked_in_families_matrix_plans_both_models_with_a_transfer_adapter_each():
+    """benchmarks/matrix_families.yaml: four fingerprints x (MEraser, its transfer adapter) on SmolLM2 and Gemma 3;
+    each family's transfer adapter is made on its own base model."""
+    from meraser.bench import _shared, plan_cells
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    cells = plan_cells(load_matrix(bench / "matrix_families.yaml"))
+    assert len(cells) == 2 * 4 * 2 and {c.model for c in cells} == {"smollm2-135m", "gemma3-270m"}
+    adapters = {c.model: _shared(Path("share"), c)[1] for c in cells if c.attack["method"] == "meraser-transfer"}
+    assert len(set(adapters.values())) == 2 and all(m in str(f) for m, f in adapters.items())
+
+
 def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
     """benchmarks/matrix_erasure.yaml: four fingerprints x six blind recipes that share one erase per fingerprint;
     benchmarks/matrix_perinucleus.yaml plans once its fingerprinted model exists (a stand-in folder here)."""
