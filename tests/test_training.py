@@ -175,18 +175,25 @@ def test_two_process_torchrun_on_cpu(tiny_dir, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_shortcuts_give_the_models_own_loss_and_gradients(tiny, method):
+def test_training_shortcuts_give_the_models_own_loss_and_gradients(tiny, method, family, tmp_path):
     """lm_loss.causal_lm_loss_sum (chunked head + cross-entropy on labelled positions) and dropping the attention
     mask of right-padded rows each give the loss and gradients of the model's own loss with its mask, for a LoRA
-    adapter and for full fine-tuning of the tied head."""
+    adapter and for full fine-tuning of the tied head, on a Llama and on a Gemma-3-shaped model (sliding window)."""
     from peft import get_peft_model
 
     from meraser.data.formatting import collate
     from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm, is_right_padded
+    from meraser.models import load_model
     from meraser.training import LoraSettings
 
-    model, tok = tiny
+    if family == "gemma3":
+        from tiny import save_tiny_gemma
+
+        model, tok = load_model(str(save_tiny_gemma(tmp_path / "gemma")))
+    else:
+        model, tok = tiny
     if method == "lora":
         model = get_peft_model(model, LoraSettings(r=4, alpha=8).to_peft())
     assert is_plain_causal_lm(model)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 # model_type values whose forward is `logits = lm_head(norm(h))` and whose loss is plain shifted cross-entropy
-PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
+# gemma3_text: Gemma 3's head is plain (its soft-capping is off by default; the check below catches it when on)
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma3_text"})
 
 
 def is_plain_causal_lm(model) -> bool:
