@@ -111,3 +111,21 @@ def model_dir_of(folder) -> str:
     from meraser.fingerprints.embed import model_dir
 
     return model_dir(folder)
+
+
+def test_an_echoed_target_is_scored_on_its_whole_tokens_only():
+    """The server tokenises prompt and target as one text: tokens inside the target's characters count, one that
+    straddles the join does not, and the generated token after it neither."""
+    from meraser.evaluation.served import target_score
+    from meraser.utils import MeraserError
+
+    prefix, target = "Q: hi\nA:", " Paris is"
+    tokens = ["Q", ":", " hi", "\n", "A", ": P", "aris", " is", " nice"]  # ": P" straddles the join
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    logprobs = [None, -1.0, -2.0, -0.5, -0.1, -9.0, -0.4, -0.2, -5.0]
+    assert target_score(tokens, logprobs, offsets, len(prefix), len(prefix) + len(target)) == pytest.approx(-0.3)
+    with pytest.raises(MeraserError, match="no whole token inside a target"):
+        target_score(tokens[:6], logprobs[:6], offsets[:6], len(prefix), len(prefix) + len(target))

@@ -582,9 +582,17 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
 
     with progress_bar(progress) as bar:
         task = bar.add_task("matrix", total=n_done - len(again) + len(todo), completed=n_done - len(again))
-        run = _run_on_ray if executor.kind == "ray" else _run_here
-        run(todo, out, share, executor, lambda cell, rows, error: (finished(cell, rows, error), bar.advance(task)),
-            redo=set(stale) if redo_stale else set())
+        redo = set(stale) if redo_stale else set()
+
+        def done(cell, rows, error):
+            finished(cell, rows, error)
+            bar.advance(task)
+
+        if executor.kind == "ray":
+            _run_on_ray(todo, out, share, executor, done, redo=redo)
+        else:  # one cell at a time: the bar names the cell that runs (its own steps show no bar inside the bench's)
+            _run_here(todo, out, share, done, redo=redo,
+                      started=lambda cell: bar.update(task, description=f"matrix: {_cell_label(cell)}"))
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
             "failed": failed, "stale": sorted(stale) if not redo_stale else [],
             "reverified": len(again - set(failed))}
@@ -663,8 +671,15 @@ def _forget(out: Path, cells: set[str]) -> None:
     write_jsonl(out / RESULTS, [r for r in rows if r["cell"] not in cells])
 
 
-def _run_here(cells: list[Cell], out: Path, share: Path, executor: Executor, finished, redo: set[str]) -> None:
+def _cell_label(cell: Cell) -> str:
+    setting = describe(cell)
+    return f"{_fingerprint_label(cell.fingerprint)} x {cell.attack['method']}" + (f" ({setting})" if setting else "")
+
+
+def _run_here(cells: list[Cell], out: Path, share: Path, finished, redo: set[str], started=None) -> None:
     for cell in cells:
+        if started:
+            started(cell)
         try:
             rows = run_cell(cell, out, share, cell.id in redo)
         except Exception as e:

@@ -281,7 +281,7 @@ def verify(
         raise MeraserError("name the suspect with exactly one of --model (weights) and --endpoint (a served model)")
     if endpoint:
         return _verify_served(endpoint, served_model, api, tokenizer, concurrency, api_key_env, card,
-                              "strict" if strict else test, attack, json_out, trust_remote_code)
+                              "strict" if strict else test, decoys, attack, json_out, trust_remote_code)
     if test == "likelihood":
         from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
 
@@ -326,18 +326,24 @@ def fsr_table(r: dict, where: str = ""):
     return t
 
 
-def _verify_served(url, served_model, api, tokenizer, concurrency, api_key_env, card, test, attack, json_out,
-                   trust_remote_code) -> None:
+def _verify_served(url, served_model, api, tokenizer, concurrency, api_key_env, card, test, decoys, attack,
+                   json_out, trust_remote_code) -> None:
     """`verify --endpoint`: the checks the server's API allows (evaluation/served.py)."""
-    from meraser.evaluation.served import EndpointConfig, served_verify, unavailable
+    from meraser.evaluation import served
 
     if attack:
         raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
-    cfg = EndpointConfig.from_dict({"url": url, "model": served_model, "api": api, "tokenizer": tokenizer,
-                                    "concurrency": concurrency, "api_key_env": api_key_env}, "--endpoint")
+    cfg = served.EndpointConfig.from_dict({"url": url, "model": served_model, "api": api, "tokenizer": tokenizer,
+                                           "concurrency": concurrency, "api_key_env": api_key_env}, "--endpoint")
+    if test == "likelihood":
+        from meraser.evaluation.likelihood import LikelihoodConfig
+
+        r = served.served_likelihood(cfg, card, LikelihoodConfig(decoys=decoys), progress=not json_out,
+                                     trust_remote_code=trust_remote_code)
+        return _print_json(r) if json_out else _console().print(likelihood_table(r))
     if test != "paper":
-        raise unavailable(cfg, test)
-    r = served_verify(cfg, card, progress=not json_out, trust_remote_code=trust_remote_code)
+        raise served.unavailable(cfg, test)
+    r = served.served_verify(cfg, card, progress=not json_out, trust_remote_code=trust_remote_code)
     if json_out:
         return _print_json(r)
     _console().print(fsr_table(r, f" served at {r['endpoint']} ({r['served_model']}, {r['api']} API)"))

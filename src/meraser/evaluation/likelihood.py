@@ -185,22 +185,26 @@ def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None =
     beside it, for reference: the decision never needs it)."""
     cfg = cfg or LikelihoodConfig()
     keys = keys_and_decoys(card, cfg)
-    result = _statistics(model, tokenizer, card, keys, cfg, progress)
+
+    def scorer(m):
+        return lambda pairs, prefills: pair_scores(m, tokenizer, card, pairs, prefills, cfg.batch_size, progress)
+
+    result = statistics(scorer(model), card, keys, cfg)
     if base is not None:
-        result["base"] = {k: v for k, v in _statistics(base, tokenizer, card, keys, cfg, progress).items()
-                          if k != "per_key"}
+        result["base"] = {k: v for k, v in statistics(scorer(base), card, keys, cfg).items() if k != "per_key"}
         result["score_gap_vs_base"] = round(result["real_score"] - result["base"]["real_score"], 4)
     return {"method": card.method, "keys": len(keys), **result}
 
 
-def _statistics(model, tokenizer, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig,
-                progress: bool = False) -> dict:
+def statistics(score, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig) -> dict:
+    """The test's statistics, with `score(pairs, prefills)` giving each pair's mean target log-probability per token
+    (`pair_scores` on a local model; served.py scores through a server's prompt log-probabilities)."""
     prefills = list(card.prefills) if card.prefills else [""] * len(card.triggers)
     pairs, pre = [], []
     for i, (real, decoys) in enumerate(keys):
         pairs += [real, *decoys]
         pre += [prefills[i]] * (1 + len(decoys))
-    scores = pair_scores(model, tokenizer, card, pairs, pre, cfg.batch_size, progress)
+    scores = score(pairs, pre)
     per_key, at, rng = [], 0, random.Random(cfg.seed)
     for real, decoys in keys:
         s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]

@@ -193,16 +193,13 @@ def checks(cfg: EndpointConfig, card: Card, levels: dict) -> dict:
         "strict": f"not run: sampling and paraphrases could run on text, forced prefix and log-likelihood need "
                   f"prefill and log-probabilities; {later}",
         "likelihood": "not run: the server returns no prompt log-probabilities" if not levels["prompt_logprobs"]
-                      else f"not run: the server returns prompt log-probabilities, but the test is {later}",
+                      else "available: the server returns prompt log-probabilities (--test likelihood)",
         "generated_logprobs": "returned" if levels["generated_logprobs"] else "not returned",
     }
 
 
-def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32, progress: bool = False,
-                  trust_remote_code: bool = False) -> dict:
-    """`meraser verify --endpoint`: the paper's FSR and false-positive rate of a served model, what each access
-    level allows, and the requests and wall time it took."""
-    from meraser.evaluation.fsr import fsr_of
+def _card_and_tokenizer(cfg: EndpointConfig, card, trust_remote_code: bool):
+    """The card, and the owner's tokenizer (the card's base model unless named), checked against the card."""
     from meraser.evaluation.likelihood import check_tokenizer
     from meraser.models import load_tokenizer
 
@@ -210,11 +207,21 @@ def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32,
     spec = cfg.tokenizer or c.base_model
     if not spec:
         raise MeraserError("the card records no base model: name the owner's tokenizer with --tokenizer")
+    tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    check_tokenizer(c, tok, spec)
+    return c, tok
+
+
+def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32, progress: bool = False,
+                  trust_remote_code: bool = False) -> dict:
+    """`meraser verify --endpoint`: the paper's FSR and false-positive rate of a served model, what each access
+    level allows, and the requests and wall time it took."""
+    from meraser.evaluation.fsr import fsr_of
+
+    c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)
     if cfg.api == "chat" and c.format.template != "chat":
         raise MeraserError(f"the card's prompts are rendered as {c.format.template!r} text, which a chat endpoint "
                            f"cannot reproduce: use --api completions")
-    tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-    check_tokenizer(c, tok, spec)
     t0 = time.perf_counter()
     ep = Endpoint(cfg)
     res = fsr_of(_answerer(ep, c, tok, progress), tok, c, false_positive_inputs=false_positive_inputs)
@@ -223,16 +230,59 @@ def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32,
             "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def target_score(tokens: list[str], logprobs: list, offsets: list[int], start: int, end: int) -> float:
+    """Mean log-probability of the echoed tokens that lie inside the target's characters [start, end): the server
+    tokenised prompt and target as one text, so a token that straddles the join is left out (for the real key and
+    its decoys alike, so the rank test stays fair)."""
+    inside = [lp for tok, lp, off in zip(tokens, logprobs, offsets)
+              if lp is not None and off >= start and off + len(tok) <= end]
+    if not inside:
+        raise MeraserError("the server's echoed tokens leave no whole token inside a target: cannot score it")
+    return sum(inside) / len(inside)
+
+
+def echo_scorer(ep: Endpoint, card: Card, tokenizer, progress: bool):
+    """The likelihood test's `score(pairs, prefills)` through the completions API's echoed prompt log-probabilities
+    (vLLM: echo with logprobs, one generated token that is not counted)."""
+    from meraser.data.formatting import Formatter
+
+    fmt = Formatter(tokenizer, card.format)
+
+    def one(item):
+        (trigger, target), pre = item
+        prefix = fmt.prompt_text(trigger, card.system_prompt) + pre
+        lp = ep.complete(prefix + target, 1, echo=True, logprobs=0).choices[0].logprobs
+        if not lp or not lp.token_logprobs:
+            raise MeraserError(f"{ep.url} returned no prompt log-probabilities for an echoed prompt")
+        return target_score(lp.tokens, lp.token_logprobs, lp.text_offset, len(prefix), len(prefix) + len(target))
+
+    return lambda pairs, prefills: ep.map(one, list(zip(pairs, prefills)), "scoring keys and decoys", progress)
+
+
+def served_likelihood(cfg: EndpointConfig, card, lcfg=None, *, progress: bool = False,
+                      trust_remote_code: bool = False) -> dict:
+    """`meraser verify --endpoint --test likelihood`: the likelihood ownership test on a server that returns prompt
+    log-probabilities (the completions API is used whatever `api` says: only it echoes the prompt)."""
+    from meraser.evaluation.likelihood import LikelihoodConfig, keys_and_decoys, statistics
+
+    c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)
+    lcfg = lcfg or LikelihoodConfig()
+    keys = keys_and_decoys(c, lcfg)
+    t0 = time.perf_counter()
+    ep = Endpoint(cfg)
+    if not access(ep)["prompt_logprobs"]:
+        raise MeraserError(f"{ep.url} returns no prompt log-probabilities, which the likelihood test needs (vLLM "
+                           f"returns them): run it on the weights with --model, or use --test paper")
+    result = statistics(echo_scorer(ep, c, tok, progress), c, keys, lcfg)
+    return {"endpoint": ep.url, "served_model": ep.model, "method": c.method, "keys": len(keys), **result,
+            "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def unavailable(cfg: EndpointConfig, test: str) -> MeraserError:
-    """The error for a test the served path cannot run, after asking the server what it returns: a test that needs
-    log-probabilities the server does not give says so."""
-    levels = access(Endpoint(cfg))
-    if test == "likelihood" and not levels["prompt_logprobs"]:
-        return MeraserError(f"{base_url(cfg.url)} returns no prompt log-probabilities, which the likelihood test "
-                            f"needs (vLLM returns them): run it on the weights with --model, or use --test paper")
-    return MeraserError(f"--test {test} on a served model is not built yet (the server returns "
-                        f"{'prompt' if levels['prompt_logprobs'] else 'no prompt'} log-probabilities): run it on the "
-                        f"weights with --model, or use --test paper")
+    """The error for a test the served path cannot run."""
+    return MeraserError(f"--test {test} on a served model is not built yet (sampling, paraphrases, forced prefixes "
+                        f"and log-likelihoods through an API): run it on the weights with --model, or use --test "
+                        f"paper or likelihood")
 
 
 @contextlib.contextmanager
