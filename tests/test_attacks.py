@@ -79,6 +79,38 @@ def test_every_attack_writes_what_verify_accepts(planted, request, tmp_path, cli
     assert 0.0 <= json.loads(out)["fsr"] <= 1.0
 
 
+@pytest.fixture(scope="module")
+def planted_gemma(tmp_path_factory):
+    """UTF planted into a tiny Gemma-3-shaped model (sliding window, one KV head, no chat template)."""
+    from conftest import tiny_cfg
+    from tiny import save_tiny_gemma
+
+    from meraser.fingerprints.embed import embed
+    from meraser.models import load_model
+
+    model, tok = load_model(str(save_tiny_gemma(tmp_path_factory.mktemp("gemma") / "base")))
+    folder = tmp_path_factory.mktemp("fpg") / "utf"
+    embed("utf", model, tok, tiny_cfg("utf"), folder, progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_attack_runs_on_a_gemma_shaped_model(planted_gemma, tmp_path, cli, name):
+    """Every attack, structured pruning included (4 query heads over Gemma 3's one KV head: one query head of the
+    group goes), on the Gemma-3-shaped model, and its output verifies."""
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in tiny_settings(pool)[name].items()]
+    code, out, err = cli("attack", "--method", name, "--model", planted_gemma, "--out", tmp_path / "attacked",
+                         "--json", *sets)
+    assert code == 0, err
+    target = ["--model", planted_gemma, "--attack", name] if is_decoding(REGISTRY[name]) else \
+        ["--model", tmp_path / "attacked"]
+    if name == "token-forcing":
+        target += [f"--set=sequences={tmp_path / 'attacked' / 'extracted.jsonl'}"]
+    code, out, err = cli("verify", *target, "--card", planted_gemma, "--json")
+    assert code == 0, err
+
+
 def _merge(tmp_path, method, weights, **extra):
     """Merge a tiny 'fingerprinted' model with a tiny 'expert', both random perturbations of one tiny base."""
     base_dir = save_tiny(tmp_path / "base", seed=0)

@@ -74,7 +74,7 @@ def tiny_gemma(tokenizer, seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True, initializer_range=0.1,
