@@ -342,7 +342,7 @@ def _verify_served(url, served_model, api, tokenizer, concurrency, api_key_env, 
                                      trust_remote_code=trust_remote_code)
         return _print_json(r) if json_out else _console().print(likelihood_table(r))
     if test != "paper":
-        raise served.unavailable(cfg, test)
+        raise served.unavailable(test)
     r = served.served_verify(cfg, card, progress=not json_out, trust_remote_code=trust_remote_code)
     if json_out:
         return _print_json(r)

