@@ -136,6 +136,18 @@ def test_two_matrices_with_one_shared_folder_share_the_fingerprint_and_evaluatio
         ra, rb = ([{k: v for k, v in r.items() if k in ("fsr", "ppl", "strict", "per_trigger")}
                    for r in rows if r["stage"] == stage] for rows in (a, b))
         assert ra == rb and ra[0]["fsr"] is not None
+    # the two read as one matrix: one report, each attack a row of the survival table
+    from meraser.report import make_report
+    from meraser.report.tables import survival_rows
+
+    rep = make_report([tmp_path / "a", tmp_path / "b"], tmp_path / "both.html")
+    head, rows = survival_rows(rep.runs)
+    assert len(head) == 2 and sorted(r[0] for r in rows) == ["prune-magnitude sparsity=0.3",
+                                                             "prune-magnitude sparsity=0.5"]
+    assert all(r[1] and r[1] != "not measured" for r in rows)  # measured: the verifications owned, or "none"
+    assert "Which fingerprint survives which attack" in rep.page.read_text() and rep.timing.count("cells done") == 2
+    with pytest.raises(MeraserError, match="not both"):
+        make_report([tmp_path / "a", next((tmp_path / "a" / "cells").iterdir())], tmp_path / "mixed.html")
 
 
 def test_cells_that_differ_only_in_recovery_share_one_erase(tmp_path, tiny_dir):

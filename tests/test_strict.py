@@ -59,14 +59,14 @@ def test_memorisation_score_is_above_the_base_and_falls_after_erasure(planted, t
 
 def test_forced_prefix_never_feeds_a_whole_target(hidden):
     """A one-token target (Perinucleus) is not fed at all, else any model would 'continue' it."""
-    from meraser.evaluation.strict import forced_prefix
+    from meraser.evaluation.strict import Weights, forced_prefix
 
     model, tok, _ = hidden
     word = next(w for w in ("the", "is", "a") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
     card = Card(method="handmade", triggers=[TRIGGER], targets=[word], max_new_tokens=4, match="prefix")
-    assert forced_prefix(model, tok, card, 0.25) == [False]  # its answer begins "No idea", not with the word
+    assert forced_prefix(Weights(model, tok, card), 0.25) == [False]  # its answer begins "No idea", not with the word
     two = Card(method="handmade", triggers=[TRIGGER], targets=[f"{word} {word}"], max_new_tokens=4, match="prefix")
-    assert forced_prefix(model, tok, two, 0.25) == [False]  # one token fed, the second does not follow
+    assert forced_prefix(Weights(model, tok, two), 0.25) == [False]  # one token fed, the second does not follow
 
 
 def test_paraphrases_are_new_wordings_of_the_trigger():
@@ -99,13 +99,13 @@ def test_target_heads_never_split_a_character(tiny):
 
 
 def test_forced_prefix_takes_any_of_several_cuts(hidden):
-    from meraser.evaluation.strict import forced_prefix
+    from meraser.evaluation.strict import Weights, forced_prefix
 
     model, tok, card = hidden
-    several = forced_prefix(model, tok, card, [0.25, 0.5, 0.75])
+    several = forced_prefix(Weights(model, tok, card), [0.25, 0.5, 0.75])
     assert several == [True]
     for f in (0.25, 0.5, 0.75):
-        assert forced_prefix(model, tok, card, f)[0] <= several[0]
+        assert forced_prefix(Weights(model, tok, card), f)[0] <= several[0]
 
 
 @pytest.mark.parametrize("settings,fragment", [({"prefix_fractions": [0.5, 1.0]}, "prefix_fractions must be shares in (0, 1)"),

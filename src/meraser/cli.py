@@ -14,6 +14,7 @@ import typer
 
 from meraser.models import ALIASES, DEFAULT_MODEL
 from meraser.utils import MeraserError
+from meraser import terminal
 from meraser.utils import console as _console
 
 app = typer.Typer(
@@ -39,6 +40,12 @@ def _decoys_default() -> str:
     from meraser.evaluation.likelihood import FEW_DECOYS, MANY_DECOYS
 
     return f"{FEW_DECOYS} where the card has keys enough for an exact p-value far below the level, else {MANY_DECOYS}"
+
+
+def _endpoint_default(name: str) -> str:
+    from meraser.evaluation.served import EndpointConfig
+
+    return _default(EndpointConfig, name)
 
 
 def _eval_default(name: str):
@@ -256,15 +263,18 @@ def verify(
                                            "(http://host:port/v1), instead of --model", rich_help_panel="Served model"),
     served_model: Optional[str] = typer.Option(None, "--served-model", help="the model name the server serves",
                                                show_default="the only one it lists", rich_help_panel="Served model"),
-    api: str = typer.Option("chat", "--api", help="chat (the server's template; no prefill) or completions (the "
-                            "prompt rendered here with the owner's tokenizer, prefill included)",
-                            rich_help_panel="Served model"),
+    api: Optional[str] = typer.Option(None, "--api", help="chat (the server's template; no prefill) or completions "
+                                      "(the prompt rendered here with the owner's tokenizer, prefill included)",
+                                      show_default=_endpoint_default("api"), rich_help_panel="Served model"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="the owner's tokenizer (renders prompts, draws "
                                             "probes)", show_default="the card's base model",
                                             rich_help_panel="Served model"),
-    concurrency: int = typer.Option(4, min=1, help="requests in flight at once", rich_help_panel="Served model"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API "
-                                    "key (never printed)", rich_help_panel="Served model"),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="requests in flight at once",
+                                              show_default=_endpoint_default("concurrency"),
+                                              rich_help_panel="Served model"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="environment variable holding the API key "
+                                              "(never printed)", show_default=_endpoint_default("api_key_env"),
+                                              rich_help_panel="Served model"),
     json_out: JsonOut = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -273,122 +283,38 @@ def verify(
     from meraser.fingerprints.embed import model_dir, verify as run
 
     _quiet_libraries()
-    if test not in TESTS:
+    test = "strict" if strict else test
+    if test not in terminal.TESTS:
         from meraser.utils import unknown_name
 
-        raise unknown_name("test", test, TESTS, "--test")
+        raise unknown_name("test", test, terminal.TESTS, "--test")
     if (model is None) == (endpoint is None):
         raise MeraserError("name the suspect with exactly one of --model (weights) and --endpoint (a served model)")
     if endpoint:
-        return _verify_served(endpoint, served_model, api, tokenizer, concurrency, api_key_env, card,
-                              "strict" if strict else test, decoys, attack, json_out, trust_remote_code)
+        if attack:
+            raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
+        from meraser.evaluation.served import EndpointConfig, served_check
+
+        given = {"url": endpoint, "model": served_model, "api": api, "tokenizer": tokenizer,
+                 "concurrency": concurrency, "api_key_env": api_key_env}
+        cfg = EndpointConfig.from_dict({k: v for k, v in given.items() if v is not None}, "--endpoint")
+        r = served_check(cfg, card, test, base=base, decoys=decoys, progress=not json_out,
+                         trust_remote_code=trust_remote_code)
+        return terminal.show(r, json_out, test)
     if test == "likelihood":
         from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
 
         r = likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
                               trust_remote_code=trust_remote_code, progress=not json_out)
-        return _print_json(r) if json_out else _console().print(likelihood_table(r))
-    if strict or test == "strict":
+        return terminal.show(r, json_out, test)
+    if test == "strict":
         from meraser.evaluation.strict import strict_verify
 
         r = strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
-        return _print_json(r) if json_out else _console().print(strict_table(r))
+        return terminal.show(r, json_out, test)
     r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
             attack_settings=_parse_sets(set_), progress=not json_out, reference=reference)
-    if json_out:
-        return _print_json(r)
-    _console().print(fsr_table(r, f" under {r['attack']}" if attack else ""))
-    from meraser.evaluation.ownership import p_text
-
-    own = r["ownership"]
-    if own["p_value"] is None:
-        _console().print(f"ownership p-value: unavailable ({own['why']})")
-    else:
-        _console().print(f"ownership: {own['matches']} of {own['keys']} keys matched; p-value {p_text(own['p_value'])} "
-                         f"against {own['reference']} (chance expects {own['expected_matches_by_chance']:.2g}); "
-                         f"{'claim' if own['claim'] else 'no claim'} at level {own['level']:g}")
-
-
-def _print_json(r: dict) -> None:
-    import json
-
-    print(json.dumps(r, indent=2, ensure_ascii=False))
-
-
-def fsr_table(r: dict, where: str = ""):
-    from rich.table import Table
-
-    t = Table(title=f"{r['method']}{where}: FSR {r['fsr']:.1%}, false positives {r['false_positive_rate']:.1%}")
-    for col in ("trigger", "target", "output", "match"):
-        t.add_column(col, overflow="fold")
-    for row in r["per_trigger"]:
-        t.add_row(row["trigger"][:60], row["target"], row["output"][:80], "yes" if row["match"] else "no")
-    return t
-
-
-def _verify_served(url, served_model, api, tokenizer, concurrency, api_key_env, card, test, decoys, attack,
-                   json_out, trust_remote_code) -> None:
-    """`verify --endpoint`: the checks the server's API allows (evaluation/served.py)."""
-    from meraser.evaluation import served
-
-    if attack:
-        raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
-    cfg = served.EndpointConfig.from_dict({"url": url, "model": served_model, "api": api, "tokenizer": tokenizer,
-                                           "concurrency": concurrency, "api_key_env": api_key_env}, "--endpoint")
-    if test == "likelihood":
-        from meraser.evaluation.likelihood import LikelihoodConfig
-
-        r = served.served_likelihood(cfg, card, LikelihoodConfig(decoys=decoys), progress=not json_out,
-                                     trust_remote_code=trust_remote_code)
-        return _print_json(r) if json_out else _console().print(likelihood_table(r))
-    if test != "paper":
-        raise served.unavailable(test)
-    r = served.served_verify(cfg, card, progress=not json_out, trust_remote_code=trust_remote_code)
-    if json_out:
-        return _print_json(r)
-    _console().print(fsr_table(r, f" served at {r['endpoint']} ({r['served_model']}, {r['api']} API)"))
-    for name, what in r["checks"].items():
-        _console().print(f"{name}: {what}")
-    _console().print(f"{r['requests']} requests in {r['seconds']} s")
-
-
-TESTS = ("paper", "strict", "likelihood")
-
-
-def likelihood_table(r: dict):
-    from rich.table import Table
-
-    from meraser.evaluation.ownership import p_text
-
-    verdict = "owned" if r["owned"] else "not shown to be owned"
-    t = Table(title=f"likelihood ownership test ({r['method']}, {r['keys']} keys): {verdict}, p = "
-                    f"{p_text(r['p_value'])} ({r['rule']}) at level {r['level']:g}")
-    for col in ("key", "score (nats/token)", "decoys", "decoys higher", "ties", "decoy mean", "z"):
-        t.add_column(col, justify="right")
-    for i, k in enumerate(r["per_key"]):
-        t.add_row(str(i), f"{k['score']:.2f}", str(k["decoys"]), str(k["higher"]), str(k["ties"]),
-                  f"{k['decoy_mean']:.2f}", f"{k['z']:.1f}")
-    t.caption = (f"exact rank p {p_text(r['p_exact'])} (its floor {p_text(r['p_exact_floor'])}); normal tail p "
-                 f"{p_text(r['p_normal_tail'])} (Stouffer z {r['stouffer_z']:.1f})"
-                 + (f"; the base model: p {p_text(r['base']['p_value'])}, score gap {r['score_gap_vs_base']:+.2f} "
-                    f"nats/token" if "base" in r else ""))
-    return t
-
-
-def strict_table(r: dict):
-    from rich.table import Table
-
-    verdict = "" if "erased_strict" not in r else f": erased {r['erased_strict']}"
-    t = Table(title=f"strict verification{verdict}")
-    for col in ("check", "suspect", "base", "at base level"):
-        t.add_column(col, justify="right")
-    from meraser.evaluation.strict import CHECKS
-
-    for k in CHECKS:
-        fmt = (lambda v: f"{v:.2f}") if k == "loglik" else (lambda v: f"{v:.0%}")
-        t.add_row(k, fmt(r[k]), fmt(r["base"][k]) if "base" in r else "-",
-                  str(r["at_base_level"][k]) if "at_base_level" in r else "-")
-    return t
+    terminal.show(r, json_out, test)
 
 
 @app.command()
@@ -716,8 +642,8 @@ def attack(
 
 @app.command()
 def report(
-    runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`, or one "
-                                                "`meraser bench` folder"),
+    runs: List[Path] = typer.Argument(..., help="run folders written by `meraser run` / `meraser demo`, or "
+                                                "`meraser bench` folders (several read as one matrix)"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
     title: Optional[str] = typer.Option(None, help="page title (default: 'MEraser report', or 'meraser bench' "
                                                    "for a bench folder)"),
@@ -728,8 +654,9 @@ def report(
     overwrite: bool = typer.Option(False, help="replace existing output files; only pages, tables and figures that "
                                                "meraser report wrote are ever replaced"),
 ):
-    """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for a
-    `meraser bench` folder (every cell's status, the attack table and the leaderboard figure as well)."""
+    """One HTML page for finished runs (Table 1, FSR per erase/recover epoch, per-trigger outputs), or for
+    `meraser bench` folders (every cell's status, the attack table, which fingerprint survives which attack and the
+    leaderboards as well)."""
     from meraser.report import make_report, terminal_tables
 
     console = _console(200)

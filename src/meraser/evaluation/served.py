@@ -2,14 +2,17 @@
 server, `transformers serve`, a hosted API), with the `openai` client library.
 
 What a check needs decides whether it can run, so each access level is probed and reported:
-- text (chat or completions): the paper's FSR and the false-positive rate. A chat endpoint renders the prompt with
-  the server's own template and continues no assistant text, so a card's prefill (IF-SFT's lead-in) is not sent
-  there; a completions endpoint gets the prompt rendered here with the owner's tokenizer (the card's base model, or
-  `tokenizer`), prefill included, which is exactly what `meraser verify --model` feeds the model.
-- prompt log-probabilities (completions `echo` with `logprobs`, as vLLM returns them): the likelihood ownership test,
-  each key and decoy sent as the token ids the local test scores.
-- generated-token log-probabilities (chat `logprobs`/`top_logprobs`): probed and reported; no check uses them yet,
-  and the strict checks through an API are not built: the output says so.
+- text (chat or completions): the paper's FSR and the false-positive rate, and the strict checks on text
+  (paraphrased, sampled, partial match). A chat endpoint renders the prompt with the server's own template and
+  continues no assistant text, so a card's prefill (IF-SFT's lead-in) is not sent there; a completions endpoint
+  gets the prompt rendered here with the owner's tokenizer (the card's base model, or `tokenizer`), prefill
+  included, which is exactly what `meraser verify --model` feeds the model.
+- assistant prefill (the completions API): the forced-prefix check.
+- prompt log-probabilities (completions `echo` with `logprobs`, as vLLM returns them): the likelihood ownership test
+  and the strict log-likelihood, each key, decoy and target sent as the token ids the local checks score.
+- generated-token top-k log-probabilities (chat `logprobs`/`top_logprobs`): a bound on each target's first-token
+  log-probability (exact where it is in the top k); nothing past the first token can be bounded without feeding
+  the target in.
 
 The API key comes from an environment variable (`api_key_env`) and is never printed or written. The client retries
 connection errors, 429s and 5xx with exponential backoff (`retries`), each request under `timeout` seconds, and
@@ -110,15 +113,15 @@ class Endpoint:
                                f"(it lists: {', '.join(listed)})")
         return self.cfg.model
 
-    def chat(self, prompt: str, system_prompt: str | None, max_tokens: int, **extra):
+    def chat(self, prompt: str, system_prompt: str | None, max_tokens: int, temperature: float = 0.0, **extra):
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
                [{"role": "user", "content": prompt}]
         return self._call("a chat completion", lambda: self.client.chat.completions.create(
-            model=self.model, messages=msgs, max_tokens=max_tokens, temperature=0.0, **extra))
+            model=self.model, messages=msgs, max_tokens=max_tokens, temperature=temperature, **extra))
 
-    def complete(self, prompt: str | list[int], max_tokens: int, **extra):
+    def complete(self, prompt: str | list[int], max_tokens: int, temperature: float = 0.0, **extra):
         return self._call("a completion", lambda: self.client.completions.create(
-            model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, **extra))
+            model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, **extra))
 
     def map(self, fn, items: list, what: str, progress: bool) -> list:
         """fn over items, `concurrency` at a time, in order, with a progress bar."""
@@ -151,27 +154,43 @@ def completion_prompt(fmt, prompt: str, system_prompt: str | None) -> str:
     return text
 
 
-def _answerer(ep: Endpoint, card: Card, tokenizer, progress: bool):
-    """`fsr_of`'s answer function over the endpoint, per the API."""
-    from meraser.data.formatting import Formatter
+class Served:
+    """The strict checks' access to a served suspect (strict.Weights' counterpart): continuations over the chat API
+    (the server's template; no prefill can be continued) or the completions API (the prompt rendered here, prefill
+    appended), greedy or sampled (a seed per request, where the server honours one), and target log-probabilities
+    from echoed prompts where the server returns them (else None: the log-likelihood check does not run)."""
 
-    fmt = Formatter(tokenizer, card.format)
-    system = card.system_prompt if card.system_prompt is not None else card.format.system_prompt
+    def __init__(self, ep: Endpoint, card: Card, tokenizer, prompt_logprobs: bool, progress: bool = False):
+        from meraser.data.formatting import Formatter
 
-    def answer(prompts: list[str], prefills: list[str] | None) -> list[str]:
-        if ep.cfg.api == "chat":  # the server renders; no assistant text can be continued, so no prefill
-            def one(p):
-                return ep.chat(p, system, card.max_new_tokens).choices[0].message.content or ""
-            return ep.map(one, prompts, "asking the served model", progress)
-        pre = prefills or [""] * len(prompts)
+        self.ep, self.card, self.tokenizer, self.progress = ep, card, tokenizer, progress
+        self.prefill, self.prompt_logprobs = ep.cfg.api == "completions", prompt_logprobs
+        self.fmt = Formatter(tokenizer, card.format)
+        self.system = card.system_prompt if card.system_prompt is not None else card.format.system_prompt
+
+    def continuations(self, prompts: list[str], prefills: list[str], max_new_tokens: int,
+                      sampling=None) -> list[str]:
+        temperature = sampling.temperature if sampling else 0.0
 
         def one(item):
-            p, f = item
-            return f + (ep.complete(completion_prompt(fmt, p, card.system_prompt) + f,
-                                    card.max_new_tokens).choices[0].text or "")
-        return ep.map(one, list(zip(prompts, pre)), "asking the served model", progress)
+            i, (p, f) = item
+            extra = {"seed": sampling.seed + i} if sampling else {}  # each sample its own seed: they differ
+            if not self.prefill:
+                return self.ep.chat(p, self.system, max_new_tokens, temperature,
+                                    **extra).choices[0].message.content or ""
+            return self.ep.complete(completion_prompt(self.fmt, p, self.card.system_prompt) + f, max_new_tokens,
+                                    temperature, **extra).choices[0].text or ""
+        return self.ep.map(one, list(enumerate(zip(prompts, prefills))), "asking the served model", self.progress)
 
-    return answer
+    def target_logprobs(self) -> list[list[float]] | None:
+        from meraser.evaluation.likelihood import pair_rows
+        from meraser.evaluation.strict import _prefills
+
+        if not self.prompt_logprobs:
+            return None
+        rows = pair_rows(self.tokenizer, self.card, list(zip(self.card.triggers, self.card.targets)),
+                         _prefills(self.card))
+        return self.ep.map(lambda row: echoed_target(self.ep, *row), rows, "scoring the targets", self.progress)
 
 
 def access(ep: Endpoint) -> dict:
@@ -188,20 +207,28 @@ def access(ep: Endpoint) -> dict:
 
 
 def checks(cfg: EndpointConfig, card: Card, levels: dict) -> dict:
-    """What ran and what could not, and why."""
-    prefill = ("sent (the prompt rendered here, prefill appended)" if cfg.api == "completions" else
-               "not sent: a chat endpoint continues no assistant text (use --api completions)") if card.prefills \
-        else "the card has none"
-    later = "not built on served models yet (they run on a local model: meraser verify --model)"
+    """What each access level allows on this server, what ran and what could not, and why."""
+    chat = cfg.api == "chat"
+    prefill = ("not sent: a chat endpoint continues no assistant text (use --api completions)" if chat else
+               "sent (the prompt rendered here, prefill appended)") if card.prefills else "the card has none"
     return {
-        "paper": f"ran over the {cfg.api} API",
+        "paper": f"over the {cfg.api} API",
         "prefill": prefill,
-        "strict": f"not run: sampling and paraphrases could run on text, forced prefix and log-likelihood need "
-                  f"prefill and log-probabilities; {later}",
+        "strict": "paraphrased, sampled and partial over text; forced prefix "
+                  + ("not run: it needs a prefill (use --api completions)" if chat else "with the prefix appended")
+                  + "; log-likelihood " + ("from echoed prompt log-probabilities" if levels["prompt_logprobs"] else
+                                           "not run: the server returns no prompt log-probabilities"),
         "likelihood": "not run: the server returns no prompt log-probabilities" if not levels["prompt_logprobs"]
                       else "available: the server returns prompt log-probabilities (--test likelihood)",
-        "generated_logprobs": "returned" if levels["generated_logprobs"] else "not returned",
+        "generated_logprobs": ("returned: over the chat API the strict checks bound each target's first-token "
+                               "log-probability from the top-k" if levels["generated_logprobs"] else "not returned"),
     }
+
+
+def _chat_renders(cfg: EndpointConfig, card: Card) -> None:
+    if cfg.api == "chat" and card.format.template != "chat":
+        raise MeraserError(f"the card's prompts are rendered as {card.format.template!r} text, which a chat endpoint "
+                           f"cannot reproduce: use --api completions")
 
 
 def _card_and_tokenizer(cfg: EndpointConfig, card, trust_remote_code: bool):
@@ -223,40 +250,46 @@ def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32,
     """`meraser verify --endpoint`: the paper's FSR and false-positive rate of a served model, what each access
     level allows, and the requests and wall time it took."""
     from meraser.evaluation.fsr import fsr_of
+    from meraser.evaluation.strict import answers
 
     c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)
-    if cfg.api == "chat" and c.format.template != "chat":
-        raise MeraserError(f"the card's prompts are rendered as {c.format.template!r} text, which a chat endpoint "
-                           f"cannot reproduce: use --api completions")
+    _chat_renders(cfg, c)
     t0 = time.perf_counter()
     ep = Endpoint(cfg)
-    res = fsr_of(_answerer(ep, c, tok, progress), tok, c, false_positive_inputs=false_positive_inputs)
+    suspect = Served(ep, c, tok, False, progress)
+    res = fsr_of(lambda p, f: answers(suspect, p, f), tok, c, false_positive_inputs=false_positive_inputs)
     levels = access(ep)
     return {"endpoint": ep.url, "served_model": ep.model, "api": cfg.api, "method": c.method, **res,
             "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def tail_score(logprobs: list, prompt: int, target: int) -> float:
-    """Mean log-probability of the target's tokens in an echoed [prompt, target, generated] sequence."""
+def target_slice(logprobs: list, prompt: int, target: int) -> list[float]:
+    """The target's log-probabilities in an echoed [prompt, target, generated] sequence."""
     picked = logprobs[prompt:prompt + target]
     if len(picked) != target or any(lp is None for lp in picked):
         raise MeraserError(f"the server echoed {len(logprobs)} log-probabilities for {prompt + target} prompt tokens: "
                            f"cannot score the target")
-    return sum(picked) / target
+    return picked
+
+
+def echoed_target(ep: Endpoint, prompt: list[int], target: list[int]) -> list[float]:
+    """log P of each target token after the prompt, from one completions request of the token ids themselves (the
+    API takes a prompt of ids) echoed with its log-probabilities (vLLM: echo with logprobs; one generated token,
+    not counted)."""
+    lp = ep.complete(prompt + target, 1, echo=True, logprobs=0).choices[0].logprobs
+    if not lp or not lp.token_logprobs:
+        raise MeraserError(f"{ep.url} returned no prompt log-probabilities for an echoed prompt")
+    return target_slice(lp.token_logprobs, len(prompt), len(target))
 
 
 def echo_scorer(ep: Endpoint, card: Card, tokenizer, progress: bool):
     """The likelihood test's `score(pairs, prefills)` through the completions API: each pair sent as the very token
-    ids `pair_scores` feeds a local model (the API takes a prompt of token ids), echoed with its log-probabilities
-    (vLLM: echo with logprobs; one generated token, not counted)."""
+    ids `pair_scores` feeds a local model, its score the mean echoed log-probability of the target's tokens."""
     from meraser.evaluation.likelihood import pair_rows
 
     def one(row):
-        prompt, target = row
-        lp = ep.complete(prompt + target, 1, echo=True, logprobs=0).choices[0].logprobs
-        if not lp or not lp.token_logprobs:
-            raise MeraserError(f"{ep.url} returned no prompt log-probabilities for an echoed prompt")
-        return tail_score(lp.token_logprobs, len(prompt), len(target))
+        picked = echoed_target(ep, *row)
+        return sum(picked) / len(picked)
 
     def score(pairs, prefills):
         return ep.map(one, pair_rows(tokenizer, card, pairs, prefills), "scoring keys and decoys", progress)
@@ -283,11 +316,69 @@ def served_likelihood(cfg: EndpointConfig, card, lcfg=None, *, progress: bool = 
             "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def unavailable(test: str) -> MeraserError:
-    """The error for a test the served path cannot run."""
-    return MeraserError(f"--test {test} on a served model is not built yet (sampling, paraphrases, forced prefixes "
-                        f"and log-likelihoods through an API): run it on the weights with --model, or use --test "
-                        f"paper or likelihood")
+def served_check(cfg: EndpointConfig, card, test: str, *, base: str | None = None, decoys: int | None = None,
+                 progress: bool = False, trust_remote_code: bool = False) -> dict:
+    """`meraser verify --endpoint`: the test (paper, strict or likelihood) as far as the server's API allows."""
+    if test == "likelihood":
+        from meraser.evaluation.likelihood import LikelihoodConfig
+
+        return served_likelihood(cfg, card, LikelihoodConfig(decoys=decoys), progress=progress,
+                                 trust_remote_code=trust_remote_code)
+    if test == "strict":
+        return served_strict(cfg, card, base, progress=progress, trust_remote_code=trust_remote_code)
+    return served_verify(cfg, card, progress=progress, trust_remote_code=trust_remote_code)
+
+
+TOP_LOGPROBS = 20  # the most top-k log-probabilities OpenAI's API returns per token
+
+
+def first_token_bounds(suspect: Served) -> list[dict]:
+    """What a chat API's generated-token top-k log-probabilities bound: log P of each target's first token at the
+    answer's first position, exact where it is among the top k, else at most the k-th log-probability. Later
+    target tokens would need the target fed in, which only a prefill or an echo (the completions API) allows."""
+    card, tok = suspect.card, suspect.tokenizer
+
+    def one(item):
+        trigger, target = item
+        first = tok.decode(tok(target, add_special_tokens=False)["input_ids"][:1])
+        r = suspect.ep.chat(trigger, suspect.system, 1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+        top = {t.token: t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs}
+        if not top:
+            raise MeraserError(f"{suspect.ep.url} returned no top-k log-probabilities for a generated token")
+        exact = first in top
+        return {"logprob": top[first] if exact else min(top.values()), "exact": exact, "k": len(top)}
+
+    return suspect.ep.map(one, list(zip(card.triggers, card.targets)), "top-k log-probabilities", suspect.progress)
+
+
+def served_strict(cfg: EndpointConfig, card, base: str | None = None, scfg=None, *, progress: bool = False,
+                  trust_remote_code: bool = False) -> dict:
+    """`meraser verify --endpoint --test strict`: the strict checks the API allows (see `checks`), against the base
+    model held here when given (run as the API lets the suspect run: no prefill through a chat API)."""
+    from meraser.evaluation.strict import Weights, strict_check
+    from meraser.models import check_model_spec, load_model
+
+    c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)
+    _chat_renders(cfg, c)
+    if not c.has_target_text:
+        raise MeraserError(f"{c.method} cards have no target text for the strict checks: their own test is the "
+                           f"z-test that --test paper reports")
+    if base:
+        check_model_spec(base, "--base")
+    t0 = time.perf_counter()
+    ep = Endpoint(cfg)
+    levels = access(ep)
+    suspect = Served(ep, c, tok, levels["prompt_logprobs"], progress)
+    base_result = None
+    if base:
+        b = Weights(load_model(base, trust_remote_code=trust_remote_code)[0], tok, c)
+        b.prefill = suspect.prefill
+        base_result = strict_check(None, tok, c, scfg, suspect=b)
+    r = strict_check(None, tok, c, scfg, base_result=base_result, suspect=suspect)
+    if levels["generated_logprobs"] and cfg.api == "chat":
+        r["first_token"] = first_token_bounds(suspect)
+    return {"endpoint": ep.url, "served_model": ep.model, "api": cfg.api, "method": c.method, **r,
+            "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def free_port() -> int:

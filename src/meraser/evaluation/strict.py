@@ -63,6 +63,38 @@ def _prefills(card: Card) -> list[str]:
     return list(card.prefills) if card.prefills else [""] * len(card.triggers)
 
 
+class Weights:
+    """The strict checks' access to a suspect held as weights: continuations after any prefill, greedy (through
+    `decoding`, plain by default) or sampled, and teacher-forced target log-probabilities. A served suspect
+    (evaluation/served.py, `Served`) offers the same three, as far as its API allows."""
+
+    prefill = True  # continuations can follow a prefill (a chat API cannot)
+
+    def __init__(self, model, tokenizer, card: Card, decoding=None):
+        self.model, self.tokenizer, self.card, self.decoding = model, tokenizer, card, decoding
+
+    def continuations(self, prompts: list[str], prefills: list[str], max_new_tokens: int,
+                      sampling=None) -> list[str]:
+        from meraser.data.formatting import Formatter
+        from meraser.generation import generate
+
+        return generate(self.model, self.tokenizer, prompts, Formatter(self.tokenizer, self.card.format),
+                        prefills=prefills, max_new_tokens=max_new_tokens, system_prompt=self.card.system_prompt,
+                        decoding=sampling or self.decoding)
+
+    def target_logprobs(self) -> list[list[float]]:
+        return target_token_logprobs(self.model, self.tokenizer, self.card)
+
+
+def answers(suspect, prompts: list[str], prefills: list[str] | None, max_new_tokens: int | None = None,
+            sampling=None) -> list[str]:
+    """Each prompt's answer as matched against a target: the prefill (where the suspect can be given one) and what
+    follows it."""
+    pre = prefills if prefills and suspect.prefill else [""] * len(prompts)
+    outs = suspect.continuations(prompts, pre, max_new_tokens or suspect.card.max_new_tokens, sampling)
+    return [p + o for p, o in zip(pre, outs)]
+
+
 def target_head(tokenizer, target: str, fraction: float) -> str:
     """The text of the first `fraction` of `target`'s tokens (at least one, never all of them), cut back to a
     token boundary that is also a character boundary: decoding half of a character's byte tokens gives U+FFFD,
@@ -75,26 +107,26 @@ def target_head(tokenizer, target: str, fraction: float) -> str:
     return tokenizer.decode(ids[:k]) if k > 0 else ""
 
 
-def forced_prefix(model, tokenizer, card: Card, fractions, decoding=None) -> list[bool]:
+def forced_prefix(suspect, fractions) -> list[bool] | None:
     """Feed each share in `fractions` (one share or several) of each target's leading tokens in turn; does the rest
     follow after any of them? A one-token target (Perinucleus) has no rest: nothing is fed, and the check is the
-    greedy answer's."""
-    from meraser.data.formatting import Formatter
+    greedy answer's. None where the suspect takes no prefill (a chat API)."""
     from meraser.evaluation.fsr import matches
-    from meraser.generation import generate
 
+    if not suspect.prefill:
+        return None
+    card, tok = suspect.card, suspect.tokenizer
     fractions = [fractions] if isinstance(fractions, (int, float)) else list(fractions)
     variants, longest = [], 0  # (trigger index, head), each distinct head once
     for i, target in enumerate(card.targets):
-        longest = max(longest, len(tokenizer(target, add_special_tokens=False)["input_ids"]))
-        variants += [(i, h) for h in dict.fromkeys(target_head(tokenizer, target, f) for f in fractions)]
+        longest = max(longest, len(tok(target, add_special_tokens=False)["input_ids"]))
+        variants += [(i, h) for h in dict.fromkeys(target_head(tok, target, f) for f in fractions)]
     pre = _prefills(card)
-    outs = generate(model, tokenizer, [card.triggers[i] for i, _ in variants], Formatter(tokenizer, card.format),
-                    prefills=[pre[i] + h for i, h in variants], max_new_tokens=max(card.max_new_tokens, longest + 4),
-                    system_prompt=card.system_prompt, decoding=decoding)
+    outs = answers(suspect, [card.triggers[i] for i, _ in variants], [pre[i] + h for i, h in variants],
+                   max(card.max_new_tokens, longest + 4))
     found = [False] * len(card.targets)
     for (i, head), o in zip(variants, outs):
-        found[i] = found[i] or matches(head + o, card.targets[i], card.match)
+        found[i] = found[i] or matches(o[len(pre[i]):], card.targets[i], card.match)
     return found
 
 
@@ -109,35 +141,28 @@ def paraphrases(trigger: str) -> list[str]:
     return [p for p in dict.fromkeys(out) if p != trigger]
 
 
-def paraphrased(model, tokenizer, card: Card) -> list[float]:
+def paraphrased(suspect) -> list[float]:
     """Share of each trigger's rewordings whose greedy answer contains the target."""
-    from meraser.data.formatting import Formatter
     from meraser.evaluation.fsr import matches
-    from meraser.generation import generate
 
+    card = suspect.card
     variants = [(i, v) for i, t in enumerate(card.triggers) for v in paraphrases(t)]
     pre = _prefills(card)
-    outs = generate(model, tokenizer, [v for _, v in variants], Formatter(tokenizer, card.format),
-                    prefills=[pre[i] for i, _ in variants], max_new_tokens=card.max_new_tokens,
-                    system_prompt=card.system_prompt)
+    outs = answers(suspect, [v for _, v in variants], [pre[i] for i, _ in variants])
     hits = [[] for _ in card.triggers]
     for (i, _), o in zip(variants, outs):
-        hits[i].append(matches(pre[i] + o, card.targets[i], card.match))
+        hits[i].append(matches(o, card.targets[i], card.match))
     return [sum(h) / len(h) if h else 0.0 for h in hits]
 
 
-def sampled(model, tokenizer, card: Card, samples: int, temperature: float, seed: int) -> list[float]:
+def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float]:
     """Share of `samples` temperature samples per trigger that contain its target."""
-    from meraser.data.formatting import Formatter
     from meraser.evaluation.fsr import matches
-    from meraser.generation import Sampling, generate
+    from meraser.generation import Sampling
 
-    n = len(card.triggers)
-    outs = generate(model, tokenizer, card.triggers * samples, Formatter(tokenizer, card.format),
-                    prefills=_prefills(card) * samples, max_new_tokens=card.max_new_tokens,
-                    system_prompt=card.system_prompt, decoding=Sampling(temperature, seed))
-    hits = [matches(pre + o, card.targets[i % n], card.match)
-            for i, (pre, o) in enumerate(zip(_prefills(card) * samples, outs))]
+    card, n = suspect.card, len(suspect.card.triggers)
+    outs = answers(suspect, card.triggers * samples, _prefills(card) * samples, sampling=Sampling(temperature, seed))
+    hits = [matches(o, card.targets[i % n], card.match) for i, o in enumerate(outs)]
     return [sum(hits[i::n]) / samples for i in range(n)]
 
 
@@ -166,7 +191,11 @@ def target_token_logprobs(model, tokenizer, card: Card) -> list[list[float]]:
 
 def target_loglik(model, tokenizer, card: Card) -> list[float]:
     """Mean log-probability per target token after the trigger (and any prefill)."""
-    return [sum(lp) / len(lp) for lp in target_token_logprobs(model, tokenizer, card)]
+    return _means(target_token_logprobs(model, tokenizer, card))
+
+
+def _means(logprobs: list[list[float]] | None) -> list[float] | None:
+    return None if logprobs is None else [sum(lp) / len(lp) for lp in logprobs]
 
 
 def partial(greedy: list[str], card: Card, n: int, base_greedy: list[str] | None = None) -> list[float]:
@@ -180,34 +209,42 @@ def partial(greedy: list[str], card: Card, n: int, base_greedy: list[str] | None
     return scores
 
 
-def _checks(model, tokenizer, card: Card, cfg: StrictConfig, base_greedy: list[str] | None) -> dict:
-    from meraser.evaluation.fsr import fsr
+def _checks(suspect, cfg: StrictConfig, base_greedy: list[str] | None) -> dict:
+    """Every check the suspect allows; a check it does not (forced prefix through a chat API, log-likelihood where
+    no log-probabilities come back) is None, named in `not_run`."""
+    from meraser.evaluation.fsr import fsr_of
 
-    paper = fsr(model, tokenizer, card, false_positive_inputs=0)
+    card = suspect.card
+    paper = fsr_of(lambda p, f: answers(suspect, p, f), suspect.tokenizer, card, false_positive_inputs=0)
     greedy = [p["output"] for p in paper["per_trigger"]]
+    forced = forced_prefix(suspect, cfg.prefix_fractions)
     per = {
-        "forced": [float(x) for x in forced_prefix(model, tokenizer, card, cfg.prefix_fractions)],
-        "paraphrased": paraphrased(model, tokenizer, card),
-        "sampled": sampled(model, tokenizer, card, cfg.samples, cfg.temperature, cfg.seed),
-        "loglik": target_loglik(model, tokenizer, card),
+        "forced": None if forced is None else [float(x) for x in forced],
+        "paraphrased": paraphrased(suspect),
+        "sampled": sampled(suspect, cfg.samples, cfg.temperature, cfg.seed),
+        "loglik": _means(suspect.target_logprobs()),
         "partial": partial(greedy, card, cfg.ngram, base_greedy),
     }
-    return {"paper_fsr": paper["fsr"], **{k: sum(v) / len(v) for k, v in per.items()}, "per_trigger": per,
-            "greedy": greedy}
+    out = {"paper_fsr": paper["fsr"], **{k: None if v is None else sum(v) / len(v) for k, v in per.items()},
+           "per_trigger": {k: v for k, v in per.items() if v is not None}, "greedy": greedy}
+    return {**out, "not_run": [k for k, v in per.items() if v is None]} if None in per.values() else out
 
 
 def strict_check(model, tokenizer, card: Card, cfg: StrictConfig | None = None, base=None,
-                 base_result: dict | None = None) -> dict:
-    """The four checks on `model`. With the base model (`base`, same tokenizer) or its earlier result
-    (`base_result`, e.g. the experiment's base row), also where each check stands against it, and the verdict."""
+                 base_result: dict | None = None, suspect=None) -> dict:
+    """The checks on `model` (or on `suspect`, e.g. a served model, with `model` None). With the base model
+    (`base`, same tokenizer) or its earlier result (`base_result`, e.g. the experiment's base row), also where each
+    check stands against it, and the verdict over the checks that ran."""
     cfg = cfg or StrictConfig()
     if base is not None:
         base_result = strict_check(base, tokenizer, card, cfg)
-    out = _checks(model, tokenizer, card, cfg, base_result["greedy"] if base_result else None)
+    out = _checks(suspect or Weights(model, tokenizer, card), cfg, base_result["greedy"] if base_result else None)
     if base_result is None:
         return out
-    at_base = {k: out[k] <= base_result[k] for k in ("paper_fsr", "forced", "paraphrased", "sampled", "partial")}
-    at_base["loglik"] = out["loglik"] <= base_result["loglik"] + cfg.loglik_margin
+    ran = [k for k in CHECKS if out[k] is not None]
+    at_base = {k: out[k] <= base_result[k] for k in ran if k != "loglik"}
+    if "loglik" in ran:
+        at_base["loglik"] = out["loglik"] <= base_result["loglik"] + cfg.loglik_margin
     return {**out, "base": {k: base_result[k] for k in CHECKS},
             "at_base_level": at_base, "erased_strict": all(at_base.values())}
 
@@ -221,7 +258,7 @@ def probe_settings() -> dict:
 def probe(model, tokenizer, card: Card, cfg: StrictConfig | None = None) -> dict:
     """The cheap strict checks for per-epoch curves: forced prefix and target log-likelihood."""
     cfg = cfg or StrictConfig()
-    forced = forced_prefix(model, tokenizer, card, cfg.prefix_fractions)
+    forced = forced_prefix(Weights(model, tokenizer, card), cfg.prefix_fractions)
     loglik = target_loglik(model, tokenizer, card)
     return {"forced": sum(forced) / len(forced), "loglik": round(sum(loglik) / len(loglik), 4)}
 

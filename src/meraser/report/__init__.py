@@ -19,7 +19,7 @@ from meraser.report.data import (WIN_UTILITY, bench_time, fingerprint_name, is_b
 from meraser.report.figures import (ablation_pngs, figure_pngs, fsr_curve_png, leaderboard_pngs, stage_fsr_png,
                                     strict_curve_png, tasks_png, write_figures)
 from meraser.report.tables import (attack_rows, html_table, markdown_tables, strict_rows, strongest_rows, summary_tables,
-                                   table1_html, tasks_rows, terminal_tables, verification_rows)
+                                   survival_rows, table1_html, tasks_rows, terminal_tables, verification_rows)
 from meraser.utils import MeraserError, atomic_write_text
 
 # what the CLI, the runner, the bench and the tests use
@@ -112,6 +112,9 @@ def render_bench(runs: list[dict], cells: list[dict], title: str, show_secrets: 
     page = render(runs, title, show_secrets)
     head, rows = strongest_rows(runs)
     strongest = f"<h3>The strongest attack on each fingerprint</h3>{html_table(head, rows)}" if rows else ""
+    strongest += (f"<h3>Which fingerprint survives which attack</h3><p>The verifications that still show ownership "
+                  f"after each attack; none: every one that ran says not owned.</p>"
+                  f"{html_table(*survival_rows(runs))}")
     extra = (f"<h2>Attacks: every cell of the matrix</h2><p>{html.escape(timing)}</p>"
              f"{html_table(*attack_rows(runs, cells))}"
              f"<h2>Leaderboard: fingerprint survival against utility</h2><p>One figure per verification: what it "
@@ -177,9 +180,13 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     check_report_outputs([Path(out)] + ([Path(markdown)] if markdown else []), overwrite)
     if figures and Path(figures).exists() and not Path(figures).is_dir():
         raise MeraserError(f"--figures {figures} is a file, not a folder")
-    if len(paths) == 1 and is_bench(paths[0]):
-        runs, cells = load_bench(paths[0])
-        timing = bench_time(paths[0], runs, cells)
+    benches = [is_bench(p) for p in paths]
+    if any(benches) and not all(benches):
+        raise MeraserError("give run folders or bench folders, not both: a bench's cells are runs of their own")
+    if all(benches):  # several benches read as one matrix (e.g. the schemes of several matrices side by side)
+        loaded = [load_bench(p) for p in paths]
+        runs, cells = [r for rs, _ in loaded for r in rs], [c for _, cs in loaded for c in cs]
+        timing = "; ".join(bench_time(p, *b) for p, b in zip(paths, loaded))
         page = render_bench(runs, cells, title or "meraser bench", show_secrets, timing)
     else:
         runs, cells, timing = [load_run(p) for p in paths], None, ""

@@ -134,6 +134,24 @@ def verification_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+def survival_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Attack x fingerprint: which verifications still show ownership after each attack ("none" where every one
+    that ran says not owned, "" where the cell was not measured). One column per fingerprint, so the schemes of
+    several bench folders read side by side (`meraser report BENCH BENCH ...`)."""
+    from meraser.evaluation.verifications import REGISTRY
+
+    attacked = [r for r in runs if "attack" in r]
+    methods = list(dict.fromkeys(r["method"] for r in attacked))
+    cells: dict[str, dict[str, str]] = {}
+    for run in attacked:
+        verdicts = [(name, v.verdict(last_row(run))[1]) for name, v in REGISTRY.items()]
+        owned = [name for name, o in verdicts if o]
+        ran = any(o is not None for _, o in verdicts)
+        cells.setdefault(run_label(run, fingerprint=False), {})[run["method"]] = \
+            ", ".join(owned) if owned else ("none" if ran else "not measured")
+    return ["attack"] + methods, [[attack] + [row.get(m, "") for m in methods] for attack, row in cells.items()]
+
+
 def strongest_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """Fingerprint x verification: the strongest attack on each fingerprint by each verification (`strongest`), what
     that verification concludes after it and the utility it keeps; the leaderboard rings the same cells."""
@@ -174,6 +192,8 @@ def summary_tables(runs: list[dict], cells: list[dict] | None = None) -> list[tu
         head, rows = strongest_rows(runs)
         if rows:
             tables.append(("the strongest attack on each fingerprint, by each verification", head, rows))
+        tables.append(("which fingerprint survives which attack (the verifications that still show ownership)",
+                       *survival_rows(runs)))
     head, rows = verification_rows(runs)
     if rows:
         tables.append(("which verification still shows ownership", head, rows))
