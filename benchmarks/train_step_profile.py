@@ -68,11 +68,13 @@ def measure(spec: str, pairs, batch_size: int) -> dict:
     rows = Formatter(tok, cfg.format).encode_all(pairs)
     real = sum(len(r["input_ids"]) for r in rows)
     with tempfile.TemporaryDirectory() as d:
-        res = train(model, tok, rows, cfg, Path(d) / "out", progress=False)
+        res = train(model, tok, rows, cfg, Path(d) / "out", progress=True)  # minutes on Gemma: a bar
     peft_model = get_peft_model(load_model(spec)[0], cfg.lora.to_peft())
     peft_model.train()
     batch = collate(rows[:batch_size], tok.pad_token_id)
     vocab = peft_model.get_base_model().config.vocab_size
+    print(f"{spec}: profiling one step with the head on labelled positions, then with the model's own loss",
+          flush=True)
     fused = vocab_share(peft_model, batch, vocab)
     keep = lm_loss.PLAIN_HEAD_TYPES
     lm_loss.PLAIN_HEAD_TYPES = frozenset()  # the model's own loss: logits at every position
