@@ -202,7 +202,7 @@ def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None =
 def statistics(score, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: LikelihoodConfig) -> dict:
     """The test's statistics, with `score(pairs, prefills)` giving each pair's mean target log-probability per token
     (`pair_scores` on a local model; served.py scores through a server's prompt log-probabilities)."""
-    prefills = list(card.prefills) if card.prefills else [""] * len(card.triggers)
+    prefills = card.trigger_prefills
     pairs, pre = [], []
     for i, (real, decoys) in enumerate(keys):
         pairs += [real, *decoys]

@@ -184,12 +184,11 @@ class Served:
 
     def target_logprobs(self) -> list[list[float]] | None:
         from meraser.evaluation.likelihood import pair_rows
-        from meraser.evaluation.strict import _prefills
 
         if not self.prompt_logprobs:
             return None
         rows = pair_rows(self.tokenizer, self.card, list(zip(self.card.triggers, self.card.targets)),
-                         _prefills(self.card))
+                         self.card.trigger_prefills)
         return self.ep.map(lambda row: echoed_target(self.ep, *row), rows, "scoring the targets", self.progress)
 
 

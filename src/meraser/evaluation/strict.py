@@ -59,10 +59,6 @@ def fragments(text: str, n: int) -> set[str]:
     return {text[i:i + n] for i in range(max(1, len(text) - n + 1))}
 
 
-def _prefills(card: Card) -> list[str]:
-    return list(card.prefills) if card.prefills else [""] * len(card.triggers)
-
-
 class Weights:
     """The strict checks' access to a suspect held as weights: continuations after any prefill, greedy (through
     `decoding`, plain by default) or sampled, and teacher-forced target log-probabilities. A served suspect
@@ -121,7 +117,7 @@ def forced_prefix(suspect, fractions) -> list[bool] | None:
     for i, target in enumerate(card.targets):
         longest = max(longest, len(tok(target, add_special_tokens=False)["input_ids"]))
         variants += [(i, h) for h in dict.fromkeys(target_head(tok, target, f) for f in fractions)]
-    pre = _prefills(card)
+    pre = card.trigger_prefills
     outs = answers(suspect, [card.triggers[i] for i, _ in variants], [pre[i] + h for i, h in variants],
                    max(card.max_new_tokens, longest + 4))
     found = [False] * len(card.targets)
@@ -147,7 +143,7 @@ def paraphrased(suspect) -> list[float]:
 
     card = suspect.card
     variants = [(i, v) for i, t in enumerate(card.triggers) for v in paraphrases(t)]
-    pre = _prefills(card)
+    pre = card.trigger_prefills
     outs = answers(suspect, [v for _, v in variants], [pre[i] for i, _ in variants])
     hits = [[] for _ in card.triggers]
     for (i, _), o in zip(variants, outs):
@@ -161,7 +157,8 @@ def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float]
     from meraser.generation import Sampling
 
     card, n = suspect.card, len(suspect.card.triggers)
-    outs = answers(suspect, card.triggers * samples, _prefills(card) * samples, sampling=Sampling(temperature, seed))
+    outs = answers(suspect, card.triggers * samples, card.trigger_prefills * samples,
+                   sampling=Sampling(temperature, seed))
     hits = [matches(o, card.targets[i % n], card.match) for i, o in enumerate(outs)]
     return [sum(hits[i::n]) / samples for i in range(n)]
 
@@ -178,7 +175,7 @@ def target_token_logprobs(model, tokenizer, card: Card) -> list[list[float]]:
     dev = next(model.parameters()).device
     out = []
     with torch.no_grad(), autocast(model):
-        for trigger, pre, target in zip(card.triggers, _prefills(card), card.targets):
+        for trigger, pre, target in zip(card.triggers, card.trigger_prefills, card.targets):
             prompt = fmt.encode_prompt(trigger, card.system_prompt)
             if pre:
                 prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]

@@ -65,6 +65,11 @@ class Card(Config):
         return self.match != "watermark"
 
     @property
+    def trigger_prefills(self) -> list[str]:
+        """Each trigger's prefill ("" where the card has none)."""
+        return list(self.prefills) if self.prefills else [""] * len(self.triggers)
+
+    @property
     def checksum(self) -> str:
         return commitment(self.to_dict())
 
