@@ -1,7 +1,7 @@
 """A served suspect against its local self: each fingerprint folder's model is served by `transformers serve` (fp32,
 CPU) and verified over HTTP with `meraser verify --endpoint` (chat and completions APIs), beside `meraser verify
 --model` on the same weights (fp32 too, so no bf16 near-tie splits them). Prints FSR and false positives both ways,
-how many outputs are identical, the requests and the wall time of each. With --strict, also the strict checks
+how many outputs are identical, the requests and the wall time of each. With --strict, the strict checks instead,
 both ways (the completions API, against the card's base model held locally): each check's value and the verdict.
 
     .venv/bin/python benchmarks/served_verify.py runs/smollm2-135m/fingerprints/*/ [--concurrency 4] [--threads 2]
@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", help="fingerprint output folders (model/ and the card)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    ap.add_argument("--strict", action="store_true", help="also the strict checks, local and served")
+    ap.add_argument("--strict", action="store_true", help="the strict checks, local and served, instead")
     args = ap.parse_args()
     os.environ["MERASER_PRECISION"] = "fp32"
 
@@ -31,6 +31,8 @@ def main() -> None:
     from meraser.fingerprints.embed import model_dir, verify
     from meraser.utils import console
 
+    if args.strict:
+        return console().print(strict_table(args.folders, args.concurrency, args.threads))
     t = Table(title="served verify against the local verify (same weights, fp32)")
     for col in ("card", "path", "FSR", "false positives", "identical outputs", "requests", "seconds"):
         t.add_column(col)
@@ -48,8 +50,6 @@ def main() -> None:
                 t.add_row(card.method, f"served, {api}", f"{r['fsr']:.0%}", f"{r['false_positive_rate']:.0%}",
                           f"{same}/{len(card.triggers)}", str(r["requests"]), f"{r['seconds']:.1f}")
     console().print(t)
-    if args.strict:
-        console().print(strict_table(args.folders, args.concurrency, args.threads))
 
 
 def strict_table(folders: list[str], concurrency: int, threads: int):
