@@ -23,7 +23,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared/data/meraser_reference/mism
 
 def vocab_share(model, batch, vocab: int) -> tuple[float, float]:
     """(step seconds, share of the profiled CPU time in ops with a vocabulary-sized input) of one forward+backward."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm
