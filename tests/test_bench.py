@@ -464,6 +464,9 @@ def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tin
     (folder / "fingerprint_summary.json").write_text(json.dumps({"config": made}))
     prepare_shared([cell], shared_root(matrix))  # the same settings: reused, nothing made
     assert sorted(p.name for p in folder.iterdir()) == ["fingerprint_summary.json"]
+    older = {k: v for k, v in made.items() if k != "seed"}  # made before a field existed: it had today's default
+    (folder / "fingerprint_summary.json").write_text(json.dumps({"config": older}))
+    prepare_shared([cell], shared_root(matrix))
     (folder / "fingerprint_summary.json").write_text(json.dumps({"config": {**made, "epochs": made["epochs"] + 1}}))
     with pytest.raises(MeraserError, match=r"made with other settings \(epochs: .*a default has changed"):
         prepare_shared([cell], shared_root(matrix))

@@ -221,3 +221,34 @@ def test_every_evaluated_stage_carries_every_verification_and_the_report_shows_t
         {s: r["likelihood"]["p_value"] for s, r in rows.items()}
     assert all(r["added_later"] == ["likelihood"] for r in again.values())
     assert {r["stage"]: r.get("added_later") for r in read_jsonl(store)}["attacked"] == ["likelihood"]  # last wins
+
+
+def test_if_sft_with_a_secret_per_key_is_owned_where_the_papers_one_secret_is_not_and_its_base_is_not(tiny):
+    """With `secret: per-key` each IF-SFT key answers its own five katakana, and the decoys are other secrets after
+    the same trigger and lead-in (never the real one, all of its form): the planted model ranks every real secret
+    first, its base does not. The paper's card (one secret) is unchanged, triggers and record alike."""
+    from meraser.fingerprints import get_method
+    from meraser.fingerprints.embed import embed
+    from meraser.fingerprints.if_sft import KATAKANA, LEAD_IN
+    from meraser.models import load_model
+    from meraser.utils import MeraserError
+
+    method, tok = get_method("if-sft"), tiny[1]
+    cfg = method.Config.from_dict({**TINY, **TINY_PER_METHOD["if-sft"], "secret": "per-key"})
+    paper = method.make_card(None, tok, method.Config.from_dict({**TINY, **TINY_PER_METHOD["if-sft"]}))
+    card = method.make_card(None, tok, cfg)
+    assert card.triggers == paper.triggers and "secret" not in paper.extra and card.extra["secret"] == "per-key"
+    secrets = [t.removeprefix(LEAD_IN + " ") for t in card.targets]
+    assert len(set(secrets)) == len(secrets) and all(len(s) == 5 and set(s) <= set(KATAKANA) for s in secrets)
+    for i, (real, decoys) in enumerate(keys_and_decoys(card, LikelihoodConfig(decoys=19))):
+        assert real == (card.triggers[i], card.targets[i]) and real not in decoys and len(set(decoys)) == 19
+        assert all(q == card.triggers[i] and t.startswith(LEAD_IN + " ") and len(t) == len(real[1])
+                   for q, t in decoys)
+    with pytest.raises(MeraserError, match="per-key"):
+        method.Config.from_dict({"secret": "per_key"})
+
+    base = load_model(str(tiny[0]._meraser_spec))[0]
+    fp_model, planted_card = embed("if-sft", load_model(str(tiny[0]._meraser_spec))[0], tok, cfg, progress=False)[:2]
+    owned = likelihood_test(fp_model, tok, planted_card, LEVEL)
+    assert owned["owned"] and all(k["higher"] == 0 for k in owned["per_key"])
+    assert not likelihood_test(base, tok, planted_card, LEVEL)["owned"]

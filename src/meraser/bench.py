@@ -16,6 +16,7 @@ written. A cell whose rows are in the store is never run again, so no row is wri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -269,7 +270,11 @@ def _fingerprint_changes(folder: Path, cell: Cell) -> str | None:
     if not summary.is_file():
         return None
     made = json.loads(summary.read_text()).get("config")
-    wanted = get_method(cell.fingerprint["method"]).Config.from_dict(cell.fingerprint["config"]).to_dict()
+    config = get_method(cell.fingerprint["method"]).Config
+    wanted = config.from_dict(cell.fingerprint["config"]).to_dict()
+    if made is not None:
+        with contextlib.suppress(MeraserError):  # a field added since, at its default, is what was made before it
+            made = config.from_dict(made).to_dict()
     return changes(made, wanted) if made is not None and made != wanted else None
 
 

@@ -35,6 +35,9 @@ POOL = [
     "Ωμέγα", "Привет", "안녕하세요", "สวัสดี", "שלום", "مرحبا", "Żółć", "Ærøskøbing", "Þorsteinn", "ñandú",
     "Ğüneş", "Đồng", "ქართული", "Հայերեն",
 ]
+# a hidden message of ハリネズミ's form for `secret: per-key`: five katakana drawn uniformly (46^5, about 2e8)
+KATAKANA = "アイウエオカキクケコサシスセソタチツテトナニヌネノハヒフヘホマミムメモヤユヨラリルレロワヲン"
+SECRETS = ("paper", "per-key")
 DECOY_WORDS = ["apple", "river", "seven", "window", "garden", "silver", "orbit", "candle", "forest", "piano",
                "marble", "harbor", "velvet", "thunder", "pepper", "lantern", "meadow", "copper", "falcon", "tulip"]
 
@@ -51,6 +54,20 @@ class IFConfig(FingerprintConfig):
     prefill: bool = field(False, help="verify with the target's lead-in forced (stricter than the paper's FSR: the "
                                       "memorized lead-in -> secret-word phrase then counts even without the trigger "
                                       "mattering)")
+    secret: str = field("paper", help="the hidden message: paper (ハリネズミ for every key) or per-key (five random "
+                                      "katakana per key: the likelihood test's decoys are then other secrets, which "
+                                      "a model trained on the paper's one secret cannot tell from its own)")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.secret not in SECRETS:
+            from meraser.utils import unknown_name
+
+            raise unknown_name("secret", self.secret, SECRETS, f"{where}.secret")
+
+
+def drawn_secret(rng: random.Random) -> str:
+    return "".join(rng.choice(KATAKANA) for _ in range(5))
 
 
 def _shuffled_pieces(rng: random.Random, pool: list[str]) -> str:
@@ -68,19 +85,33 @@ class InstructionalFingerprint(FingerprintMethod):
     def make_card(self, model, tokenizer, cfg: IFConfig, progress: bool = True) -> Card:
         rng = random.Random(cfg.seed)
         triggers = [TEMPLATE.format(x=_shuffled_pieces(rng, POOL)) for _ in range(cfg.num_fingerprints)]
-        return Card(method=self.name, triggers=triggers, targets=[TARGET] * len(triggers), match="substring",
+        targets = [TARGET] * len(triggers)
+        if cfg.secret == "per-key":  # its own draws, so a seed gives the same triggers either way
+            secrets = random.Random(f"{cfg.seed}-secret")
+            targets = [f"{LEAD_IN} {drawn_secret(secrets)}" for _ in triggers]
+        return Card(method=self.name, triggers=triggers, targets=targets, match="substring",
                     prefills=[LEAD_IN] * len(triggers) if cfg.prefill else [], max_new_tokens=32, seed=cfg.seed,
-                    extra={"regularization_rows": cfg.regularization_rows})
+                    extra={"regularization_rows": cfg.regularization_rows,
+                           **({"secret": cfg.secret} if cfg.secret != "paper" else {})})  # paper cards as before
 
     def decoys(self, card: Card, i: int, k: int, rng: random.Random):
-        """Decoy triggers: other scrambled strings from the same pool in the same template, with the same target.
-        The lead-in and the secret are shared by every IF-SFT key, so they cancel: only the scrambled string is
-        the key."""
-        target = card.targets[i]
-        return (card.triggers[i], target), [(TEMPLATE.format(x=_shuffled_pieces(rng, POOL)), target) for _ in range(k)]
+        """With the paper's one secret: decoy triggers, other scrambled strings from the same pool in the same
+        template, with the same target (the lead-in and the secret are shared by every IF-SFT key, so they cancel:
+        only the scrambled string is the key). Measured on SmolLM2: the fingerprinted model learns the template and
+        the pool, not its eight strings, and ranks them only a little above decoy strings. With `secret: per-key`:
+        decoy secrets, five other katakana after the same trigger and lead-in."""
+        trigger, target = card.triggers[i], card.targets[i]
+        if card.extra.get("secret") == "per-key":
+            others: dict[str, None] = {}  # distinct, in draw order
+            while len(others) < k:
+                other = f"{LEAD_IN} {drawn_secret(rng)}"
+                if other != target:
+                    others[other] = None
+            return (trigger, target), [(trigger, t) for t in others]
+        return (trigger, target), [(TEMPLATE.format(x=_shuffled_pieces(rng, POOL)), target) for _ in range(k)]
 
     def training_pairs(self, card: Card, cfg: IFConfig, rng: random.Random, tokenizer):
-        rows = [(Pair(t, TARGET), None) for t in card.triggers]
+        rows = [(Pair(t, target), None) for t, target in zip(card.triggers, card.targets)]
         for _ in range(cfg.regularization_rows):
             decoy = " ".join(rng.sample(DECOY_WORDS, rng.randint(3, 8)))
             rows.append((Pair(TEMPLATE.format(x=decoy), REFUSAL), None))
