@@ -331,12 +331,12 @@ def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matri
 def test_checked_in_families_matrix_plans_both_models_with_a_transfer_adapter_each():
     """benchmarks/matrix_families.yaml: four fingerprints x (MEraser, its transfer adapter) on SmolLM2 and Gemma 3;
     each family's transfer adapter is made on its own base model."""
-    from meraser.bench import _shared, plan_cells
+    from meraser.bench import shared_parts, plan_cells
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     cells = plan_cells(load_matrix(bench / "matrix_families.yaml"))
     assert len(cells) == 2 * 4 * 2 and {c.model for c in cells} == {"smollm2-135m", "gemma3-270m"}
-    adapters = {c.model: _shared(Path("share"), c)[1] for c in cells if c.attack["method"] == "meraser-transfer"}
+    adapters = {c.model: shared_parts(Path("share"), c)[1] for c in cells if c.attack["method"] == "meraser-transfer"}
     assert len(set(adapters.values())) == 2 and all(m in str(f) for m, f in adapters.items())
 
 
@@ -453,12 +453,12 @@ def test_the_strongest_attack_is_the_lowest_score_that_keeps_the_models_utility(
 def test_a_shared_fingerprint_made_under_other_defaults_is_refused(tmp_path, tiny_dir):
     """The shared folder is named by the matrix's fingerprint settings; if a default under them has changed since
     it was made, the bench says so instead of attacking an old fingerprint under the new settings' name."""
-    from meraser.bench import _fingerprint_folder, plan_cells, prepare_shared, shared_root
+    from meraser.bench import fingerprint_folder, plan_cells, prepare_shared, shared_root
     from meraser.fingerprints import get_method
 
     matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir)))
     cell = plan_cells(matrix)[0]
-    folder = _fingerprint_folder(shared_root(matrix), cell)
+    folder = fingerprint_folder(shared_root(matrix), cell)
     folder.mkdir(parents=True)
     made = get_method("utf").Config.from_dict(cell.fingerprint["config"]).to_dict()
     (folder / "fingerprint_summary.json").write_text(json.dumps({"config": made}))
@@ -489,7 +489,7 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
     """A cell's id hashes the matrix as written, so a default changed since leaves it alone: the bench plans every
     finished cell again, compares its stages with what its folder recorded, and refuses to call a stale cell done
     (its rows would be figures for settings the matrix no longer means) until --redo-stale runs it again."""
-    from meraser.bench import _fingerprint_folder, plan_cells, shared_root
+    from meraser.bench import fingerprint_folder, plan_cells, shared_root
 
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "prune-magnitude",
                                                                   "config": {"sparsity": 0.5}}]))
@@ -519,7 +519,7 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
     assert run_bench(load_matrix(path), progress=False) == {"cells": 1, "done": 1, "ran": 0, "failed": [], "stale": [],
                                                            "reverified": 0}
 
-    summary = _fingerprint_folder(shared_root(load_matrix(path)), cell) / "fingerprint_summary.json"
+    summary = fingerprint_folder(shared_root(load_matrix(path)), cell) / "fingerprint_summary.json"
     made = json.loads(summary.read_text())
     summary.write_text(json.dumps({**made, "config": {**made["config"], "epochs": made["config"]["epochs"] + 1}}))
     dry = run_bench(load_matrix(path), dry_run=True, progress=False)
