@@ -80,9 +80,9 @@ def test_served_verify_agrees_with_the_local_verify(planted, tiny_dir, which, mo
 def test_served_strict_checks_agree_with_the_local_ones(planted, tiny_dir, monkeypatch):
     """The strict checks through the completions API (prefill appended: the forced prefix runs) give the local
     greedy checks on the fingerprinted model, and against the base held here its verdict; through the chat API the
-    forced prefix cannot run, and says so. Sampling is the server's (its own seeds): only its range is checked.
-    `transformers serve` echoes no prompt log-probabilities, so the log-likelihood is "not run" (vLLM's test runs
-    it)."""
+    forced prefix cannot run, and says so. `transformers serve` does not sample at a requested temperature and
+    echoes no prompt log-probabilities, so the sampled check and the log-likelihood are "not run" (vLLM's test
+    runs both)."""
     from meraser.evaluation.served import served_strict
     from meraser.evaluation.strict import strict_check
     from meraser.fingerprints.card import Card
@@ -100,8 +100,11 @@ def test_served_strict_checks_agree_with_the_local_ones(planted, tiny_dir, monke
     for k in ("paper_fsr", "forced", "paraphrased", "partial"):
         assert comp[k] == local[k], k
         assert comp["at_base_level"][k] == local["at_base_level"][k], k
-    assert local["forced"] == 1.0 and comp["erased_strict"] is False and 0 <= comp["sampled"] <= 1
-    assert comp["loglik"] is None and comp["not_run"] == ["loglik"] and "loglik" not in comp["at_base_level"]
+    assert local["forced"] == 1.0 and comp["erased_strict"] is False
+    # transformers serve leaves do_sample to the model's generation config: greedy whatever the temperature, so the
+    # sampled check is refused rather than reported as the greedy answer's (a local 12% read 100% on SmolLM2)
+    assert comp["sampled"] is None and comp["checks"]["sampling"].startswith("not run")
+    assert comp["loglik"] is None and comp["not_run"] == ["sampled", "loglik"] and "loglik" not in comp["at_base_level"]
     assert chat["forced"] is None and "forced" in chat["not_run"] and chat["paper_fsr"] == local["paper_fsr"]
     assert chat["checks"]["strict"].startswith("paraphrased, sampled and partial over text; forced prefix not run")
     if "first_token" in chat:  # the server returns top-k log-probabilities: the hidden message's first token

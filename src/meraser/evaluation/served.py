@@ -165,6 +165,7 @@ class Served:
 
         self.ep, self.card, self.tokenizer, self.progress = ep, card, tokenizer, progress
         self.prefill, self.prompt_logprobs = ep.cfg.api == "completions", prompt_logprobs
+        self.samples = True  # whether it samples at a temperature (`honours_sampling`)
         self.fmt = Formatter(tokenizer, card.format)
         self.system = card.system_prompt if card.system_prompt is not None else card.format.system_prompt
 
@@ -203,6 +204,17 @@ def access(ep: Endpoint) -> dict:
 
     return {"generated_logprobs": returned(lambda: ep.chat("Hi", None, 1, logprobs=True, top_logprobs=5)),
             "prompt_logprobs": returned(lambda: ep.complete("Hi", 1, echo=True, logprobs=1))}
+
+
+def honours_sampling(suspect: "Served") -> bool:
+    """Whether the server samples at a requested temperature: three answers to an open prompt at temperature 1.0
+    with different seeds, of which at least two differ. `transformers serve` sets the temperature but leaves
+    `do_sample` to the model's generation config (greedy for SmolLM2: measured), so its "samples" are the greedy
+    answer and the sampled check cannot run there."""
+    from meraser.generation import Sampling
+
+    outs = suspect.continuations(["Name a random animal, a colour and a number."] * 3, [""] * 3, 12, Sampling(1.0, 1))
+    return len(set(outs)) > 1
 
 
 def checks(cfg: EndpointConfig, card: Card, levels: dict) -> dict:
@@ -368,6 +380,7 @@ def served_strict(cfg: EndpointConfig, card, base: str | None = None, scfg=None,
     ep = Endpoint(cfg)
     levels = access(ep)
     suspect = Served(ep, c, tok, levels["prompt_logprobs"], progress)
+    suspect.samples = honours_sampling(suspect)
     base_result = None
     if base:
         b = Weights(load_model(base, trust_remote_code=trust_remote_code)[0], tok, c)
@@ -376,8 +389,11 @@ def served_strict(cfg: EndpointConfig, card, base: str | None = None, scfg=None,
     r = strict_check(None, tok, c, scfg, base_result=base_result, suspect=suspect)
     if levels["generated_logprobs"] and cfg.api == "chat":
         r["first_token"] = first_token_bounds(suspect)
+    said = {"sampling": "the server samples at the requested temperature" if suspect.samples else
+            "not run: the server answered three seeds at temperature 1.0 alike (it decodes greedily)"}
     return {"endpoint": ep.url, "served_model": ep.model, "api": cfg.api, "method": c.method, **r,
-            "checks": checks(cfg, c, levels), "requests": ep.requests, "seconds": round(time.perf_counter() - t0, 1)}
+            "checks": {**checks(cfg, c, levels), **said}, "requests": ep.requests,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def free_port() -> int:

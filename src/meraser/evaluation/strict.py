@@ -65,6 +65,7 @@ class Weights:
     (evaluation/served.py, `Served`) offers the same three, as far as its API allows."""
 
     prefill = True  # continuations can follow a prefill (a chat API cannot)
+    samples = True  # it samples at a temperature (a server may decode greedily whatever it is asked)
 
     def __init__(self, model, tokenizer, card: Card, decoding=None):
         self.model, self.tokenizer, self.card, self.decoding = model, tokenizer, card, decoding
@@ -151,11 +152,14 @@ def paraphrased(suspect) -> list[float]:
     return [sum(h) / len(h) if h else 0.0 for h in hits]
 
 
-def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float]:
-    """Share of `samples` temperature samples per trigger that contain its target."""
+def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float] | None:
+    """Share of `samples` temperature samples per trigger that contain its target (None where the suspect does not
+    sample)."""
     from meraser.evaluation.fsr import matches
     from meraser.generation import Sampling
 
+    if not suspect.samples:
+        return None
     card, n = suspect.card, len(suspect.card.triggers)
     outs = answers(suspect, card.triggers * samples, card.trigger_prefills * samples,
                    sampling=Sampling(temperature, seed))
