@@ -32,7 +32,7 @@ def main() -> None:
     from meraser.utils import console
 
     if args.strict:
-        return console().print(strict_table(args.folders, args.concurrency, args.threads))
+        return console(log_width=200).print(strict_table(args.folders, args.concurrency, args.threads))
     t = Table(title="served verify against the local verify (same weights, fp32)")
     for col in ("card", "path", "FSR", "false positives", "identical outputs", "requests", "seconds"):
         t.add_column(col)
