@@ -3,7 +3,8 @@ server, `transformers serve`, a hosted API), with the `openai` client library.
 
 What a check needs decides whether it can run, so each access level is probed and reported:
 - text (chat or completions): the paper's FSR and the false-positive rate, and the strict checks on text
-  (paraphrased, sampled, partial match). A chat endpoint renders the prompt with the server's own template and
+  (paraphrased, partial match, and sampled where the server samples at a requested temperature: probed, since
+  `transformers serve` decodes greedily whatever it is asked). A chat endpoint renders the prompt with the server's own template and
   continues no assistant text, so a card's prefill (IF-SFT's lead-in) is not sent there; a completions endpoint
   gets the prompt rendered here with the owner's tokenizer (the card's base model, or `tokenizer`), prefill
   included, which is exactly what `meraser verify --model` feeds the model.
