@@ -11,7 +11,7 @@ finishes: an interrupted run resumes where it stopped. Prints the false-positive
 p-value and Kolmogorov-Smirnov tests against uniform per method and rule; writes a QQ figure and a Markdown table.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/likelihood_calibration.py benchmarks/calibration_smollm2.yaml \\
-        [--out runs/calibration] [--results benchmarks/results/likelihood_calibration]
+        [--out runs/calibration] [--results benchmarks/results/likelihood_calibration] [--summarise-only]
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/calibration", help="controls, cards and p-values (resumable)")
     ap.add_argument("--results", default="benchmarks/results/likelihood_calibration",
                     help="where the table, figure and p-values are copied to be checked in")
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="summarise the pairs tested so far (an interrupted run), testing nothing")
     args = ap.parse_args()
+    if args.summarise_only:
+        from meraser.utils import read_jsonl
+
+        rows = read_jsonl(Path(args.out) / "p_values.jsonl")
+        return _summarise(rows, Path(args.results), len({r["control"] for r in rows}), len({r["card"] for r in rows}))
 
     import transformers
 
