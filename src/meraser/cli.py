@@ -12,9 +12,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from meraser import terminal
 from meraser.models import ALIASES, DEFAULT_MODEL
 from meraser.utils import MeraserError
-from meraser import terminal
 from meraser.utils import console as _console
 
 app = typer.Typer(
