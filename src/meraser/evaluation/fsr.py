@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from meraser.data.formatting import Formatter
 from meraser.fingerprints.card import Card
 
 ORDINARY_PROMPTS = [
@@ -42,16 +41,6 @@ def _hits(card: Card, outs: list[str], tokenizer) -> list[bool]:
     return [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
 
 
-def _outputs(model, tokenizer, card: Card, prompts: list[str], prefills: list[str] | None, batch_size: int,
-             decoding=None) -> list[str]:
-    from meraser.generation import generate
-
-    fmt = Formatter(tokenizer, card.format)
-    gen = generate(model, tokenizer, prompts, fmt, max_new_tokens=card.max_new_tokens, batch_size=batch_size,
-                   prefills=prefills, system_prompt=card.system_prompt, decoding=decoding)
-    return [(pre or "") + g for pre, g in zip(prefills or [""] * len(prompts), gen)]
-
-
 def random_token_prompts(tokenizer, n: int, seed: int | random.Random = 0,
                          length: tuple[int, int] = (11, 15)) -> list[str]:
     """UTF-style random inputs: strings of random non-special vocabulary tokens."""
@@ -65,10 +54,11 @@ def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_in
         seed: int = 0, decoding=None) -> dict:
     """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs (all generated
     through `decoding`, plain greedy by default)."""
-    def answer(prompts: list[str], prefills: list[str] | None) -> list[str]:
-        return _outputs(model, tokenizer, card, prompts, prefills, batch_size, decoding)
+    from meraser.evaluation.strict import Weights, answers
 
-    return fsr_of(answer, tokenizer, card, false_positive_inputs=false_positive_inputs, seed=seed)
+    suspect = Weights(model, tokenizer, card, decoding, batch_size=batch_size)
+    return fsr_of(lambda p, f: answers(suspect, p, f), tokenizer, card, false_positive_inputs=false_positive_inputs,
+                  seed=seed)
 
 
 def fsr_of(answer: Callable[[list[str], list[str] | None], list[str]], tokenizer, card: Card, *,

@@ -185,13 +185,12 @@ class Served:
         return self.ep.map(one, list(enumerate(zip(prompts, prefills))), "asking the served model", self.progress)
 
     def target_logprobs(self) -> list[list[float]] | None:
-        from meraser.evaluation.likelihood import pair_rows
+        from meraser.evaluation.strict import target_rows
 
         if not self.prompt_logprobs:
             return None
-        rows = pair_rows(self.tokenizer, self.card, list(zip(self.card.triggers, self.card.targets)),
-                         self.card.trigger_prefills)
-        return self.ep.map(lambda row: echoed_target(self.ep, *row), rows, "scoring the targets", self.progress)
+        return self.ep.map(lambda row: echoed_target(self.ep, *row), target_rows(self.tokenizer, self.card),
+                           "scoring the targets", self.progress)
 
 
 def access(ep: Endpoint) -> dict:
@@ -384,8 +383,7 @@ def served_strict(cfg: EndpointConfig, card, base: str | None = None, scfg=None,
     suspect.samples = honours_sampling(suspect)
     base_result = None
     if base:
-        b = Weights(load_model(base, trust_remote_code=trust_remote_code)[0], tok, c)
-        b.prefill = suspect.prefill
+        b = Weights(load_model(base, trust_remote_code=trust_remote_code)[0], tok, c, prefill=suspect.prefill)
         base_result = strict_check(None, tok, c, scfg, suspect=b)
     r = strict_check(None, tok, c, scfg, base_result=base_result, suspect=suspect)
     if levels["generated_logprobs"] and cfg.api == "chat":

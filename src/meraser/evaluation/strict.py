@@ -64,11 +64,13 @@ class Weights:
     `decoding`, plain by default) or sampled, and teacher-forced target log-probabilities. A served suspect
     (evaluation/served.py, `Served`) offers the same three, as far as its API allows."""
 
-    prefill = True  # continuations can follow a prefill (a chat API cannot)
     samples = True  # it samples at a temperature (a server may decode greedily whatever it is asked)
 
-    def __init__(self, model, tokenizer, card: Card, decoding=None):
+    def __init__(self, model, tokenizer, card: Card, decoding=None, *, prefill: bool = True,
+                 batch_size: int | None = None):
         self.model, self.tokenizer, self.card, self.decoding = model, tokenizer, card, decoding
+        self.prefill = prefill  # continuations follow a prefill (off: answer as a chat API lets a served model)
+        self.batch = {"batch_size": batch_size} if batch_size else {}  # else generation's default
 
     def continuations(self, prompts: list[str], prefills: list[str], max_new_tokens: int,
                       sampling=None) -> list[str]:
@@ -77,7 +79,7 @@ class Weights:
 
         return generate(self.model, self.tokenizer, prompts, Formatter(self.tokenizer, self.card.format),
                         prefills=prefills, max_new_tokens=max_new_tokens, system_prompt=self.card.system_prompt,
-                        decoding=sampling or self.decoding)
+                        decoding=sampling or self.decoding, **self.batch)
 
     def target_logprobs(self) -> list[list[float]]:
         return target_token_logprobs(self.model, self.tokenizer, self.card)
@@ -172,22 +174,24 @@ def target_token_logprobs(model, tokenizer, card: Card) -> list[list[float]]:
     strict log-likelihood (mean) and the ownership null (sum, evaluation/ownership.py) both come from here."""
     import torch
 
-    from meraser.data.formatting import Formatter
     from meraser.models import autocast
 
-    fmt = Formatter(tokenizer, card.format)
     dev = next(model.parameters()).device
     out = []
     with torch.no_grad(), autocast(model):
-        for trigger, pre, target in zip(card.triggers, card.trigger_prefills, card.targets):
-            prompt = fmt.encode_prompt(trigger, card.system_prompt)
-            if pre:
-                prompt = prompt + tokenizer(pre, add_special_tokens=False)["input_ids"]
-            tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        for prompt, tgt in target_rows(tokenizer, card):
             ids = torch.tensor([prompt + tgt], device=dev)
             logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
             out.append(logp.gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0].tolist())
     return out
+
+
+def target_rows(tokenizer, card: Card) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with the prefill, target ids) of each key: what the target log-probabilities are scored on, here
+    and through a server's echo (served.py)."""
+    from meraser.evaluation.likelihood import pair_rows
+
+    return pair_rows(tokenizer, card, list(zip(card.triggers, card.targets)), card.trigger_prefills)
 
 
 def target_loglik(model, tokenizer, card: Card) -> list[float]:
