@@ -252,3 +252,26 @@ def test_if_sft_with_a_secret_per_key_is_owned_where_the_papers_one_secret_is_no
     owned = likelihood_test(fp_model, tok, planted_card, LEVEL)
     assert owned["owned"] and all(k["higher"] == 0 for k in owned["per_key"])
     assert not likelihood_test(base, tok, planted_card, LEVEL)["owned"]
+
+
+def test_each_card_draws_its_own_decoys_and_the_same_card_always_the_same(tiny):
+    """Decoys are seeded by the test's seed and the card: two per-key IF-SFT cards made with different seeds meet
+    different decoys (with one shared draw, one unlucky set moved every card's p-value together), while the same
+    card and seed give the same decoys on every run, so a verdict can be reproduced."""
+    from meraser.fingerprints import get_method
+
+    method, tok = get_method("if-sft"), tiny[1]
+
+    def per_key_card(seed):
+        return method.make_card(None, tok, method.Config.from_dict(
+            {**TINY, **TINY_PER_METHOD["if-sft"], "secret": "per-key", "seed": seed}))
+
+    def decoy_targets(card, seed=0):
+        return [[t for _, t in decoys] for _, decoys in keys_and_decoys(card, LikelihoodConfig(decoys=9, seed=seed))]
+
+    first, second = per_key_card(0), per_key_card(1)
+    assert decoy_targets(first) == decoy_targets(per_key_card(0))
+    assert decoy_targets(first) != decoy_targets(second)
+    assert decoy_targets(first) != decoy_targets(first, seed=1)
+    shared = [set(a) & set(b) for a, b in zip(decoy_targets(first), decoy_targets(second))]
+    assert sum(map(len, shared)) <= 1, shared  # 89^5 possible secrets: independent draws hardly ever meet

@@ -77,10 +77,12 @@ def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[
     """(real pair, decoy pairs) per key: the method's generator, or the decoy targets a hand-made card records.
     A decoy never equals its real pair. Where a method lists every possible decoy (Chain & Hash, Perinucleus), a
     random subset of `decoys_per_key` of them is taken: the real key with a random subset of the others is still
-    exchangeable."""
+    exchangeable. The draw is seeded by the test's seed and the card's checksum: with the test's seed alone every
+    card met the same decoys, so one unlucky decoy draw moved every card's p-value together (the per-key IF-SFT
+    calibration leaned small that way)."""
     from meraser.fingerprints import REGISTRY
 
-    rng, k = random.Random(cfg.seed), decoys_per_key(card, cfg)
+    rng, k = decoy_rng(card, cfg), decoys_per_key(card, cfg)
     start, shared = rng.getstate(), shared_draw(card)
     out = []
     for i in range(len(card.triggers)):
@@ -97,6 +99,11 @@ def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[
             raise MeraserError(f"card method '{card.method}': no decoy differs from key {i}'s target")
         out.append((real, decoys))
     return out
+
+
+def decoy_rng(card: Card, cfg: LikelihoodConfig) -> random.Random:
+    """The decoys' random source: one per (test seed, card), so different cards draw independent decoys."""
+    return random.Random(f"{cfg.seed}-{card.checksum}")
 
 
 def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pair, list[Pair]]:
