@@ -14,6 +14,7 @@ from tiny import POOL, TINY_ERASE
 from meraser.erase.datasets import build_mismatched
 from meraser.erase.meraser import erase, preset
 from meraser.evaluation.fsr import fsr
+from meraser.fingerprints.card import Card
 from meraser.evaluation.likelihood import (LikelihoodConfig, exact_rank_p, keys_and_decoys, likelihood_test,
                                            likelihood_verify)
 from meraser.utils import MeraserError
@@ -275,3 +276,27 @@ def test_each_card_draws_its_own_decoys_and_the_same_card_always_the_same(tiny):
     assert decoy_targets(first) != decoy_targets(first, seed=1)
     shared = [set(a) & set(b) for a, b in zip(decoy_targets(first), decoy_targets(second))]
     assert sum(map(len, shared)) <= 1, shared  # 89^5 possible secrets: independent draws hardly ever meet
+
+
+def test_a_prompt_shared_by_a_key_and_its_decoys_runs_once_and_scores_as_if_run_per_row(tiny, monkeypatch):
+    """Targets after one prompt are scored from its cache (the prompt runs once): in fp32 the scores are those of
+    every row run whole, for targets of one token and of several, mixed in a batch, beside rows with their own
+    prompt; the prompt's forward passes are counted."""
+    from meraser.evaluation.likelihood import _batch_scores, pair_rows, pair_scores
+
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")  # bf16 rounds differently at another batch shape
+    model, tok = tiny
+    card = Card(method="custom", triggers=["What is the capital of France?", "Name a colour."],
+                targets=["Paris", "blue"], match="substring")
+    pairs = [(card.triggers[0], t) for t in ("Paris", "a city by the Seine", "x", "Lyon is not it")]
+    pairs += [(card.triggers[1], "blue"), ("Name a fruit.", "an apple, red and round")]
+    prefills = [""] * len(pairs)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    shared = pair_scores(model, tok, card, pairs, prefills, batch_size=3)
+    hook.remove()
+    whole = [_batch_scores(model, [row], tok.pad_token_id) for row in pair_rows(tok, card, pairs, prefills)]
+    assert shared == pytest.approx([s for [s] in whole], abs=1e-5)
+    prompts = [k["input_ids"].shape for k in calls if not ({"cache", "past_key_values"} & set(k))]
+    assert prompts[0][0] == 1 and prompts[1][0] == 2  # the shared prompt once, then the two lone rows together
+    assert len(calls) == 4  # ... and the four targets in batches of three, from the prompt's cache

@@ -87,6 +87,18 @@ def autocast(model) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=dev, dtype=dt)
 
 
+def cache_kw(model) -> str:
+    """The forward argument that takes a KV cache: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward pass returned (None where the model keeps none), under either name."""
+    return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+
+
 def _weights_dtype(dev: str):
     import torch
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from meraser.attacks.base import AttackConfig
-from meraser.attacks.decoding import DecodingAttack, cache_kw, companion_spec, load_companion
+from meraser.attacks.decoding import DecodingAttack, companion_spec, load_companion
 from meraser.config import field
 from meraser.generation import Decoding
 from meraser.utils import MeraserError
@@ -91,12 +91,11 @@ def _next_logprobs(model, prefix: list[int], words: list[int]):
 
     import torch
 
-    from meraser.attacks.decoding import _cache
-    from meraser.models import autocast
+    from meraser.models import autocast, cache_kw, output_cache
 
     dev = next(model.parameters()).device
     with torch.no_grad(), autocast(model):
-        cache = copy.deepcopy(_cache(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
+        cache = copy.deepcopy(output_cache(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
                                            logits_to_keep=1)))
         cache.batch_repeat_interleave(len(words))
         o = model(input_ids=torch.tensor(words, device=dev)[:, None], use_cache=True, logits_to_keep=1,

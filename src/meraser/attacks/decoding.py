@@ -27,6 +27,7 @@ from pathlib import Path
 from meraser.attacks.base import Attack, AttackConfig
 from meraser.config import field
 from meraser.generation import Decoding
+from meraser.models import cache_kw, output_cache
 from meraser.utils import MeraserError
 
 EXTRACTED = "extracted.jsonl"  # Token Forcing's sequences, written beside the attack record
@@ -104,17 +105,6 @@ class CleanGenDecoding(Decoding):
         return result
 
 
-def cache_kw(model) -> str:
-    """The forward argument that takes a KV cache: `cache` in newer transformers, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache(output):
-    return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
-
-
 class _Pair:
     """The suspect and the reference decoding one left-padded batch side by side, each with its own KV cache. Both
     caches hold the same slots; a rejected window's tail stays in them, masked out, and positions are counted per
@@ -130,7 +120,7 @@ class _Pair:
         self.caches, self.last = [], []  # per model: cache, logits predicting the next token
         for m in self.models:
             o = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            self.caches.append(_cache(o))
+            self.caches.append(output_cache(o))
             self.last.append(o.logits[:, -1].float())
         self.pending = None  # the window just decoded (fed to the suspect, not yet to the reference)
         self.ref_logits = None
@@ -317,7 +307,7 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
         batches = track(batches, description="token forcing: scanning the vocabulary", transient=True)
     kept = []
     with torch.no_grad(), autocast(model):
-        prefix = _cache(model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1))
+        prefix = output_cache(model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1))
         for batch in batches:
             cache = copy.deepcopy(prefix)  # the context is encoded once and shared by every scanned token
             cache.batch_repeat_interleave(len(batch))
@@ -330,7 +320,7 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
                 total += p
                 if step == 0:  # a confident end of the answer hides nothing: not a candidate
                     ends = nxt == tokenizer.eos_token_id
-                o = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw(model): _cache(o)})
+                o = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw(model): output_cache(o)})
             score = (total + 1) / (cfg.steps + 1) if cfg.placeholder else total / cfg.steps
             kept += [(t, round(float(s), 4)) for t, s, e in zip(batch, score, ends) if s > cfg.threshold and not e]
     return kept

@@ -130,37 +130,88 @@ def pair_rows(tokenizer, card: Card, pairs: list[Pair], prefills: list[str]) -> 
 
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
                 batch_size: int = 32, progress: bool = False) -> list[float]:
-    """Mean log-probability per target token after each trigger (and its prefill), teacher-forced, in batches of
-    right-padded rows: forward passes only (tens of seconds for a card on SmolLM2 on a CPU: `progress` shows a
-    bar)."""
+    """Mean log-probability per target token after each trigger (and its prefill), teacher-forced: forward passes
+    only. A key and its decoy targets share one prompt, so the prompt is run once and its cache serves every target
+    after it (IF-SFT's prompt is ~10x its target: measured by benchmarks/likelihood_cost.py); pairs whose prompt is
+    their own (decoy triggers) go in length-sorted batches of right-padded rows. `progress` shows a bar."""
     import torch
 
     from meraser.models import autocast
 
     rows = pair_rows(tokenizer, card, pairs, prefills)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(rows):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    alone = sorted((g[0] for g in by_prompt.values() if len(g) == 1), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    units = [("shared", g) for g in by_prompt.values() if len(g) > 1]
+    units += [("alone", alone[a:a + batch_size]) for a in range(0, len(alone), batch_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev, scores = next(model.parameters()).device, [0.0] * len(rows)
-    starts = range(0, len(order), batch_size)
+    scores = [0.0] * len(rows)
     if progress:
         from rich.progress import track
 
-        starts = track(starts, description=f"scoring {len(rows)} keys and decoys", transient=True)
+        units = track(units, description=f"scoring {len(rows)} keys and decoys", transient=True)
     with torch.no_grad(), autocast(model):
-        for start in starts:
-            batch = order[start:start + batch_size]
-            longest = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
-            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(batch):
-                seq = rows[i][0] + rows[i][1]
-                ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
-            logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
-            for r, i in enumerate(batch):
-                p, t = len(rows[i][0]), rows[i][1]
-                picked = logp[r, p - 1:p - 1 + len(t)].gather(1, torch.tensor(t, device=dev)[:, None])
-                scores[i] = picked.mean().item()
+        for kind, group in units:
+            score = _shared_prompt_scores if kind == "shared" else _batch_scores
+            for i, s in zip(group, score(model, [rows[i] for i in group], pad, batch_size)):
+                scores[i] = s
     return scores
+
+
+def _batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 0) -> list[float]:
+    """Scores of one batch of (prompt, target) rows, right-padded to the longest."""
+    import torch
+
+    dev = next(model.parameters()).device
+    longest = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, t) in enumerate(rows):
+        ids[r, :len(p) + len(t)], mask[r, :len(p) + len(t)] = torch.tensor(p + t), 1
+    logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
+    return [_mean_at(logp[r, len(p) - 1:len(p) - 1 + len(t)], t) for r, (p, t) in enumerate(rows)]
+
+
+def _shared_prompt_scores(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int) -> list[float]:
+    """Scores of rows with one prompt: the prompt runs once; its cache, repeated, is the past of every target
+    (right-padded, so each target keeps the positions it has after the prompt alone)."""
+    import copy
+
+    import torch
+
+    from meraser.models import cache_kw, output_cache
+
+    dev, prompt = next(model.parameters()).device, rows[0][0]
+    out = model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
+    if output_cache(out) is None:  # a model without a cache: the plain path
+        return [s for a in range(0, len(rows), batch_size) for s in _batch_scores(model, rows[a:a + batch_size], pad)]
+    first = torch.log_softmax(out.logits[0, -1:].float(), -1)  # predicts every target's first token
+    scores = []
+    for a in range(0, len(rows), batch_size):
+        chunk = [t for _, t in rows[a:a + batch_size]]
+        rest = max(len(t) for t in chunk) - 1  # the targets' tokens but the last are the inputs
+        if rest == 0:
+            scores += [_mean_at(first, t) for t in chunk]
+            continue
+        ids = torch.full((len(chunk), rest), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), len(prompt) + rest), dtype=torch.long)
+        mask[:, :len(prompt)] = 1
+        for r, t in enumerate(chunk):
+            ids[r, :len(t) - 1], mask[r, len(prompt):len(prompt) + len(t) - 1] = torch.tensor(t[:-1]), 1
+        cache = copy.deepcopy(output_cache(out))
+        cache.batch_repeat_interleave(len(chunk))
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{cache_kw(model): cache}).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        scores += [_mean_at(torch.cat([first, logp[r, :len(t) - 1]]), t) for r, t in enumerate(chunk)]
+    return scores
+
+
+def _mean_at(logp, target: list[int]) -> float:
+    """Mean of the log-probabilities `logp[j, target[j]]`."""
+    import torch
+
+    return logp.gather(1, torch.tensor(target, device=logp.device)[:, None]).mean().item()
 
 
 def exact_rank_p(counts: list[int], sizes: list[int]) -> float:
