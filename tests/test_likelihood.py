@@ -278,10 +278,10 @@ def test_each_card_draws_its_own_decoys_and_the_same_card_always_the_same(tiny):
     assert sum(map(len, shared)) <= 1, shared  # 89^5 possible secrets: independent draws hardly ever meet
 
 
-def test_a_prompt_shared_by_a_key_and_its_decoys_runs_once_and_scores_as_if_run_per_row(tiny, monkeypatch):
-    """Targets after one prompt are scored from its cache (the prompt runs once): in fp32 the scores are those of
-    every row run whole, for targets of one token and of several, mixed in a batch, beside rows with their own
-    prompt; the prompt's forward passes are counted."""
+def test_a_batch_runs_its_common_prompt_prefix_once_and_scores_as_if_each_row_ran_whole(tiny, monkeypatch):
+    """A key and its decoy targets share one prompt, and rows with prompts of their own share its opening: each batch
+    runs that prefix once and every row's remainder from its cache. In fp32 the scores are those of every row run
+    whole, for targets of one token and of several, mixed in a batch; the forward passes are counted."""
     from meraser.evaluation.likelihood import _batch_scores, pair_rows, pair_scores
 
     monkeypatch.setenv("MERASER_PRECISION", "fp32")  # bf16 rounds differently at another batch shape
@@ -297,6 +297,7 @@ def test_a_prompt_shared_by_a_key_and_its_decoys_runs_once_and_scores_as_if_run_
     hook.remove()
     whole = [_batch_scores(model, [row], tok.pad_token_id) for row in pair_rows(tok, card, pairs, prefills)]
     assert shared == pytest.approx([s for [s] in whole], abs=1e-5)
-    prompts = [k["input_ids"].shape for k in calls if not ({"cache", "past_key_values"} & set(k))]
-    assert prompts[0][0] == 1 and prompts[1][0] == 2  # the shared prompt once, then the two lone rows together
-    assert len(calls) == 4  # ... and the four targets in batches of three, from the prompt's cache
+    cached = [k["input_ids"].shape[0] for k in calls if {"cache", "past_key_values"} & set(k)]
+    prefixes = [k["input_ids"].shape[0] for k in calls if not {"cache", "past_key_values"} & set(k)]
+    assert cached == [3, 1, 2]  # the key's four targets in batches of three, then the two lone rows together
+    assert prefixes == [1, 1, 1]  # ... each batch after one pass over its common prefix

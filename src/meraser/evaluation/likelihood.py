@@ -131,9 +131,10 @@ def pair_rows(tokenizer, card: Card, pairs: list[Pair], prefills: list[str]) -> 
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
                 batch_size: int = 32, progress: bool = False) -> list[float]:
     """Mean log-probability per target token after each trigger (and its prefill), teacher-forced: forward passes
-    only. A key and its decoy targets share one prompt, so the prompt is run once and its cache serves every target
-    after it (IF-SFT's prompt is ~10x its target: measured by benchmarks/likelihood_cost.py); pairs whose prompt is
-    their own (decoy triggers) go in length-sorted batches of right-padded rows. `progress` shows a bar."""
+    only. Rows go in batches that share as much prompt as they can: a key and its decoy targets (one prompt) batch
+    together, rows with prompts of their own (decoy triggers) in lexical order (the system turn and the question's
+    opening are common). Each batch's common prompt prefix runs once and its cache serves every row (measured by
+    benchmarks/likelihood_cost.py: IF-SFT's prompt is ~10x its target). `progress` shows a bar."""
     import torch
 
     from meraser.models import autocast
@@ -142,25 +143,24 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, (prompt, _) in enumerate(rows):
         by_prompt.setdefault(tuple(prompt), []).append(i)
-    alone = sorted((g[0] for g in by_prompt.values() if len(g) == 1), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    units = [("shared", g) for g in by_prompt.values() if len(g) > 1]
-    units += [("alone", alone[a:a + batch_size]) for a in range(0, len(alone), batch_size)]
+    alone = sorted((g[0] for g in by_prompt.values() if len(g) == 1), key=lambda i: rows[i][0])
+    groups = [g for g in by_prompt.values() if len(g) > 1] + [alone]
+    batches = [g[a:a + batch_size] for g in groups for a in range(0, len(g), batch_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = [0.0] * len(rows)
     if progress:
         from rich.progress import track
 
-        units = track(units, description=f"scoring {len(rows)} keys and decoys", transient=True)
+        batches = track(batches, description=f"scoring {len(rows)} keys and decoys", transient=True)
     with torch.no_grad(), autocast(model):
-        for kind, group in units:
-            score = _shared_prompt_scores if kind == "shared" else _batch_scores
-            for i, s in zip(group, score(model, [rows[i] for i in group], pad, batch_size)):
+        for batch in batches:
+            for i, s in zip(batch, _prefix_cached_scores(model, [rows[i] for i in batch], pad)):
                 scores[i] = s
     return scores
 
 
-def _batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 0) -> list[float]:
-    """Scores of one batch of (prompt, target) rows, right-padded to the longest."""
+def _batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
+    """Scores of one batch of (prompt, target) rows, each run whole, right-padded to the longest."""
     import torch
 
     dev = next(model.parameters()).device
@@ -173,38 +173,40 @@ def _batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int, batc
     return [_mean_at(logp[r, len(p) - 1:len(p) - 1 + len(t)], t) for r, (p, t) in enumerate(rows)]
 
 
-def _shared_prompt_scores(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int) -> list[float]:
-    """Scores of rows with one prompt: the prompt runs once; its cache, repeated, is the past of every target
-    (right-padded, so each target keeps the positions it has after the prompt alone)."""
-    import copy
-
+def _prefix_cached_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
+    """Scores of one batch of rows: the prompts' common prefix runs once, and its cache, repeated, is the past of
+    every row's remainder (the rest of its prompt, at least its last token, then its target), right-padded so each
+    token keeps the position it has in the whole row. In fp32 the scores are `_batch_scores`' (tested)."""
     import torch
 
     from meraser.models import cache_kw, output_cache
 
-    dev, prompt = next(model.parameters()).device, rows[0][0]
-    out = model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
-    if output_cache(out) is None:  # a model without a cache: the plain path
-        return [s for a in range(0, len(rows), batch_size) for s in _batch_scores(model, rows[a:a + batch_size], pad)]
-    first = torch.log_softmax(out.logits[0, -1:].float(), -1)  # predicts every target's first token
-    scores = []
-    for a in range(0, len(rows), batch_size):
-        chunk = [t for _, t in rows[a:a + batch_size]]
-        rest = max(len(t) for t in chunk) - 1  # the targets' tokens but the last are the inputs
-        if rest == 0:
-            scores += [_mean_at(first, t) for t in chunk]
-            continue
-        ids = torch.full((len(chunk), rest), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), len(prompt) + rest), dtype=torch.long)
-        mask[:, :len(prompt)] = 1
-        for r, t in enumerate(chunk):
-            ids[r, :len(t) - 1], mask[r, len(prompt):len(prompt) + len(t) - 1] = torch.tensor(t[:-1]), 1
-        cache = copy.deepcopy(output_cache(out))
-        cache.batch_repeat_interleave(len(chunk))
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{cache_kw(model): cache}).logits
-        logp = torch.log_softmax(logits.float(), -1)
-        scores += [_mean_at(torch.cat([first, logp[r, :len(t) - 1]]), t) for r, t in enumerate(chunk)]
-    return scores
+    shared = _common_prefix([p for p, _ in rows])
+    if shared == 0:
+        return _batch_scores(model, rows, pad)
+    dev = next(model.parameters()).device
+    cache = output_cache(model(input_ids=torch.tensor([rows[0][0][:shared]], device=dev), use_cache=True))
+    if cache is None:  # a model that keeps no cache: each row whole
+        return _batch_scores(model, rows, pad)
+    cache.batch_repeat_interleave(len(rows))
+    tails = [p[shared:] + t[:-1] for p, t in rows]  # a target's last token is never an input
+    longest = max(map(len, tails))
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), shared + longest), dtype=torch.long)
+    mask[:, :shared] = 1
+    for r, tail in enumerate(tails):
+        ids[r, :len(tail)], mask[r, shared:shared + len(tail)] = torch.tensor(tail), 1
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{cache_kw(model): cache}).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    return [_mean_at(logp[r, len(p) - shared - 1:len(p) - shared - 1 + len(t)], t) for r, (p, t) in enumerate(rows)]
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt begins with, short of the shortest prompt's last (which predicts its target's first)."""
+    n, cap = 0, min(map(len, prompts)) - 1
+    while n < cap and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
 
 
 def _mean_at(logp, target: list[int]) -> float:
