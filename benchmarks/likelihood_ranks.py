@@ -20,6 +20,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="use the first LIMIT cards (sorted by name)")
     args = ap.parse_args()
 
+    from rich.progress import track
+
     from meraser.evaluation.likelihood import LikelihoodConfig, keys_and_decoys, pair_scores
     from meraser.fingerprints.card import Card
     from meraser.models import load_model
@@ -28,7 +30,7 @@ def main() -> None:
     paths = sorted(args.cards)[:args.limit]
     ranks: dict[int, list[int]] = {}
     tokens: dict[str, list[int]] = {"real": [], "decoy": []}
-    for path in paths:
+    for path in track(paths, description="scoring each card's keys and decoys", transient=True):
         card = Card.load(path)
         for i, (real, decoys) in enumerate(keys_and_decoys(card, LikelihoodConfig())):
             pairs = [real, *decoys]

@@ -14,9 +14,9 @@ from tiny import POOL, TINY_ERASE
 from meraser.erase.datasets import build_mismatched
 from meraser.erase.meraser import erase, preset
 from meraser.evaluation.fsr import fsr
-from meraser.fingerprints.card import Card
 from meraser.evaluation.likelihood import (LikelihoodConfig, exact_rank_p, keys_and_decoys, likelihood_test,
                                            likelihood_verify)
+from meraser.fingerprints.card import Card
 from meraser.utils import MeraserError
 
 LEVEL = LikelihoodConfig(level=1e-4)  # three Chain & Hash keys with 87 decoys each: exact p down to 1.5e-6

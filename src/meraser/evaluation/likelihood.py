@@ -78,8 +78,7 @@ def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[
     A decoy never equals its real pair. Where a method lists every possible decoy (Chain & Hash, Perinucleus), a
     random subset of `decoys_per_key` of them is taken: the real key with a random subset of the others is still
     exchangeable. The draw is seeded by the test's seed and the card's checksum: with the test's seed alone every
-    card met the same decoys, so one unlucky decoy draw moved every card's p-value together (the per-key IF-SFT
-    calibration leaned small that way)."""
+    card met the same decoys, so one unlucky decoy draw moved every card's p-value together."""
     from meraser.fingerprints import REGISTRY
 
     rng, k = decoy_rng(card, cfg), decoys_per_key(card, cfg)
