@@ -99,6 +99,27 @@ def output_cache(output):
     return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
 
 
+def encode_prefix(model, ids: list[int]):
+    """The KV cache of `ids` run once through `model` (None where the model keeps none): the shared past that
+    `shared_past` hands to a batch of rows which all begin with these tokens."""
+    import torch
+
+    dev = next(model.parameters()).device
+    return output_cache(model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1))
+
+
+def shared_past(model, cache, rows: int, keep: bool = False) -> dict:
+    """Forward keyword arguments that make `cache` (one row) the past of `rows` rows. The cache is repeated in
+    place, since a forward pass extends the cache it is given anyway; `keep` repeats a copy instead, for a prefix
+    reused by several batches."""
+    import copy
+
+    if keep:
+        cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(rows)
+    return {cache_kw(model): cache}
+
+
 def _weights_dtype(dev: str):
     import torch
 

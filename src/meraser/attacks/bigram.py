@@ -87,19 +87,14 @@ def calibration_texts(model, tokenizer, words: list[int], cfg: BigramConfig) -> 
 
 def _next_logprobs(model, prefix: list[int], words: list[int]):
     """log p(v | prefix, w) for each w in `words` (rows), the prefix encoded once."""
-    import copy
-
     import torch
 
-    from meraser.models import autocast, cache_kw, output_cache
+    from meraser.models import autocast, encode_prefix, shared_past
 
     dev = next(model.parameters()).device
     with torch.no_grad(), autocast(model):
-        cache = copy.deepcopy(output_cache(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
-                                           logits_to_keep=1)))
-        cache.batch_repeat_interleave(len(words))
-        o = model(input_ids=torch.tensor(words, device=dev)[:, None], use_cache=True, logits_to_keep=1,
-                  **{cache_kw(model): cache})
+        past = shared_past(model, encode_prefix(model, prefix), len(words))
+        o = model(input_ids=torch.tensor(words, device=dev)[:, None], use_cache=True, logits_to_keep=1, **past)
     return torch.log_softmax(o.logits[:, -1].float(), -1)
 
 

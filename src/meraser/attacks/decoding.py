@@ -27,7 +27,7 @@ from pathlib import Path
 from meraser.attacks.base import Attack, AttackConfig
 from meraser.config import field
 from meraser.generation import Decoding
-from meraser.models import cache_kw, output_cache
+from meraser.models import cache_kw, encode_prefix, output_cache, shared_past
 from meraser.utils import MeraserError
 
 EXTRACTED = "extracted.jsonl"  # Token Forcing's sequences, written beside the attack record
@@ -290,8 +290,6 @@ class BlockSequences(Decoding):
 
 def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = False) -> list[tuple[int, float]]:
     """[(token, score)] of every token whose `steps` greedy successors after [BOS, token] pass the threshold."""
-    import copy
-
     import torch
 
     from meraser.models import autocast
@@ -307,12 +305,10 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
         batches = track(batches, description="token forcing: scanning the vocabulary", transient=True)
     kept = []
     with torch.no_grad(), autocast(model):
-        prefix = output_cache(model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1))
+        prefix = encode_prefix(model, head)  # the context is encoded once and shared by every scanned token
         for batch in batches:
-            cache = copy.deepcopy(prefix)  # the context is encoded once and shared by every scanned token
-            cache.batch_repeat_interleave(len(batch))
             o = model(input_ids=torch.tensor(batch, device=dev)[:, None], use_cache=True, logits_to_keep=1,
-                      **{cache_kw(model): cache})
+                      **shared_past(model, prefix, len(batch), keep=True))
             total = torch.zeros(len(batch), device=dev)
             ends = torch.zeros(len(batch), dtype=torch.bool, device=dev)
             for step in range(cfg.steps):

@@ -178,16 +178,15 @@ def _prefix_cached_scores(model, rows: list[tuple[list[int], list[int]]], pad: i
     token keeps the position it has in the whole row. In fp32 the scores are `_batch_scores`' (tested)."""
     import torch
 
-    from meraser.models import cache_kw, output_cache
+    from meraser.models import encode_prefix, shared_past
 
     shared = _common_prefix([p for p, _ in rows])
     if shared == 0:
         return _batch_scores(model, rows, pad)
     dev = next(model.parameters()).device
-    cache = output_cache(model(input_ids=torch.tensor([rows[0][0][:shared]], device=dev), use_cache=True))
+    cache = encode_prefix(model, rows[0][0][:shared])
     if cache is None:  # a model that keeps no cache: each row whole
         return _batch_scores(model, rows, pad)
-    cache.batch_repeat_interleave(len(rows))
     tails = [p[shared:] + t[:-1] for p, t in rows]  # a target's last token is never an input
     longest = max(map(len, tails))
     ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -195,7 +194,7 @@ def _prefix_cached_scores(model, rows: list[tuple[list[int], list[int]]], pad: i
     mask[:, :shared] = 1
     for r, tail in enumerate(tails):
         ids[r, :len(tail)], mask[r, shared:shared + len(tail)] = torch.tensor(tail), 1
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{cache_kw(model): cache}).logits
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **shared_past(model, cache, len(rows))).logits
     logp = torch.log_softmax(logits.float(), -1)
     return [_mean_at(logp[r, len(p) - shared - 1:len(p) - shared - 1 + len(t)], t) for r, (p, t) in enumerate(rows)]
 
