@@ -54,9 +54,6 @@ class EvalConfig(Config):
                 task_file(Path(t))
 
 
-NOT_APPLICABLE = "not applicable under a decoding attack"
-
-
 def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool = False, decoding=None,
                    strict_base: dict | None = None) -> dict:
     """Evaluate an in-memory model; keys: fsr/false_positive_rate and strict (with a card; strict is compared with
@@ -79,6 +76,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, card=None, progress: bool 
 
         out.update(measured(model, tokenizer, card, progress, decoding))  # every other registered verification
     if decoding is not None and decoding.name != "greedy":
+        from meraser.evaluation.verifications import NOT_APPLICABLE
+
         out["decoding"] = decoding.name
         out.update({k: NOT_APPLICABLE for k, on in (("ppl", cfg.ppl), ("tasks", cfg.tasks)) if on})
     elif cfg.ppl:

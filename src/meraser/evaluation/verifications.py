@@ -21,6 +21,9 @@ from meraser.evaluation.likelihood import LikelihoodConfig
 from meraser.utils import MeraserError
 
 
+NOT_APPLICABLE = "not applicable under a decoding attack"  # a weights' measure in a decoding attack's row
+
+
 class Verification:
     name: ClassVar[str]
     title: ClassVar[str]  # a column or row label
@@ -144,8 +147,6 @@ def measured(model, tokenizer, card, progress: bool = False, decoding=None,
              only: list[Verification] | None = None) -> dict:
     """{key: result} of every registered verification that measures anything of its own (or of `only`). Under a
     decoding attack they score the weights, which the attack leaves alone, so they do not apply."""
-    from meraser.evaluation.evaluate import NOT_APPLICABLE
-
     todo = only if only is not None else [v for v in REGISTRY.values() if v.measures]
     return {v.key: v.measure(model, tokenizer, card, progress) if decoding is None else NOT_APPLICABLE for v in todo}
 
