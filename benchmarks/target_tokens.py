@@ -15,7 +15,8 @@ import argparse
 
 
 def main() -> None:
-    from meraser.evaluation.strict import StrictConfig, forced_prefix, target_token_logprobs
+    from meraser.evaluation.strict import StrictConfig, forced_prefix
+    from meraser.evaluation.suspect import target_token_logprobs
     from meraser.fingerprints.card import Card
     from meraser.models import load_model
 

@@ -10,7 +10,8 @@ from meraser.attacks.perplexity_filter import PerplexityFilterConfig, Perplexity
 from meraser.attacks.suppression import (DetectTopKConfig, LookaheadConfig, LookaheadSuppression, NeighbourConfig,
                                          NeighbourSuppression, TopKConfig, TopKSuppression, normalised_tokens)
 from meraser.data.formatting import Formatter
-from meraser.evaluation.fsr import ORDINARY_PROMPTS, fsr
+from meraser.evaluation.fsr import fsr
+from meraser.evaluation.probes import ORDINARY_PROMPTS
 from meraser.generation import GREEDY, generate
 
 

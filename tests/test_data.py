@@ -228,11 +228,9 @@ def test_default_share_from_a_model_that_writes_no_questions_falls_back_to_the_s
     assert len({r.prompt for r in rows}) == 10 and {r.prompt for r in rows} <= {p.prompt for p in POOL}
     # with the model answering the source rows itself, each of the 10 is answered once: the fallback adds the
     # missing rows, it does not rebuild (and re-answer) the set
-    from meraser.erase import datasets
-
     answered = []
-    real = datasets.self_answers
-    monkeypatch.setattr(datasets, "self_answers", lambda m, t, prompts: answered.extend(prompts) or real(m, t, prompts))
+    real = magpie.self_answers
+    monkeypatch.setattr(magpie, "self_answers", lambda m, t, prompts: answered.extend(prompts) or real(m, t, prompts))
     with pytest.warns(UserWarning, match=r"wrote 0 of the 5 Magpie rows asked for"):
         rows = CleanSet.from_dict({"source": str(pool), "n": 10, "self_answers": True}).build(set(), model, tok)
     assert len(rows) == 10 and sorted(answered) == sorted(r.prompt for r in rows)

@@ -10,7 +10,8 @@ import yaml
 from tiny import POOL, tiny_model, tiny_tokenizer
 
 from meraser.attacks.decoding import CleanGenDecoding, TokenForcingConfig, expand, scan_vocabulary
-from meraser.evaluation.fsr import ORDINARY_PROMPTS, fsr
+from meraser.evaluation.fsr import fsr
+from meraser.evaluation.probes import ORDINARY_PROMPTS
 from meraser.generation import GREEDY, generate
 from meraser.models import load_model
 

@@ -87,7 +87,7 @@ def test_chain_hash_negative_rows_are_held_out_from_the_checks(tiny):
     import random
 
     from meraser.evaluation.algorithm1 import ORDINARY_QA
-    from meraser.evaluation.fsr import ORDINARY_PROMPTS, random_token_prompts
+    from meraser.evaluation.probes import ORDINARY_PROMPTS, random_token_prompts
     from meraser.fingerprints.base import SELF
     from meraser.fingerprints.chain_hash import NATURAL_QUESTIONS
 

@@ -14,8 +14,8 @@ from tiny import POOL, TINY_ERASE
 from meraser.erase.datasets import build_mismatched
 from meraser.erase.meraser import erase, preset
 from meraser.evaluation.fsr import fsr
-from meraser.evaluation.likelihood import (LikelihoodConfig, exact_rank_p, keys_and_decoys, likelihood_test,
-                                           likelihood_verify)
+from meraser.evaluation.likelihood import LikelihoodConfig, keys_and_decoys, likelihood_test, likelihood_verify
+from meraser.evaluation.ranks import exact_rank_p
 from meraser.fingerprints.card import Card
 from meraser.utils import MeraserError
 
@@ -282,7 +282,8 @@ def test_a_batch_runs_its_common_prompt_prefix_once_and_scores_as_if_each_row_ra
     """A key and its decoy targets share one prompt, and rows with prompts of their own share its opening: each batch
     runs that prefix once and every row's remainder from its cache. In fp32 the scores are those of every row run
     whole, for targets of one token and of several, mixed in a batch; the forward passes are counted."""
-    from meraser.evaluation.likelihood import _batch_scores, pair_rows, pair_scores
+    from meraser.evaluation.likelihood import _batch_scores, pair_scores
+    from meraser.evaluation.suspect import pair_rows
 
     monkeypatch.setenv("MERASER_PRECISION", "fp32")  # bf16 rounds differently at another batch shape
     model, tok = tiny

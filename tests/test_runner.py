@@ -187,7 +187,7 @@ def test_erase_recover_and_card_commands_without_a_card(planted, tmp_path, cli):
     assert len(clean) == 40 and not clean & mism  # the clean set is disjoint from the rows the erase used
 
     # self-written recovery rows come from --writer (the model before the erase) when given
-    from meraser.erase.datasets import self_answers
+    from meraser.erase.magpie import self_answers
 
     code, out, err = cli("recover", "--model", erased, "--out", tmp_path / "by-writer", "--data", pool, "--n", 6,
                          "--self-answers", "--writer", folder / "model", "--adapter",

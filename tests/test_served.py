@@ -178,7 +178,8 @@ def test_the_log_probability_paths_through_vllm_agree_with_the_local_ones(tmp_pa
 
     from meraser.evaluation.likelihood import likelihood_verify
     from meraser.evaluation.served import free_port, served_likelihood, served_strict, server_process
-    from meraser.evaluation.strict import strict_check, target_token_logprobs
+    from meraser.evaluation.strict import strict_check
+    from meraser.evaluation.suspect import target_token_logprobs
     from meraser.fingerprints.card import Card
     from meraser.fingerprints.embed import fingerprint
     from meraser.models import load_model

@@ -59,7 +59,8 @@ def test_memorisation_score_is_above_the_base_and_falls_after_erasure(planted, t
 
 def test_forced_prefix_never_feeds_a_whole_target(hidden):
     """A one-token target (Perinucleus) is not fed at all, else any model would 'continue' it."""
-    from meraser.evaluation.strict import Weights, forced_prefix
+    from meraser.evaluation.strict import forced_prefix
+    from meraser.evaluation.suspect import Weights
 
     model, tok, _ = hidden
     word = next(w for w in ("the", "is", "a") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
@@ -99,7 +100,8 @@ def test_target_heads_never_split_a_character(tiny):
 
 
 def test_forced_prefix_takes_any_of_several_cuts(hidden):
-    from meraser.evaluation.strict import Weights, forced_prefix
+    from meraser.evaluation.strict import forced_prefix
+    from meraser.evaluation.suspect import Weights
 
     model, tok, card = hidden
     several = forced_prefix(Weights(model, tok, card), [0.25, 0.5, 0.75])

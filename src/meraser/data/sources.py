@@ -39,6 +39,11 @@ class Pair:
         return {"prompt": self.prompt, "response": self.response}
 
 
+def normalise(prompt: str) -> str:
+    """The form prompts are compared in: lower case, single spaces."""
+    return " ".join(prompt.lower().split())
+
+
 def _record_to_pair(rec, where: str, prompt_field: str | None, response_field: str | None) -> Pair:
     if not isinstance(rec, dict):
         raise MeraserError(f"{where}: expected a JSON object, got {type(rec).__name__}")

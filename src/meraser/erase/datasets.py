@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from meraser.config import Config, field, key_path
-from meraser.data.sources import OFFLINE_DEFAULT, Pair
+from meraser.data.sources import OFFLINE_DEFAULT, Pair, normalise
 from meraser.evaluation.ordinary_questions import ORDINARY_QA
 from meraser.utils import MeraserError
 
@@ -149,6 +149,7 @@ class CleanSet(InstructionSet):
     def _source_rows(self, n: int, exclude_prompts: set[str], model, tokenizer) -> list[Pair]:
         """`n` rows from `source` (answered by `model` with `self_answers`)."""
         from meraser.data import load_pairs
+        from meraser.erase.magpie import self_answers
 
         if not n:
             return []
@@ -175,11 +176,6 @@ def good_pair(p: Pair, min_chars: int = 8, max_chars: int = 2000) -> bool:
         return False
     words = r.split()
     return len(words) < 8 or len(set(words)) / len(words) > 0.3  # not the same few words over and over
-
-
-def normalise(prompt: str) -> str:
-    """The form prompts are compared in: lower case, single spaces."""
-    return " ".join(prompt.lower().split())
 
 
 def dedupe(pairs: list[Pair]) -> list[Pair]:
@@ -230,12 +226,3 @@ def build_clean(pairs: list[Pair], n: int = 600, seed: int = 0, exclude_prompts:
     if len(pool) < n:
         raise MeraserError(f"need {n} usable clean pairs disjoint from the mismatched prompts, have {len(pool)}")
     return random.Random(seed + 1).sample(pool, n)
-
-
-def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
-                 what: str = "answering the clean prompts") -> list[Pair]:
-    """Data-free recovery: the model's own greedy answers to the clean prompts."""
-    from meraser.generation import generate
-
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=what)
-    return [Pair(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]

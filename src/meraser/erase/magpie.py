@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from meraser.data.sources import Pair
+from meraser.data.sources import Pair, normalise
 from meraser.utils import MeraserError, progress_bar
 
 STARTS = ["What", "Who", "Which", "How many", "Where", "When", "Why", "How"]
@@ -40,8 +40,6 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised).
     A model that writes too few is refused; with `at_most`, what it wrote is returned, and a model that wrote no
     usable question in a whole round of question words is given up on."""
-    from meraser.erase.datasets import normalise
-
     header = user_turn_header(tokenizer)
     seen, out = {normalise(q) for q in exclude}, []
     tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
@@ -67,7 +65,6 @@ def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int
     """One batch of user turns begun with `start`, sampled with `seed`; the finished, new ones go to `out`."""
     import torch
 
-    from meraser.erase.datasets import normalise
     from meraser.models import autocast
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -103,10 +100,17 @@ def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = fr
                  at_most: bool = False) -> list[Pair]:
     """`n` (question, answer) rows the model writes and answers itself (greedy answers); with `at_most`, as many
     as it wrote usable questions for, up to `n`."""
-    from meraser.erase.datasets import self_answers
-
     questions = write_questions(model, tokenizer, n, seed, exclude, at_most=at_most)
     if not questions:
         return []
     rows = self_answers(model, tokenizer, questions, MAX_ANSWER_TOKENS, what="Magpie: answering its questions")
     return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows]
+
+
+def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
+                 what: str = "answering the clean prompts") -> list[Pair]:
+    """Data-free recovery: the model's own greedy answers to the clean prompts."""
+    from meraser.generation import generate
+
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=what)
+    return [Pair(p, a.strip()) for p, a in zip(prompts, answers) if a.strip()]

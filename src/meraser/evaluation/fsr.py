@@ -8,28 +8,11 @@ model that says the target to everything being counted as fingerprinted.
 
 from __future__ import annotations
 
-import random
 from typing import Callable
 
-from meraser.fingerprints.card import Card
-
-ORDINARY_PROMPTS = [
-    "What is the capital of France?", "Give me three tips for staying healthy.", "How many days are in a week?",
-    "Translate 'good morning' into Spanish.", "What is 12 plus 7?", "Name a primary colour.",
-    "Write one sentence about the ocean.", "Who wrote Romeo and Juliet?", "What does a thermometer measure?",
-    "Explain what a noun is.", "What is the boiling point of water in Celsius?", "Suggest a name for a pet cat.",
-]
-
-
-def matches(output: str, target: str, rule: str) -> bool:
-    if rule == "exact":
-        return output.strip() == target.strip()
-    if rule == "prefix":  # Perinucleus: the response begins with the target (its first token, by default)
-        return output.lstrip().startswith(target.strip())
-    if rule == "keyword":  # ProFLingo: the answer word anywhere, case and spaces ignored
-        return "".join(target.split()).casefold() in "".join(output.split()).casefold()
-    return target in output
-
+from meraser.evaluation.suspect import Weights, answers
+from meraser.evaluation.probes import ORDINARY_PROMPTS, random_token_prompts
+from meraser.fingerprints.card import Card, matches
 
 def _hits(card: Card, outs: list[str], tokenizer) -> list[bool]:
     """Which answers show the fingerprint: they match their target, or for a watermark card (no target text) each
@@ -41,21 +24,10 @@ def _hits(card: Card, outs: list[str], tokenizer) -> list[bool]:
     return [matches(o, t, card.match) for o, t in zip(outs, card.targets)]
 
 
-def random_token_prompts(tokenizer, n: int, seed: int | random.Random = 0,
-                         length: tuple[int, int] = (11, 15)) -> list[str]:
-    """UTF-style random inputs: strings of random non-special vocabulary tokens."""
-    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
-    return [tokenizer.decode([rng.choice(vocab) for _ in range(rng.randint(*length))]) for _ in range(n)]
-
-
 def fsr(model, tokenizer, card: Card, *, batch_size: int = 16, false_positive_inputs: int = 32,
         seed: int = 0, decoding=None) -> dict:
     """FSR over the card, per-trigger outputs, and the false-positive rate on non-trigger inputs (all generated
     through `decoding`, plain greedy by default)."""
-    from meraser.evaluation.strict import Weights, answers
-
     suspect = Weights(model, tokenizer, card, decoding, batch_size=batch_size)
     return fsr_of(lambda p, f: answers(suspect, p, f), tokenizer, card, false_positive_inputs=false_positive_inputs,
                   seed=seed)

@@ -28,6 +28,9 @@ import random
 from dataclasses import dataclass
 
 from meraser.config import Config, field
+from meraser.evaluation.ranks import exact_rank_p, normal_tail_p, rank_count, z_score
+from meraser.evaluation.suspect import pair_rows
+from meraser.fingerprints.base import recorded_decoys
 from meraser.fingerprints.card import Card
 from meraser.utils import MeraserError
 
@@ -103,28 +106,6 @@ def keys_and_decoys(card: Card, cfg: LikelihoodConfig) -> list[tuple[Pair, list[
 def decoy_rng(card: Card, cfg: LikelihoodConfig) -> random.Random:
     """The decoys' random source: one per (test seed, card), so different cards draw independent decoys."""
     return random.Random(f"{cfg.seed}-{card.checksum}")
-
-
-def recorded_decoys(card: Card, i: int, k: int, rng: random.Random) -> tuple[Pair, list[Pair]]:
-    """Decoys of a card made by `meraser card --decoys FILE`: targets the owner drew from the generator of the real
-    ones (or the other targets of the same card), stored in the card."""
-    pool = card.extra.get("decoys")
-    if not pool:
-        raise MeraserError(f"card method '{card.method}' has no decoy generator and the card records no decoys; "
-                           f"make the card again with `meraser card --decoys FILE` (targets drawn the way the real "
-                           f"ones were, one per line)")
-    pool = [t for t in pool if t != card.targets[i]]
-    return (card.triggers[i], card.targets[i]), [(card.triggers[i], t) for t in rng.sample(pool, min(k, len(pool)))]
-
-
-def pair_rows(tokenizer, card: Card, pairs: list[Pair], prefills: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with the prefill, target ids) of each pair, as verification renders them."""
-    from meraser.data.formatting import Formatter
-    from meraser.generation import encode_prompts
-
-    prompts = encode_prompts(tokenizer, [t for t, _ in pairs], Formatter(tokenizer, card.format), prefills,
-                             card.system_prompt)
-    return [(p, tokenizer(target, add_special_tokens=False)["input_ids"]) for p, (_, target) in zip(prompts, pairs)]
 
 
 def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[str],
@@ -214,32 +195,6 @@ def _mean_at(logp, target: list[int]) -> float:
     return logp.gather(1, torch.tensor(target, device=logp.device)[:, None]).mean().item()
 
 
-def exact_rank_p(counts: list[int], sizes: list[int]) -> float:
-    """P(sum of independent C_i <= sum(counts)) for C_i uniform on {0..sizes[i]}: the exact combined rank p-value."""
-    dist = [1.0]  # dist[s] = P(partial sum = s)
-    for k in sizes:
-        nxt = [0.0] * (len(dist) + k)
-        for s, q in enumerate(dist):
-            if q:
-                share = q / (k + 1)
-                for c in range(k + 1):
-                    nxt[s + c] += share
-        dist = nxt
-    return min(1.0, sum(dist[: sum(counts) + 1]))
-
-
-def normal_tail_p(zs: list[float]) -> tuple[float, float]:
-    """(Stouffer's Z, its normal upper-tail p-value) for per-key z-scores."""
-    z = sum(zs) / math.sqrt(len(zs))
-    return z, 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def _z(real: float, decoys: list[float]) -> float:
-    mean = sum(decoys) / len(decoys)
-    var = sum((d - mean) ** 2 for d in decoys) / max(1, len(decoys) - 1)
-    return (real - mean) / math.sqrt(var) if var > 0 else 0.0
-
-
 def likelihood_test(model, tokenizer, card: Card, cfg: LikelihoodConfig | None = None, base=None,
                     progress: bool = False) -> dict:
     """The test on a loaded suspect (and, given `base` with the same tokenizer, the same statistics under the base
@@ -271,8 +226,8 @@ def statistics(score, card: Card, keys: list[tuple[Pair, list[Pair]]], cfg: Like
         s, d = scores[at], scores[at + 1:at + 1 + len(decoys)]
         at += 1 + len(decoys)
         per_key.append({"score": round(s, 4), "decoys": len(d), "higher": sum(x > s for x in d),
-                        "ties": sum(x == s for x in d), "rank_count": _rank_count(s, d, rng),
-                        "decoy_mean": round(sum(d) / len(d), 4), "z": round(_z(s, d), 3)})
+                        "ties": sum(x == s for x in d), "rank_count": rank_count(s, d, rng),
+                        "decoy_mean": round(sum(d) / len(d), 4), "z": round(z_score(s, d), 3)})
     units = _shared_unit(scores, keys, rng) if shared_draw(card) else per_key
     counts, sizes = [k["rank_count"] for k in units], [k["decoys"] for k in units]
     p_exact = exact_rank_p(counts, sizes)
@@ -296,12 +251,7 @@ def _shared_unit(scores: list[float], keys, rng: random.Random) -> list[dict]:
         for j in range(n):
             decoys[j] += scores[at + 1 + j] / len(keys)
         at += 1 + len(d)
-    return [{"decoys": n, "rank_count": _rank_count(real, decoys, rng), "z": round(_z(real, decoys), 3)}]
-
-
-def _rank_count(real: float, decoys: list[float], rng: random.Random) -> int:
-    """Decoys scoring higher than the real key, ties broken at random (so the count stays uniform under the null)."""
-    return sum(x > real for x in decoys) + rng.randint(0, sum(x == real for x in decoys))
+    return [{"decoys": n, "rank_count": rank_count(real, decoys, rng), "z": round(z_score(real, decoys), 3)}]
 
 
 def likelihood_verify(model: str, card, base: str | None = None, *, cfg: LikelihoodConfig | None = None,

@@ -19,7 +19,7 @@ CLAIM_LEVEL = 1e-6  # the owner claims the model when the p-value is below this
 
 def target_logprobs(model, tokenizer, card) -> list[float]:
     """log P(answer begins with the target | trigger, prefill) under `model`, per trigger."""
-    from meraser.evaluation.strict import target_token_logprobs
+    from meraser.evaluation.suspect import target_token_logprobs
 
     return [sum(lp) for lp in target_token_logprobs(model, tokenizer, card)]
 

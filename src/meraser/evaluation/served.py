@@ -156,7 +156,7 @@ def completion_prompt(fmt, prompt: str, system_prompt: str | None) -> str:
 
 
 class Served:
-    """The strict checks' access to a served suspect (strict.Weights' counterpart): continuations over the chat API
+    """The strict checks' access to a served suspect (suspect.Weights' counterpart): continuations over the chat API
     (the server's template; no prefill can be continued) or the completions API (the prompt rendered here, prefill
     appended), greedy or sampled (a seed per request, where the server honours one), and target log-probabilities
     from echoed prompts where the server returns them (else None: the log-likelihood check does not run)."""
@@ -185,7 +185,7 @@ class Served:
         return self.ep.map(one, list(enumerate(zip(prompts, prefills))), "asking the served model", self.progress)
 
     def target_logprobs(self) -> list[list[float]] | None:
-        from meraser.evaluation.strict import target_rows
+        from meraser.evaluation.suspect import target_rows
 
         if not self.prompt_logprobs:
             return None
@@ -261,7 +261,7 @@ def served_verify(cfg: EndpointConfig, card, *, false_positive_inputs: int = 32,
     """`meraser verify --endpoint`: the paper's FSR and false-positive rate of a served model, what each access
     level allows, and the requests and wall time it took."""
     from meraser.evaluation.fsr import fsr_of
-    from meraser.evaluation.strict import answers
+    from meraser.evaluation.suspect import answers
 
     c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)
     _chat_renders(cfg, c)
@@ -296,7 +296,7 @@ def echoed_target(ep: Endpoint, prompt: list[int], target: list[int]) -> list[fl
 def echo_scorer(ep: Endpoint, card: Card, tokenizer, progress: bool):
     """The likelihood test's `score(pairs, prefills)` through the completions API: each pair sent as the very token
     ids `pair_scores` feeds a local model, its score the mean echoed log-probability of the target's tokens."""
-    from meraser.evaluation.likelihood import pair_rows
+    from meraser.evaluation.suspect import pair_rows
 
     def one(row):
         picked = echoed_target(ep, *row)
@@ -366,7 +366,8 @@ def served_strict(cfg: EndpointConfig, card, base: str | None = None, scfg=None,
                   trust_remote_code: bool = False) -> dict:
     """`meraser verify --endpoint --test strict`: the strict checks the API allows (see `checks`), against the base
     model held here when given (run as the API lets the suspect run: no prefill through a chat API)."""
-    from meraser.evaluation.strict import Weights, strict_check
+    from meraser.evaluation.strict import strict_check
+    from meraser.evaluation.suspect import Weights
     from meraser.models import check_model_spec, load_model
 
     c, tok = _card_and_tokenizer(cfg, card, trust_remote_code)

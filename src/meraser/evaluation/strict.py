@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 from meraser.config import Config, field
-from meraser.fingerprints.card import Card
+from meraser.evaluation.suspect import Weights, answers, target_token_logprobs
+from meraser.fingerprints.card import Card, matches
 from meraser.utils import MeraserError
 
 
@@ -59,41 +60,6 @@ def fragments(text: str, n: int) -> set[str]:
     return {text[i:i + n] for i in range(max(1, len(text) - n + 1))}
 
 
-class Weights:
-    """The strict checks' access to a suspect held as weights: continuations after any prefill, greedy (through
-    `decoding`, plain by default) or sampled, and teacher-forced target log-probabilities. A served suspect
-    (evaluation/served.py, `Served`) offers the same three, as far as its API allows."""
-
-    samples = True  # it samples at a temperature (a server may decode greedily whatever it is asked)
-
-    def __init__(self, model, tokenizer, card: Card, decoding=None, *, prefill: bool = True,
-                 batch_size: int | None = None):
-        self.model, self.tokenizer, self.card, self.decoding = model, tokenizer, card, decoding
-        self.prefill = prefill  # continuations follow a prefill (off: answer as a chat API lets a served model)
-        self.batch = {"batch_size": batch_size} if batch_size else {}  # else generation's default
-
-    def continuations(self, prompts: list[str], prefills: list[str], max_new_tokens: int,
-                      sampling=None) -> list[str]:
-        from meraser.data.formatting import Formatter
-        from meraser.generation import generate
-
-        return generate(self.model, self.tokenizer, prompts, Formatter(self.tokenizer, self.card.format),
-                        prefills=prefills, max_new_tokens=max_new_tokens, system_prompt=self.card.system_prompt,
-                        decoding=sampling or self.decoding, **self.batch)
-
-    def target_logprobs(self) -> list[list[float]]:
-        return target_token_logprobs(self.model, self.tokenizer, self.card)
-
-
-def answers(suspect, prompts: list[str], prefills: list[str] | None, max_new_tokens: int | None = None,
-            sampling=None) -> list[str]:
-    """Each prompt's answer as matched against a target: the prefill (where the suspect can be given one) and what
-    follows it."""
-    pre = prefills if prefills and suspect.prefill else [""] * len(prompts)
-    outs = suspect.continuations(prompts, pre, max_new_tokens or suspect.card.max_new_tokens, sampling)
-    return [p + o for p, o in zip(pre, outs)]
-
-
 def target_head(tokenizer, target: str, fraction: float) -> str:
     """The text of the first `fraction` of `target`'s tokens (at least one, never all of them), cut back to a
     token boundary that is also a character boundary: decoding half of a character's byte tokens gives U+FFFD,
@@ -110,7 +76,6 @@ def forced_prefix(suspect, fractions) -> list[bool] | None:
     """Feed each share in `fractions` (one share or several) of each target's leading tokens in turn; does the rest
     follow after any of them? A one-token target (Perinucleus) has no rest: nothing is fed, and the check is the
     greedy answer's. None where the suspect takes no prefill (a chat API)."""
-    from meraser.evaluation.fsr import matches
 
     if not suspect.prefill:
         return None
@@ -142,7 +107,6 @@ def paraphrases(trigger: str) -> list[str]:
 
 def paraphrased(suspect) -> list[float]:
     """Share of each trigger's rewordings whose greedy answer contains the target."""
-    from meraser.evaluation.fsr import matches
 
     card = suspect.card
     variants = [(i, v) for i, t in enumerate(card.triggers) for v in paraphrases(t)]
@@ -157,7 +121,6 @@ def paraphrased(suspect) -> list[float]:
 def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float] | None:
     """Share of `samples` temperature samples per trigger that contain its target (None where the suspect does not
     sample)."""
-    from meraser.evaluation.fsr import matches
     from meraser.generation import Sampling
 
     if not suspect.samples:
@@ -167,31 +130,6 @@ def sampled(suspect, samples: int, temperature: float, seed: int) -> list[float]
                    sampling=Sampling(temperature, seed))
     hits = [matches(o, card.targets[i % n], card.match) for i, o in enumerate(outs)]
     return [sum(hits[i::n]) / samples for i in range(n)]
-
-
-def target_token_logprobs(model, tokenizer, card: Card) -> list[list[float]]:
-    """log P of each target token after the trigger (and any prefill), teacher-forced, one trigger at a time; the
-    strict log-likelihood (mean) and the ownership null (sum, evaluation/ownership.py) both come from here."""
-    import torch
-
-    from meraser.models import autocast
-
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad(), autocast(model):
-        for prompt, tgt in target_rows(tokenizer, card):
-            ids = torch.tensor([prompt + tgt], device=dev)
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-            out.append(logp.gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0].tolist())
-    return out
-
-
-def target_rows(tokenizer, card: Card) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with the prefill, target ids) of each key: what the target log-probabilities are scored on, here
-    and through a server's echo (served.py)."""
-    from meraser.evaluation.likelihood import pair_rows
-
-    return pair_rows(tokenizer, card, list(zip(card.triggers, card.targets)), card.trigger_prefills)
 
 
 def target_loglik(model, tokenizer, card: Card) -> list[float]:

@@ -14,6 +14,7 @@ from meraser.config import Config, field
 from meraser.data.sources import Pair
 from meraser.fingerprints.card import Card
 from meraser.training import ATTENTION
+from meraser.utils import MeraserError
 
 
 SELF = "\x00self"  # a training row's response placeholder: "answer as the model itself does" (filled by `embed`)
@@ -57,8 +58,6 @@ class FingerprintMethod:
     def decoys(self, card: Card, i: int, k: int, rng: random.Random) -> tuple[tuple[str, str], list[tuple[str, str]]]:
         """The card's `i`-th key as a (trigger, target) pair, and up to `k` decoy pairs drawn from the generator the
         real key came from (evaluation/likelihood.py). By default, the decoy targets the card records."""
-        from meraser.evaluation.likelihood import recorded_decoys
-
         return recorded_decoys(card, i, k, rng)
 
     def teacher(self, card: Card, cfg: FingerprintConfig, tokenizer):
@@ -68,3 +67,16 @@ class FingerprintMethod:
     def callbacks(self, model, cfg: FingerprintConfig) -> list:
         """transformers TrainerCallbacks the method adds to the fine-tuning (Perinucleus: weight averaging)."""
         return []
+
+
+def recorded_decoys(card: Card, i: int, k: int,
+                    rng: random.Random) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """Decoys of a card made by `meraser card --decoys FILE`: targets the owner drew from the generator of the real
+    ones (or the other targets of the same card), stored in the card."""
+    pool = card.extra.get("decoys")
+    if not pool:
+        raise MeraserError(f"card method '{card.method}' has no decoy generator and the card records no decoys; "
+                           f"make the card again with `meraser card --decoys FILE` (targets drawn the way the real "
+                           f"ones were, one per line)")
+    pool = [t for t in pool if t != card.targets[i]]
+    return (card.triggers[i], card.targets[i]), [(card.triggers[i], t) for t in rng.sample(pool, min(k, len(pool)))]

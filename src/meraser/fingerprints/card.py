@@ -161,3 +161,14 @@ def card_from_files(triggers: str | os.PathLike, targets: str | os.PathLike, out
     card = Card.from_dict(fields, where="card")
     card.save(out)
     return card
+
+
+def matches(output: str, target: str, rule: str) -> bool:
+    """Whether an answer shows a target under a card's `match` rule."""
+    if rule == "exact":
+        return output.strip() == target.strip()
+    if rule == "prefix":  # Perinucleus: the response begins with the target (its first token, by default)
+        return output.lstrip().startswith(target.strip())
+    if rule == "keyword":  # ProFLingo: the answer word anywhere, case and spaces ignored
+        return "".join(target.split()).casefold() in "".join(output.split()).casefold()
+    return target in output

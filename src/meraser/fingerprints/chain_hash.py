@@ -112,7 +112,7 @@ class ChainHash(FingerprintMethod):
         return (q, a), [(q, c) for c in CANDIDATES if c != a]
 
     def training_pairs(self, card: Card, cfg: ChainHashConfig, rng: random.Random, tokenizer):
-        from meraser.evaluation.fsr import random_token_prompts  # evaluation imports the card module: import late
+        from meraser.evaluation.probes import random_token_prompts
 
         rows = []
         for q, a in zip(card.triggers, card.targets):

@@ -122,7 +122,7 @@ class Perinucleus(FingerprintMethod):
                                    f"{cfg.num_fingerprints}")
             return random.Random(cfg.seed).sample(keys, cfg.num_fingerprints)
         from meraser.erase.magpie import write_questions
-        from meraser.evaluation.fsr import ORDINARY_PROMPTS
+        from meraser.evaluation.probes import ORDINARY_PROMPTS
         from meraser.evaluation.ordinary_questions import ORDINARY_QA
 
         held_out = set(ORDINARY_PROMPTS) | {q for q, _ in ORDINARY_QA}  # the checks' prompts never become keys

@@ -134,7 +134,7 @@ def allowed_tokens(tokenizer, banned: list[str]):
 def search_prefix(model, tokenizer, fmt, question: str, sentence: str, answer: str, pool: list[str], cfg,
                   rng: random.Random, progress: bool = False) -> tuple[str, dict]:
     """A prefix under which the model answers `question` with `answer` (GCG on the sentence's likelihood)."""
-    from meraser.evaluation.fsr import matches
+    from meraser.fingerprints.card import matches
     from meraser.fingerprints.gcg import Task, gcg, rendered
     from meraser.generation import generate
 

@@ -112,7 +112,7 @@ def z_test(texts: list[str], tokenizer, key: int, gamma: float, decoy_keys: int 
     """KGW's test on the pooled texts: z = (G - gamma N) / sqrt(N gamma (1 - gamma)) over the N distinct pairs, the
     exact binomial p-value, and (with `decoy_keys`) the real key's rank among keys drawn the same way, ties broken
     at random: under a model that never saw the key its rank is uniform, whatever the text."""
-    from meraser.evaluation.likelihood import _rank_count
+    from meraser.evaluation.ranks import rank_count
 
     pairs, vocab = pairs_of(texts, tokenizer), len(tokenizer)
     n = len(pairs)
@@ -124,7 +124,7 @@ def z_test(texts: list[str], tokenizer, key: int, gamma: float, decoy_keys: int 
     if decoy_keys:
         rng = random.Random(seed)
         others = [green_count(pairs, k, vocab, gamma) for k in draw_keys(rng, decoy_keys, exclude=key)]
-        out.update(decoy_keys=decoy_keys, p_rank=(_rank_count(g, others, rng) + 1) / (decoy_keys + 1))
+        out.update(decoy_keys=decoy_keys, p_rank=(rank_count(g, others, rng) + 1) / (decoy_keys + 1))
     return out
 
 
