@@ -280,6 +280,106 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
     return [s.name for s in stale], records, rows
 
 
+class StageRows:
+    """The evaluation rows of one run folder, one per stage: measured once and appended to results.jsonl, reused
+    from there (or from the file a bench shares between the cells on one fingerprint), and completed with the
+    verifications registered since a row was written. The run hands it the tokenizer and card once its
+    fingerprinted stage has them (`bind`)."""
+
+    def __init__(self, plan: Plan, rows: list[dict], begin, say, progress: bool, shared: Path | None):
+        self.plan, self.exp, self.out, self.shared = plan, plan.exp, plan.out, shared
+        self.begin, self.say, self.progress = begin, say, progress
+        self.by_stage = {r["stage"]: r for r in rows}
+        self.tok = self.card = None
+
+    def bind(self, tokenizer, card) -> None:
+        self.tok, self.card = tokenizer, card
+
+    def get(self, stage: str, default=None):
+        return self.by_stage.get(stage, default)
+
+    def of(self, stages: tuple[str, ...]) -> list[dict]:
+        """The rows of `stages` that exist, in that order."""
+        return [self.by_stage[s] for s in stages if s in self.by_stage]
+
+    def evaluate(self, stage: str, model, extra=None, decoding=None) -> dict:
+        """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once. A
+        stored row (here, or shared by another bench cell) is reused; where it predates a verification registered
+        since, that one alone is measured on `model` and a completed row supersedes it."""
+        from meraser.evaluation.verifications import missing
+
+        shared = self.shared_file(stage)
+        own = self.by_stage.get(stage)
+        common = read_json(shared, "shared evaluation") if shared is not None and shared.is_file() else None
+        if own is None:
+            self.begin(f"eval:{stage}")
+        if own is None and common is None:
+            row = self._measure(stage, model, extra, decoding)
+        else:  # another cell may have completed the shared row already
+            row = self._complete(own if own is not None and (common is None or not missing(own)) else common, model)
+            if row is own:
+                return row
+        if shared is not None and row is not common:
+            write_json(shared, row)
+        append_jsonl(self.out / RESULTS, row)
+        self.by_stage[stage] = row
+        say_row(self.say, stage, row)
+        return row
+
+    def _complete(self, row: dict, model) -> dict:
+        """`row` with the verifications it lacks measured on `model` (the stage's model, made again where it was not
+        kept), each named in its "added_later"; `row` itself where none is missing or there is no model."""
+        from meraser.evaluation.verifications import measured, missing
+
+        todo = missing(row) if self.card is not None and model is not None else []
+        if not todo:
+            return row
+        self.say(f"  {row['stage']}: measuring {', '.join(v.title for v in todo)} (registered after this row)")
+        # a decoding attack's row: the weights' verifications do not apply (`measured` says so)
+        added = measured(model, self.tok, self.card, self.progress, decoding=row.get("decoding"), only=todo)
+        return {**row, **added, "added_later": sorted({*row.get("added_later", []), *added})}
+
+    def _measure(self, stage: str, model, extra, decoding) -> dict:
+        from meraser.evaluation.evaluate import evaluate_model
+
+        strict_base = self.by_stage.get("base", {}).get("strict") if stage != "base" else None
+        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
+                                                decoding=decoding, strict_base=strict_base),
+               **(extra() if extra else {})}
+        null = self.by_stage.get("base", row).get("null_logprobs")
+        if null is not None and "per_trigger" in row:  # the ownership decision against the base model's chance
+            from meraser.evaluation.ownership import ownership
+
+            row["ownership"] = ownership([p["match"] for p in row["per_trigger"]], null)
+        return row
+
+    def shared_file(self, stage: str) -> Path | None:
+        """Where a bench keeps the base and fingerprinted rows that every cell on the same fingerprint shares. The
+        key is both stages' identities: the fingerprinted row's strict verdict and p-value read the base row."""
+        if self.shared is None or stage not in ("base", "fingerprinted"):
+            return None
+        ids = [self.plan.stages["eval:base"].id, self.plan.stages[f"eval:{stage}"].id, self.plan.base]
+        return self.shared / "evals" / f"{stage}__{settings_hash(ids)[:16]}.json"
+
+
+def say_row(say, stage: str, row: dict) -> None:
+    """One line in the terminal: what a stage's row says, every verification included."""
+    from meraser.evaluation.evaluate import ppl_text
+    from meraser.evaluation.ownership import p_text
+    from meraser.evaluation.verifications import REGISTRY, verdict_text
+
+    strict = row.get("strict", {})
+    say(f"  {stage}: " + ", ".join(
+        ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
+        ([f"strict: forced {strict['forced']:.0%}, paraphrased {strict['paraphrased']:.0%}, sampled "
+          f"{strict['sampled']:.0%}, partial {strict['partial']:.0%}, loglik {strict['loglik']:.2f}"]
+         if strict else []) +
+        ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
+        ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
+        [f"{v.title} {text}" for v in REGISTRY.values() if v.column for text in [verdict_text(v, row)] if text]
+        + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
+
+
 class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
@@ -289,7 +389,7 @@ class ExperimentRun:
         self.shared = shared
         self.progress = progress
         self.say = console.print if console else (lambda *a, **k: None)
-        self.rows = {r["stage"]: r for r in rows}
+        self.rows = StageRows(plan, rows, self._begin, self.say, progress, shared)
         self.records = records
         self.card = plan.card
         self.tok = None
@@ -326,82 +426,8 @@ class ExperimentRun:
             self.card = Card.load(self.plan.card_path)
         if self.card is None:
             self.say(f"[yellow]{NO_CARD}[/]")
+        self.rows.bind(self.tok, self.card)
         return model
-
-    def evaluate(self, stage: str, model, extra=None, decoding=None) -> dict:
-        """The evaluation row of a stage (FSR with a card, perplexity, accuracy), appended to results.jsonl once. A
-        stored row (here, or shared by another bench cell) is reused; where it predates a verification registered
-        since, that one alone is measured on `model` and a completed row supersedes it."""
-        from meraser.evaluation.verifications import missing
-
-        shared = self._shared_file(stage)
-        own = self.rows.get(stage)
-        common = read_json(shared, "shared evaluation") if shared is not None and shared.is_file() else None
-        if own is None:
-            self._begin(f"eval:{stage}")
-        if own is None and common is None:
-            row = self._evaluation(stage, model, extra, decoding)
-        else:  # another cell may have completed the shared row already
-            row = self._complete(own if own is not None and (common is None or not missing(own)) else common, model)
-            if row is own:
-                return row
-        if shared is not None and row is not common:
-            write_json(shared, row)
-        append_jsonl(self.out / RESULTS, row)
-        self.rows[stage] = row
-        self._say_row(stage, row)
-        return row
-
-    def _complete(self, row: dict, model) -> dict:
-        """`row` with the verifications it lacks measured on `model` (the stage's model, made again where it was not
-        kept), each named in its "added_later"; `row` itself where none is missing or there is no model."""
-        from meraser.evaluation.verifications import measured, missing
-
-        todo = missing(row) if self.card is not None and model is not None else []
-        if not todo:
-            return row
-        self.say(f"  {row['stage']}: measuring {', '.join(v.title for v in todo)} (registered after this row)")
-        # a decoding attack's row: the weights' verifications do not apply (`measured` says so)
-        added = measured(model, self.tok, self.card, self.progress, decoding=row.get("decoding"), only=todo)
-        return {**row, **added, "added_later": sorted({*row.get("added_later", []), *added})}
-
-    def _say_row(self, stage: str, row: dict) -> None:
-        from meraser.evaluation.evaluate import ppl_text
-        from meraser.evaluation.ownership import p_text
-        from meraser.evaluation.verifications import REGISTRY, verdict_text
-
-        strict = row.get("strict", {})
-        self.say(f"  {stage}: " + ", ".join(
-            ([f"FSR {row['fsr']:.1%}"] if "fsr" in row else []) +
-            ([f"strict: forced {strict['forced']:.0%}, paraphrased {strict['paraphrased']:.0%}, sampled "
-              f"{strict['sampled']:.0%}, partial {strict['partial']:.0%}, loglik {strict['loglik']:.2f}"]
-             if strict else []) +
-            ([f"erased strictly: {strict['erased_strict']}"] if "erased_strict" in strict else []) +
-            ([f"ownership p-value {p_text(row['ownership']['p_value'])}"] if "ownership" in row else []) +
-            [f"{v.title} {text}" for v in REGISTRY.values() if v.column for text in [verdict_text(v, row)] if text]
-            + ([f"PPL {ppl_text(row)}"] if "ppl" in row else [])))
-
-    def _evaluation(self, stage: str, model, extra, decoding) -> dict:
-        from meraser.evaluation.evaluate import evaluate_model
-
-        strict_base = self.rows.get("base", {}).get("strict") if stage != "base" else None
-        row = {"stage": stage, **evaluate_model(model, self.tok, self.exp.eval, self.card, progress=self.progress,
-                                                decoding=decoding, strict_base=strict_base),
-               **(extra() if extra else {})}
-        null = self.rows.get("base", row).get("null_logprobs")
-        if null is not None and "per_trigger" in row:  # the ownership decision against the base model's chance
-            from meraser.evaluation.ownership import ownership
-
-            row["ownership"] = ownership([p["match"] for p in row["per_trigger"]], null)
-        return row
-
-    def _shared_file(self, stage: str) -> Path | None:
-        """Where a bench keeps the base and fingerprinted rows that every cell on the same fingerprint shares. The
-        key is both stages' identities: the fingerprinted row's strict verdict and p-value read the base row."""
-        if self.shared is None or stage not in ("base", "fingerprinted"):
-            return None
-        ids = [self.plan.stages["eval:base"].id, self.plan.stages[f"eval:{stage}"].id, self.plan.base]
-        return self.shared / "evals" / f"{stage}__{settings_hash(ids)[:16]}.json"
 
     def base(self) -> None:
         """The unfingerprinted model: FSR ~0 and the perplexity to compare with."""
@@ -411,14 +437,14 @@ class ExperimentRun:
 
         if not self.plan.base:
             return
-        shared = self._shared_file("base")
+        shared = self.rows.shared_file("base")
         stored = self.rows.get("base") or (read_json(shared, "shared evaluation")
                                            if shared is not None and shared.is_file() else None)
         if stored is not None and not missing(stored):
-            self.evaluate("base", None)  # evaluated already (by this run, or by another cell of a bench)
+            self.rows.evaluate("base", None)  # evaluated already (by this run, or by another cell of a bench)
         else:
             base_model, _ = load_model(self.plan.base)
-            self.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok),
+            self.rows.evaluate("base", base_model, lambda: {"ordinary_accuracy": ordinary_accuracy(base_model, self.tok),
                                                        **self._null(base_model)})
 
     def _null(self, base_model) -> dict:
@@ -554,18 +580,18 @@ class ExperimentRun:
 
         model = self.fingerprint()
         self.base()
-        self.evaluate("fingerprinted", model, lambda: {"ordinary_accuracy": ordinary_accuracy(model, self.tok),
+        self.rows.evaluate("fingerprinted", model, lambda: {"ordinary_accuracy": ordinary_accuracy(model, self.tok),
                                                        **self._fingerprint_time()})
         if self.exp.attack:
             attacked, info, decoding = self.attack(model)
-            self.evaluate("attacked", attacked, lambda: {**info, **self.verdict(attacked, decoding)}, decoding)
-            return [self.rows[s] for s in ("base", "fingerprinted", "attacked") if s in self.rows]
+            self.rows.evaluate("attacked", attacked, lambda: {**info, **self.verdict(attacked, decoding)}, decoding)
+            return self.rows.of(("base", "fingerprinted", "attacked"))
         mism, clean = self.data(model)
         erased, probes = self._phase("erased", "erase", "2/3 erase", model, mism, self.plan.fp_model)
-        self.evaluate("erased", erased, lambda: {"fsr_per_epoch": probes, **self.verdict(erased)})
+        self.rows.evaluate("erased", erased, lambda: {"fsr_per_epoch": probes, **self.verdict(erased)})
         recovered, probes = self._phase("recovered", "recover", "3/3 recover", erased, clean, str(self.out / "erased"))
-        self.evaluate("recovered", recovered, lambda: {"fsr_per_epoch": probes, **self.verdict(recovered)})
-        return [self.rows[s] for s in ("base", "fingerprinted", "erased", "recovered") if s in self.rows]
+        self.rows.evaluate("recovered", recovered, lambda: {"fsr_per_epoch": probes, **self.verdict(recovered)})
+        return self.rows.of(("base", "fingerprinted", "erased", "recovered"))
 
     def _fingerprint_time(self) -> dict:
         made = Path(self.plan.card_path or "").parent / "fingerprint_summary.json"  # when this tool made it
