@@ -280,40 +280,16 @@ def verify(
 ):
     """Check a suspect model against a fingerprint card: FSR, false-positive rate, per-trigger outputs; or the strict
     checks, or the likelihood ownership test (--test). A served suspect (--endpoint) gets the checks its API allows."""
-    from meraser.fingerprints.embed import model_dir, verify as run
+    from meraser.evaluation.verifications import verify_suspect
 
     _quiet_libraries()
     test = "strict" if strict else test
-    if test not in terminal.TESTS:
-        from meraser.utils import unknown_name
-
-        raise unknown_name("test", test, terminal.TESTS, "--test")
-    if (model is None) == (endpoint is None):
-        raise MeraserError("name the suspect with exactly one of --model (weights) and --endpoint (a served model)")
-    if endpoint:
-        if attack:
-            raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
-        from meraser.evaluation.served import EndpointConfig, served_check
-
-        given = {"url": endpoint, "model": served_model, "api": api, "tokenizer": tokenizer,
-                 "concurrency": concurrency, "api_key_env": api_key_env}
-        cfg = EndpointConfig.from_dict({k: v for k, v in given.items() if v is not None}, "--endpoint")
-        r = served_check(cfg, card, test, base=base, decoys=decoys, progress=not json_out,
-                         trust_remote_code=trust_remote_code)
-        return terminal.show(r, json_out, test)
-    if test == "likelihood":
-        from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_verify
-
-        r = likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
-                              trust_remote_code=trust_remote_code, progress=not json_out)
-        return terminal.show(r, json_out, test)
-    if test == "strict":
-        from meraser.evaluation.strict import strict_verify
-
-        r = strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
-        return terminal.show(r, json_out, test)
-    r = run(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
-            attack_settings=_parse_sets(set_), progress=not json_out, reference=reference)
+    given = {"url": endpoint, "model": served_model, "api": api, "tokenizer": tokenizer, "concurrency": concurrency,
+             "api_key_env": api_key_env}
+    r = verify_suspect(card, test, model=model,
+                       endpoint={k: v for k, v in given.items() if v is not None} if endpoint else None, base=base,
+                       reference=reference, decoys=decoys, attack=attack, attack_settings=_parse_sets(set_),
+                       trust_remote_code=trust_remote_code, progress=not json_out)
     terminal.show(r, json_out, test)
 
 

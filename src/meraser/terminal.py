@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from meraser.utils import console
 
-TESTS = ("paper", "strict", "likelihood")
 
 
 def show(r: dict, json_out: bool, test: str) -> None:

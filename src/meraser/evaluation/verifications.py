@@ -163,3 +163,43 @@ def verdict_text(v: Verification, row: dict) -> str:
     """A verification's cell: its figure, and "owned" where it still shows ownership."""
     text, owned = v.verdict(row)
     return f"{text}: owned" if owned else text
+
+
+TESTS = ("paper", "strict", "likelihood")  # what `meraser verify --test` runs on one suspect
+
+
+def verify_suspect(card, test: str = "paper", *, model: str | None = None, endpoint: dict | None = None,
+                   base: str | None = None, reference: str | None = None, decoys: int | None = None,
+                   attack: str | None = None, attack_settings: dict | None = None, trust_remote_code: bool = False,
+                   progress: bool = True) -> dict:
+    """`meraser verify`: one suspect, weights (`model`) or served (`endpoint`: EndpointConfig fields), against a
+    card under one of `TESTS`: the paper's FSR (with `reference`, its ownership p-value; with `attack`, decoded
+    under a decoding-time attack), the strict checks or the likelihood test (each beside `base` where given)."""
+    if test not in TESTS:
+        from meraser.utils import unknown_name
+
+        raise unknown_name("test", test, TESTS, "--test")
+    if (model is None) == (endpoint is None):
+        raise MeraserError("name the suspect with exactly one of --model (weights) and --endpoint (a served model)")
+    if endpoint is not None:
+        if attack:
+            raise MeraserError("--attack changes how a local model decodes: it needs --model, not --endpoint")
+        from meraser.evaluation.served import EndpointConfig, served_check
+
+        return served_check(EndpointConfig.from_dict(endpoint, "--endpoint"), card, test, base=base, decoys=decoys,
+                            progress=progress, trust_remote_code=trust_remote_code)
+    from meraser.fingerprints.embed import model_dir
+
+    if test == "likelihood":
+        from meraser.evaluation.likelihood import likelihood_verify
+
+        return likelihood_verify(model_dir(model), card, base, cfg=LikelihoodConfig(decoys=decoys),
+                                 trust_remote_code=trust_remote_code, progress=progress)
+    if test == "strict":
+        from meraser.evaluation.strict import strict_verify
+
+        return strict_verify(model_dir(model), card, base, trust_remote_code=trust_remote_code)
+    from meraser.fingerprints.embed import verify
+
+    return verify(model_dir(model), card, trust_remote_code=trust_remote_code, attack=attack,
+                  attack_settings=attack_settings, progress=progress, reference=reference)
