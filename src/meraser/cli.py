@@ -243,7 +243,7 @@ def _card_checksum(folder: Path) -> str:
 @app.command()
 def verify(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (a fingerprint output folder "
-                                        "works too)", show_default="(--endpoint instead)"),
+                                        "works too)", show_default="none: --endpoint instead"),
     card: Path = typer.Option(..., "--card", help="fingerprint card JSON (or the folder holding it)"),
     attack: DecodingAttack = None,
     set_: DecodingAttackSettings = None,
