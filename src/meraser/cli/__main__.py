@@ -1,0 +1,3 @@
+from meraser.cli import main
+
+main()
