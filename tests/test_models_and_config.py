@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from meraser.config import load_yaml
 from meraser.models import load_model, save_model
@@ -91,6 +92,21 @@ def test_help_is_fast_and_lists_commands():
         capture_output=True, text=True,
     )
     assert proc.stdout.strip() == "False False"
+
+
+def test_help_names_every_registered_decoding_attack_where_one_can_be_chosen():
+    from meraser.attacks import REGISTRY
+    from meraser.attacks.base import is_decoding
+    from meraser.cli import app
+
+    decoding = [name for name, a in REGISTRY.items() if is_decoding(a)]
+    assert {"cleangen", "suppress-topk", "gri"} <= set(decoding) and "finetune" not in decoding
+    for argv in (["verify", "--help"], ["chat", "--help"], ["attack", "--help"]):
+        # rich wraps the option table anywhere, hyphens included: compare with the spaces and rules taken out
+        out = CliRunner().invoke(app, argv, env={"COLUMNS": "200"}).output
+        text = "".join(c for c in out if not c.isspace() and c != "│")
+        missing = [name for name in decoding if name not in text]
+        assert not missing, f"{argv[0]} --help does not name {missing}"
 
 
 def test_cli_refuses_existing_output_and_reports_cleanly(tiny_dir, tmp_path):

@@ -13,6 +13,7 @@ from meraser.cli.common import (
     Overwrite,
     TrustRemoteCode,
     app,
+    decoding_attacks,
     parse_sets,
     quiet_libraries,
 )
@@ -56,7 +57,8 @@ def bench(
 
         page = write_bench_report(m.out, Path(m.out) / "report.html")
         _console().print(f"{res['ran']} cells run, {res['done']} were done already"
-                         + (f" ({res['reverified']} re-verified)" if reverify else "") + f", {len(res['failed'])} failed "
+                         + (f" ({res['reverified']} re-verified)" if reverify else "")
+                         + f", {len(res['failed'])} failed "
                          f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl; "
                          f"report: {page}")
     if res["failed"]:
@@ -68,10 +70,9 @@ def _attack_help() -> str:
 
     lines = "\n\n".join(f"[bold]{name}[/]: {a.summary}" for name, a in REGISTRY.items())
     return ("Run one erasure attack on a (fingerprinted) model and save the attacked model, which `verify`, "
-            "`evaluate` and `chat` load unchanged; a decoding-time attack (cleangen, token-forcing, the adaptive "
-            "suppress-*, detect-topk and perplexity-filter) changes no weight and saves its record instead, for `verify --attack` and `chat --attack`. Settings: --set "
-            "KEY=VALUE (the attack's config fields).\n\n"
-            + lines)
+            f"`evaluate` and `chat` load unchanged; a decoding-time attack ({decoding_attacks()}) changes no weight "
+            "and saves its record instead, for `verify --attack` and `chat --attack`. Settings: --set KEY=VALUE (the "
+            "attack's config fields).\n\n" + lines)
 
 
 @app.command(help=_attack_help(),

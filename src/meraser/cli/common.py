@@ -39,9 +39,17 @@ Resume = Annotated[bool, typer.Option(help="continue an interrupted run from its
                                            "same settings and rows)")]
 JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
 
+def decoding_attacks() -> str:
+    """The registered decoding-time attacks, for `--help` (the registry is light: no torch at import)."""
+    from meraser.attacks import REGISTRY
+    from meraser.attacks.base import is_decoding
+
+    return ", ".join(name for name, a in REGISTRY.items() if is_decoding(a))
+
+
 # `verify` and `chat` decode under the same attack options
 DecodingAttack = Annotated[Optional[str], typer.Option(
-    "--attack", help="decode under a decoding-time attack (cleangen, token-forcing)",
+    "--attack", help=f"decode under a decoding-time attack ({decoding_attacks()})",
     show_default="plain greedy decoding")]
 DecodingAttackSettings = Annotated[Optional[List[str]], typer.Option(
     "--set", help="attack setting, e.g. --set reference=smollm2-135m; repeat", show_default="the attack's defaults")]

@@ -208,7 +208,8 @@ def recover(
                                             resume=resume, trust_remote_code=trust_remote_code, writer=writer))
 
 
-transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it anywhere.")
+transfer_app = typer.Typer(help="Transferable erasure: train the erase adapter once on a clean base, apply it "
+                                "anywhere.")
 app.add_typer(transfer_app, name="transfer")
 
 
@@ -238,7 +239,8 @@ def transfer_train(
 @transfer_app.command("apply")
 def transfer_apply(
     adapter: Path = typer.Option(..., help="erase adapter from `meraser transfer train`"),
-    model: str = typer.Option(..., "--model", "-m", help="fingerprinted model (same architecture as the adapter's base)"),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="fingerprinted model (same architecture as the adapter's base)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder for the merged model"),
     overwrite: Overwrite = False,
 ):
