@@ -1,4 +1,5 @@
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -92,6 +93,24 @@ def test_help_is_fast_and_lists_commands():
         capture_output=True, text=True,
     )
     assert proc.stdout.strip() == "False False"
+
+
+def test_commands_keep_library_chatter_off_the_screen(tmp_path, monkeypatch):
+    import logging
+    import warnings
+
+    from meraser.cli.common import quiet_libraries
+
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "level", logging.NOTSET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+    assert logging.getLogger("lm_eval.models.huggingface").getEffectiveLevel() == logging.ERROR
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
 
 
 def test_help_names_every_registered_decoding_attack_where_one_can_be_chosen():

@@ -56,8 +56,18 @@ DecodingAttackSettings = Annotated[Optional[List[str]], typer.Option(
 
 
 def quiet_libraries() -> None:
+    """Keep the libraries' chatter a user cannot act on off the screen, so meraser's own progress bars and tables
+    read clearly (lm-eval's per-task request bar stays: it is the evaluation's progress)."""
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # lm-eval's sub-second "Generating split" bars
+    # lm-eval warns on every in-memory model that it was not given a name to load; meraser always hands it one
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    # peft reads transformers' old property name on every LoRA wrap; nothing a user can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
