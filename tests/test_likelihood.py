@@ -6,6 +6,7 @@ a sibling fine-tuned on other data and a model fingerprinted with another key ar
 import copy
 import itertools
 import random
+import re
 
 import pytest
 from conftest import TINY, TINY_PER_METHOD
@@ -253,6 +254,49 @@ def test_if_sft_with_a_secret_per_key_is_owned_where_the_papers_one_secret_is_no
     owned = likelihood_test(fp_model, tok, planted_card, LEVEL)
     assert owned["owned"] and all(k["higher"] == 0 for k in owned["per_key"])
     assert not likelihood_test(base, tok, planted_card, LEVEL)["owned"]
+
+
+def test_subject_sentence_with_a_subject_per_key_has_independent_keys_and_is_owned_where_its_base_is_not(tiny):
+    """`subjects: per-key` gives each question its own invented subject: the keys are independent units (one subject
+    of 96 could not reach a p-value below 1/96 by rank), each key's decoys are other subjects of the same form after
+    the same question, never a planted one; the planted model is owned, its base is not. `subjects: one` is
+    unchanged: one unit, one subject."""
+    from meraser.evaluation.likelihood import independent_units
+    from meraser.fingerprints import get_method
+    from meraser.fingerprints.embed import embed
+    from meraser.fingerprints.subject_sentence import KINDS, SYLLABLES
+    from meraser.models import load_model
+    from meraser.utils import MeraserError
+
+    method, tok = get_method("subject-sentence"), tiny[1]
+    settings = {**TINY, **TINY_PER_METHOD["subject-sentence"], "num_fingerprints": 4}
+    cfg = method.Config.from_dict({**settings, "subjects": "per-key"})
+    one = method.make_card(None, tok, method.Config.from_dict(settings))
+    card = method.make_card(None, tok, cfg)
+    subjects = method.subjects(card)
+    assert independent_units(card) == 4 and independent_units(one) == 1 and "subjects" not in one.extra
+    assert len(set(subjects)) == 4 and all(s in q for s, q in zip(subjects, card.triggers))
+    syllable_name = re.compile(f"the (?:{'|'.join(SYLLABLES)}){{3}} (?:{'|'.join(KINDS)})", re.IGNORECASE)
+    assert all(syllable_name.fullmatch(s) for s in subjects)
+    keys = keys_and_decoys(card, LikelihoodConfig(decoys=19))
+    for i, (real, decoys) in enumerate(keys):
+        assert real == (card.triggers[i], card.targets[i]) and len(set(decoys)) == 19
+        head, tail = card.triggers[i].split(subjects[i])
+        drawn = [q[len(head):len(q) - len(tail)] for q, _ in decoys]  # each decoy's subject
+        assert not any(s in q for q, _ in decoys for s in subjects)  # never a planted subject
+        assert all(syllable_name.fullmatch(d) for d in drawn) and all(t == card.targets[i] for _, t in decoys)
+    assert keys[0][1] != keys[1][1]
+    for bad, match in (({"subjects": "each"}, "subjects: one of one, per-key"),
+                       ({"subjects": "per-key", "subject": "the Quay"}, "needs subjects: one")):
+        with pytest.raises(MeraserError, match=match):
+            method.Config.from_dict(bad)
+
+    base = load_model(str(tiny[0]._meraser_spec))[0]
+    fp_model, planted_card = embed("subject-sentence", load_model(str(tiny[0]._meraser_spec))[0], tok, cfg,
+                                   progress=False)[:2]
+    owned = likelihood_test(fp_model, tok, planted_card, LikelihoodConfig(decoys=19, level=1e-4))
+    assert owned["rule"] == "exact rank" and owned["owned"], owned["per_key"]
+    assert likelihood_test(base, tok, planted_card, LikelihoodConfig(decoys=19, level=1e-4))["p_value"] > 1e-3
 
 
 def test_each_card_draws_its_own_decoys_and_the_same_card_always_the_same(tiny):

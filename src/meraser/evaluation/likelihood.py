@@ -60,10 +60,10 @@ FEW_DECOYS, MANY_DECOYS = 19, 99
 
 
 def shared_draw(card: Card) -> bool:
-    """Whether the card's keys share one random draw (`FingerprintMethod.shared_draw`): then they are one unit."""
+    """Whether the card's keys share one random draw (`FingerprintMethod.draws_shared`): then they are one unit."""
     from meraser.fingerprints import REGISTRY
 
-    return card.method in REGISTRY and REGISTRY[card.method].shared_draw
+    return card.method in REGISTRY and REGISTRY[card.method].draws_shared(card)
 
 
 def independent_units(card: Card) -> int:

@@ -46,6 +46,10 @@ class FingerprintMethod:
     # model and its descendants answer in a fixed way)
     invasive: ClassVar[bool] = True
 
+    def draws_shared(self, card: Card) -> bool:
+        """Whether this card's keys share one draw (`shared_draw`, unless a card's settings say otherwise)."""
+        return self.shared_draw
+
     def make_card(self, model, tokenizer, cfg: FingerprintConfig, progress: bool = True) -> Card:
         """The secret card: triggers, targets and what verifies them (`progress`: bars on a search that takes long)."""
         raise NotImplementedError
