@@ -202,3 +202,29 @@ def test_an_adapter_chain_moved_as_a_whole_still_loads(tiny_dir, tmp_path):
     with pytest.raises(MeraserError, match="does not exist"):  # a base gone for good is still a clear error
         shutil.rmtree(Path(moved) / "fingerprinted")
         load_model(str(Path(moved) / "erased"))
+
+
+def test_a_kv_cache_is_read_without_transformers_deprecated_name(tiny):
+    """The likelihood test reads a prefix's cache on every batch; newer transformers warn on each read of
+    `past_key_values`, and that warning leaked into every bench log."""
+    import logging
+
+    import transformers
+
+    from meraser.models import encode_prefix
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = transformers.utils.logging.get_logger("transformers")
+    level = transformers.utils.logging.get_verbosity()
+    logging.Logger.warning_once.cache_clear()
+    root.addHandler(handler)
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        cache = encode_prefix(tiny[0], [1, 2, 3])
+    finally:
+        root.removeHandler(handler)
+        transformers.utils.logging.set_verbosity(level)
+    assert cache is not None and cache.get_seq_length() == 3
+    assert not [m for m in seen if "deprecated" in m], seen

@@ -95,8 +95,10 @@ def cache_kw(model) -> str:
 
 
 def output_cache(output):
-    """The KV cache a forward pass returned (None where the model keeps none), under either name."""
-    return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+    """The KV cache a forward pass returned (None where the model keeps none), under either name: `cache` first,
+    as newer transformers warn on every read of `past_key_values`."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def encode_prefix(model, ids: list[int]):
