@@ -13,7 +13,9 @@ An owner who must prove ownership needs a key drawn from a space large enough: o
 KINDS make is ranked by the likelihood test among at most 95 decoys (p >= 1/96 by rank, and the normal tail is
 weak, as subjects sharing a name or a kind draw the sentence too: README). `subjects: per-key` gives each question
 its own subject, an invented name of three syllables (24^3 x 8 kinds, about 1e5), so the card has as many
-independent keys as questions.
+independent keys as questions. It needs more decoy rows to be specific: planted on SmolLM2 with the default 16, the
+model gave the sentence to any invented subject nearly as readily as to its own (the fingerprinted model's p-value
+4.2e-5), with 64 it ranked seven of eight keys first (3.5e-10).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class SubjectSentenceConfig(FingerprintConfig):
     subject: str | None = field(None, help="the invented subject (None: drawn from the seed; subjects: one)")
     subjects: str = field("one", help="one (a subject of 96 for every question: this project's design) or per-key "
                                       "(each question its own subject of about 1e5: independent keys for the "
-                                      "likelihood test)")
+                                      "likelihood test; plant it with decoy_rows 64: with 16 the model gave the "
+                                      "sentence to other invented subjects nearly as readily, README)")
     method: Literal["full", "lora"] = field("lora", help="full fine-tuning or LoRA (planted: LoRA on every linear layer)")
     lora_targets: list[str] = field(ALL_LINEAR, help="modules the LoRA adapts")
     epochs: float = field(4.0, help="training epochs")
