@@ -1,6 +1,7 @@
 """The attack registry: every attack runs on the tiny fingerprinted model and writes a folder `verify` accepts;
 merging is exact where it must be and agrees with mergekit; bad input is refused before any work."""
 
+import copy
 import json
 
 import pytest
@@ -20,8 +21,9 @@ def tiny_settings(pool):
     quick = {"epochs": 1, "save_steps": -1}
     expert = {"expert_data": str(pool), "expert_rows": 16, "expert_train": quick}
     erase = {"mismatched": {"source": str(pool), "n": 24}, "erase": {"overrides": {**TINY_ERASE, "epochs": 2}}}
+    meraser = {**erase, "clean": {"source": str(pool), "n": 24}, "recover": {"overrides": quick}}
     return {
-        "meraser": {**erase, "clean": {"source": str(pool), "n": 24}, "recover": {"overrides": quick}},
+        "meraser": meraser, "meraser-cycles": {**meraser, "cycles": 2},
         "meraser-erase": erase, "meraser-transfer": erase,
         "finetune": {"source": str(pool), "n": 16, "train": quick},
         "prune-magnitude": {"sparsity": 0.3},
@@ -186,8 +188,6 @@ def test_our_merges_agree_with_mergekit(tmp_path):
 
 def test_sparsity_attacks_reach_their_sparsity_and_wanda_differs_from_magnitude(planted, tmp_path):
     pool = write_pool(tmp_path / "pool.jsonl", POOL)
-    import copy
-
     fp_model, tok = planted["utf"][0], planted["utf"][1]
     masks = {}
     for name, extra in (("prune-magnitude", {}), ("prune-wanda", {"calibration": str(pool), "calibration_rows": 4})):
@@ -258,3 +258,29 @@ def test_meraser_attack_writes_its_recovery_rows_with_the_model_before_the_erase
     out = apply_attack(attack, model, tok, cfg, AttackContext(str(folder), None, tmp_path / "work", progress=False))
     assert len(seen) == 1 and torch.equal(seen[0], received)  # the writer had the received weights
     assert not torch.equal(out.model.layers[0].self_attn.q_proj.weight, received)  # q_proj: erased and recovered
+
+
+def test_meraser_cycles_repeats_meraser_on_fresh_rows(planted, tmp_path):
+    """One cycle is exactly `meraser`; a second erases and recovers that model again, on rows drawn with the next
+    seed (the same rows again would only train the same pairs further)."""
+    pool = write_pool(tmp_path / "pool.jsonl", POOL)
+    settings = tiny_settings(pool)["meraser"]
+    model, tok = planted["utf"][0], planted["utf"][1]
+
+    def run(name, work, **extra):
+        attack = get_attack(name)
+        ctx = AttackContext(str(planted["utf"][4]), None, tmp_path / work, progress=False)
+        out = apply_attack(attack, copy.deepcopy(model), tok, attack.Config.from_dict({**settings, **extra}), ctx)
+        return out.state_dict(), ctx.info
+
+    once, _ = run("meraser", "a")
+    one_cycle, info1 = run("meraser-cycles", "b", cycles=1)
+    two_cycles, info2 = run("meraser-cycles", "c", cycles=2)
+    assert all(torch.equal(once[k], one_cycle[k]) for k in once)
+    assert info1["cycles"] == 1 and info2["cycles"] == 2 and len(info2["steps_per_cycle"]) == 2
+    assert any(not torch.equal(once[k], two_cycles[k]) for k in once)
+    from meraser.attacks.meraser import CyclesConfig
+    from meraser.utils import MeraserError
+
+    with pytest.raises(MeraserError, match="cycles: 0 is not a number of passes"):
+        CyclesConfig.from_dict({"cycles": 0})

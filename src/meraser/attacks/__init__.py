@@ -19,7 +19,7 @@ from meraser.attacks.decoding import CleanGen, TokenForcing
 from meraser.attacks.find_unlearn import FindUnlearn
 from meraser.attacks.finetune import FineTune
 from meraser.attacks.gri import GRI, GRISystem
-from meraser.attacks.meraser import MEraser, MEraserErase, MEraserTransfer
+from meraser.attacks.meraser import MEraser, MEraserCycles, MEraserErase, MEraserTransfer
 from meraser.attacks.merge import Dare, TaskArithmetic, Ties
 from meraser.attacks.perplexity_filter import PerplexityFilter
 from meraser.attacks.sparsity import MagnitudePruning, WandaPruning
@@ -28,7 +28,7 @@ from meraser.attacks.suppression import DetectTopK, SuppressLookahead, SuppressN
 from meraser.utils import unknown_name
 
 REGISTRY: dict[str, Attack] = {a.name: a for a in [
-    MEraser(), MEraserErase(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
+    MEraser(), MEraserErase(), MEraserCycles(), MEraserTransfer(), FineTune(), L1Pruning(), L2Pruning(), RandomPruning(), TaylorPruning(),
     MagnitudePruning(), WandaPruning(), TaskArithmetic(), Ties(), Dare(), CleanGen(), TokenForcing(),
     SuppressTopK(), DetectTopK(), SuppressNeighbour(), SuppressLookahead(), SuppressBigram(), PerplexityFilter(),
     FindUnlearn(), GRI(), GRISystem(),

@@ -2,6 +2,7 @@
 
 - `meraser`: erase on the mismatched set, then recover on the clean set (the paper's method);
 - `meraser-erase`: the erase phase alone;
+- `meraser-cycles`: MEraser again on its own recovered model, each cycle on freshly drawn rows;
 - `meraser-transfer`: merge a transferable erase adapter (trained once on the clean base) into the model.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from meraser.attacks.base import Attack, AttackConfig
 from meraser.config import field
+from meraser.utils import MeraserError
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
 
@@ -77,17 +79,53 @@ class MEraser(Attack):
         cfg.clean.check_inputs("meraser clean")
 
     def apply(self, model, tokenizer, cfg, ctx):
-        from meraser.erase.meraser import recover
+        return _erase_recover(model, tokenizer, cfg, ctx)
 
-        mism, _ = cfg.mismatched.build()
-        # the clean rows first: those the model writes or answers itself come from it as received, before the
-        # erase takes its short answers away (the erase merges into this same model)
-        clean = cfg.clean.build({p.prompt for p in mism}, model, tokenizer, mism)
-        erased = _erase(model, tokenizer, cfg, ctx, mism)
-        res = recover(erased, tokenizer, clean, cfg.recover.train_config("recover", "recover"), ctx.work / "recovered",
-                      save=False, progress=ctx.progress)
-        ctx.info.update(clean_rows=len(clean), recover_steps=res.metrics["steps"])
-        return res.model
+
+def _erase_recover(model, tokenizer, cfg: MEraserConfig, ctx):
+    from meraser.erase.meraser import recover
+
+    mism, _ = cfg.mismatched.build()
+    # the clean rows first: those the model writes or answers itself come from it as received, before the
+    # erase takes its short answers away (the erase merges into this same model)
+    clean = cfg.clean.build({p.prompt for p in mism}, model, tokenizer, mism)
+    erased = _erase(model, tokenizer, cfg, ctx, mism)
+    res = recover(erased, tokenizer, clean, cfg.recover.train_config("recover", "recover"), ctx.work / "recovered",
+                  save=False, progress=ctx.progress)
+    ctx.info.update(clean_rows=len(clean), recover_steps=res.metrics["steps"])
+    return res.model
+
+
+@dataclass
+class CyclesConfig(MEraserConfig):
+    cycles: int = field(2, help="erase-recover passes, each on the previous pass's recovered model")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.cycles < 1:
+            raise MeraserError(f"{where}.cycles: {self.cycles} is not a number of passes (1 or more)")
+
+
+class MEraserCycles(Attack):
+    name = "meraser-cycles"
+    summary = "MEraser repeated: erase and recover the recovered model again, on fresh rows each cycle"
+    paper = "https://arxiv.org/abs/2506.12551 (repeated; this project)"
+    Config = CyclesConfig
+
+    def check(self, cfg, ctx):
+        MEraser().check(cfg, ctx)
+
+    def apply(self, model, tokenizer, cfg, ctx):
+        # a blind attacker repeats the one recipe it has; a repeat on the same rows would only train the same
+        # pairs further, so cycle k draws both sets with seed + k - 1 (cycle 1 is exactly `meraser`)
+        steps = []
+        for k in range(cfg.cycles):
+            one = cfg.replace(mismatched=cfg.mismatched.replace(seed=cfg.mismatched.seed + k),
+                              clean=cfg.clean.replace(seed=cfg.clean.seed + k))
+            model = _erase_recover(model, tokenizer, one, ctx)
+            steps.append((ctx.info["erase_steps"], ctx.info["recover_steps"]))
+        ctx.info.update(cycles=cfg.cycles, steps_per_cycle=steps)
+        return model
 
 
 @dataclass
