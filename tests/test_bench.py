@@ -303,13 +303,16 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     per_attack = {}
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
-    assert len(cells) == 3 * (4 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 1 + 2)  # ... + the adaptive suite, find-and-unlearn, GRI
+    # MEraser (ablation, default recovery, strong, cycles), transfer, finetune, prunes, merges, CleanGen and Token
+    # Forcing, the adaptive suite, find-and-unlearn, GRI
+    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 1 + 2)
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \
-        [100] * 3 + [200] * 3 + [300] * 6  # the ablation, and the default recovery at the paper's size
+        [100] * 3 + [200] * 3 + [300] * 9  # the ablation; the default recovery and `strong` at the paper's size
     # the paper's recovery data (the source's rows only), and beside it meraser's default half-Magpie recovery
-    assert sorted(c.experiment["clean"]["magpie"] for c in per_attack["meraser"]) == [0.0] * 9 + [0.5] * 3
+    assert sorted(c.experiment["clean"]["magpie"] for c in per_attack["meraser"]) == [0.0] * 12 + [0.5] * 3
+    assert [c.experiment["attack"]["config"]["clean"]["magpie"] for c in per_attack["meraser-cycles"]] == [0.0] * 3
     assert sorted(c.experiment["attack"]["config"]["weights"][0] for c in per_attack["merge-dare"]) == \
         [0.4] * 3 + [0.5] * 3 + [0.6] * 3
     assert len({c.id for c in cells}) == len(cells)
@@ -323,7 +326,7 @@ def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matri
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     smollm2, new = load_matrix(bench / "matrix_smollm2.yaml"), load_matrix(bench / "matrix_fingerprints3.yaml")
     cells = plan_cells(new)
-    assert shared_root(new) == shared_root(smollm2) and len({c.id for c in cells}) == len(cells) == 5 * 28
+    assert shared_root(new) == shared_root(smollm2) and len({c.id for c in cells}) == len(cells) == 5 * 30
     assert {c.fingerprint["method"] for c in cells} == {"imf", "semcond-watermark", "proflingo", "rofl", "mergeprint"}
     assert {c.attack["method"] for c in cells} == {c.attack["method"] for c in plan_cells(smollm2)}
 
@@ -376,7 +379,7 @@ def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs/perinucleus-n/n256").mkdir(parents=True)
     cells = plan_cells(load_matrix(bench / "matrix_perinucleus.yaml"))
-    assert len(cells) == 16 and cells[0].attack["method"] == "meraser"
+    assert len(cells) == 19 and cells[0].attack["method"] == "meraser"
     assert {c.fingerprint["existing"] for c in cells} == {"runs/perinucleus-n/n256"}
     # merge weights set in the config (5:5) and by the grid (4:6, 6:4) read alike in tables
     assert {describe(c) for c in cells if c.attack["method"] == "merge-dare"} == {
