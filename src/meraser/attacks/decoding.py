@@ -325,28 +325,59 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
 def expand(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
            batch_size: int = 64) -> list[list[int]]:
     """Each token's greedy continuation after the context, up to EOS or `length` tokens (the token first)."""
-    eos = tokenizer.eos_token_id
-    conts = continuations(model, tokenizer, context_ids(tokenizer, context), tokens, length, batch_size)
-    return [[t] + (c[:-1] if c and c[-1] == eos else c) for t, c in zip(tokens, conts)]
+    return [s for s, _ in expand_scored(model, tokenizer, tokens, length, context, batch_size)]
+
+
+def expand_scored(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
+                  batch_size: int = 64) -> list[tuple[list[int], float]]:
+    """`expand`, with each sequence's mean log-probability per token of its continuation under `model` (0.0 where
+    it has none): greedy decoding has that probability at hand, so scoring the suspect needs no second pass."""
+    eos, out = tokenizer.eos_token_id, []
+    for t, (cont, logps) in zip(tokens, greedy(model, tokenizer, context_ids(tokenizer, context), tokens, length,
+                                               batch_size)):
+        n = len(cont) - 1 if cont and cont[-1] == eos else len(cont)
+        out.append(([t] + cont[:n], sum(logps[:n]) / n if n else 0.0))
+    return out
 
 
 def continuations(model, tokenizer, head: list[int], firsts: list[int], length: int,
                   batch_size: int = 64) -> list[list[int]]:
     """The greedy continuation after `head` and each first token (not included): at most `length` tokens, cut
     after the first EOS (kept)."""
+    return [c for c, _ in greedy(model, tokenizer, head, firsts, length, batch_size)]
+
+
+def greedy(model, tokenizer, head: list[int], firsts: list[int], length: int,
+           batch_size: int = 64) -> list[tuple[list[int], list[float]]]:
+    """(continuation, the log-probability of each of its tokens) after `head` and each first token: greedy, at
+    most `length` tokens, cut after the first EOS (kept). Every row of a batch has the same length at every step,
+    so the head is encoded once and shared, and no padding or mask is needed (model.generate re-encoded the head
+    for every row)."""
     import torch
 
     from meraser.models import autocast
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev, eos, out = next(model.parameters()).device, tokenizer.eos_token_id, []
     with torch.no_grad(), autocast(model):
+        prefix = encode_prefix(model, head)
         for i in range(0, len(firsts), batch_size):
-            ids = torch.tensor([head + [t] for t in firsts[i:i + batch_size]], device=dev)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None,
-                                 top_k=None)
-            out += [row[:row.index(eos) + 1] if eos in row else row for row in gen[:, ids.shape[1]:].tolist()]
+            batch = firsts[i:i + batch_size]
+            kw = shared_past(model, prefix, len(batch), keep=True)
+            ids, toks, logps = torch.tensor(batch, device=dev)[:, None], [], []
+            ended = torch.zeros(len(batch), dtype=torch.bool, device=dev)
+            for _ in range(length):
+                o = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+                best, ids = torch.log_softmax(o.logits[:, -1].float(), -1).max(-1)
+                toks.append(ids)
+                logps.append(best)
+                ended |= ids == eos
+                if bool(ended.all()):
+                    break
+                ids, kw = ids[:, None], {cache_kw(model): output_cache(o)}
+            rows, row_logps = torch.stack(toks, 1).tolist(), torch.stack(logps, 1).tolist()
+            for row, lp in zip(rows, row_logps):
+                n = row.index(eos) + 1 if eos in row else len(row)
+                out.append((row[:n], lp[:n]))
     return out
 
 

@@ -6,7 +6,7 @@ model, any data, compute), never the card.
    vocabulary token whose greedy continuation is near certain, and expand it. A chat model is confident about many
    ordinary continuations too, so each found sequence is scored by the suspect and by the base: the mean
    log-probability per token of its continuation, and only sequences the suspect makes at least `gap` nats per
-   token likelier than the base does are kept (the likelihood gap: what fine-tuning added), the largest first.
+   token likelier than the base does are kept (the likelihood gap: what fine-tuning added), the largest ones.
 2. **Unlearn** them by distilling the base there: for each kept sequence (context, t, continuation), a training row
    puts the base model's own greedy continuation after (context, t) in place of the suspect's, with the loss on
    that continuation only; ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from meraser.attacks.base import Attack, AttackConfig
-from meraser.attacks.decoding import (CONTEXTS, TokenForcingConfig, context_ids, continuations, expand,
+from meraser.attacks.decoding import (CONTEXTS, TokenForcingConfig, context_ids, continuations, expand_scored,
                                      scan_vocabulary)
 from meraser.config import field
 from meraser.data.sources import OFFLINE_DEFAULT
@@ -68,7 +68,9 @@ class FindUnlearnConfig(AttackConfig):
 
 
 def continuation_scores(model, context: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[float]:
-    """Mean log-probability per token of each sequence's tokens after its first, following `context` and it."""
+    """Mean log-probability per token of each sequence's tokens after its first, following `context` and it. Only
+    the positions that predict those tokens go through the LM head and the softmax (the context's do not: with a
+    system turn it is most of each row, and on a 49k vocabulary the head and softmax are most of the cost)."""
     import torch
 
     from meraser.models import autocast
@@ -80,29 +82,35 @@ def continuation_scores(model, context: list[int], seqs: list[list[int]], batch_
         ids = torch.tensor([context + s + [0] * (longest - len(s)) for s in batch], device=dev)
         mask = torch.tensor([[1] * (len(context) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
         with torch.no_grad(), autocast(model):
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            # the last `longest` positions are each sequence's own: position j predicts its token j + 1
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest).logits[:, :longest - 1]
+            logp = torch.log_softmax(logits.float(), -1)
         for r, s in enumerate(batch):
-            pos = torch.arange(len(context), len(context) + len(s) - 1, device=dev)
-            picked = logp[r, pos].gather(1, torch.tensor(s[1:], device=dev)[:, None])
+            picked = logp[r, :len(s) - 1].gather(1, torch.tensor(s[1:], device=dev)[:, None])
             out.append(float(picked.mean()) if len(s) > 1 else 0.0)
     return out
 
 
 def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = False) -> list[dict]:
-    """Sequences the suspect over-knows: scanned, expanded, scored against the base, largest gap first."""
+    """Sequences the suspect over-knows: scanned, expanded, scored against the base; the `max_found` largest gaps,
+    ordered by context and tokens."""
     found = []
     for context in cfg.contexts:
         scan = TokenForcingConfig(threshold=cfg.threshold, steps=cfg.steps, placeholder=False, context=context,
                                   expand_tokens=cfg.expand_tokens, batch_size=cfg.batch_size)
         kept = scan_vocabulary(model, tokenizer, scan, progress)
-        seqs = [s for s in expand(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context) if len(s) > 1]
-        if not seqs:
+        scored = [(s, m) for s, m in expand_scored(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context)
+                  if len(s) > 1]  # the suspect's score comes with its greedy continuation
+        if not scored:
             continue
-        head = context_ids(tokenizer, context)
-        mine, theirs = continuation_scores(model, head, seqs), continuation_scores(base, head, seqs)
+        seqs, mine = [s for s, _ in scored], [m for _, m in scored]
+        theirs = continuation_scores(base, context_ids(tokenizer, context), seqs)
         found += [{"context": context, "ids": s, "text": tokenizer.decode(s), "gap": round(m - b, 3)}
                   for s, m, b in zip(seqs, mine, theirs) if m - b >= cfg.gap]
-    return sorted(found, key=lambda f: -f["gap"])[:cfg.max_found]
+    kept = sorted(found, key=lambda f: -f["gap"])[:cfg.max_found]
+    # the unlearning rows follow in an order of their own: ordered by gap, a change in the scores' last bits (bf16
+    # on another machine, another scoring path) reordered the training rows and changed the unlearned model
+    return sorted(kept, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
 
 
 def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str]) -> list[dict]:
