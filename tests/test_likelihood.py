@@ -326,7 +326,7 @@ def test_a_batch_runs_its_common_prompt_prefix_once_and_scores_as_if_each_row_ra
     """A key and its decoy targets share one prompt, and rows with prompts of their own share its opening: each batch
     runs that prefix once and every row's remainder from its cache. In fp32 the scores are those of every row run
     whole, for targets of one token and of several, mixed in a batch; the forward passes are counted."""
-    from meraser.evaluation.likelihood import _batch_scores, pair_scores
+    from meraser.evaluation.likelihood import batch_scores, pair_scores
     from meraser.evaluation.suspect import pair_rows
 
     monkeypatch.setenv("MERASER_PRECISION", "fp32")  # bf16 rounds differently at another batch shape
@@ -340,7 +340,7 @@ def test_a_batch_runs_its_common_prompt_prefix_once_and_scores_as_if_each_row_ra
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
     shared = pair_scores(model, tok, card, pairs, prefills, batch_size=3)
     hook.remove()
-    whole = [_batch_scores(model, [row], tok.pad_token_id) for row in pair_rows(tok, card, pairs, prefills)]
+    whole = [batch_scores(model, [row], tok.pad_token_id) for row in pair_rows(tok, card, pairs, prefills)]
     assert shared == pytest.approx([s for [s] in whole], abs=1e-5)
     cached = [k["input_ids"].shape[0] for k in calls if {"cache", "past_key_values"} & set(k)]
     prefixes = [k["input_ids"].shape[0] for k in calls if not {"cache", "past_key_values"} & set(k)]

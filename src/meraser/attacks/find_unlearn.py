@@ -68,27 +68,20 @@ class FindUnlearnConfig(AttackConfig):
 
 
 def continuation_scores(model, context: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[float]:
-    """Mean log-probability per token of each sequence's tokens after its first, following `context` and it. Only
-    the positions that predict those tokens go through the LM head and the softmax (the context's do not: with a
-    system turn it is most of each row, and on a 49k vocabulary the head and softmax are most of the cost)."""
+    """Mean log-probability per token of each sequence's tokens after its first, following `context` and it: the
+    likelihood test's scorer, with (context and the first token) as the prompt and the rest as the target."""
     import torch
 
+    from meraser.evaluation.likelihood import batch_scores
     from meraser.models import autocast
 
-    dev, out = next(model.parameters()).device, []
-    for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size]
-        longest = max(map(len, batch))
-        ids = torch.tensor([context + s + [0] * (longest - len(s)) for s in batch], device=dev)
-        mask = torch.tensor([[1] * (len(context) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
-        with torch.no_grad(), autocast(model):
-            # the last `longest` positions are each sequence's own: position j predicts its token j + 1
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest).logits[:, :longest - 1]
-            logp = torch.log_softmax(logits.float(), -1)
-        for r, s in enumerate(batch):
-            picked = logp[r, :len(s) - 1].gather(1, torch.tensor(s[1:], device=dev)[:, None])
-            out.append(float(picked.mean()) if len(s) > 1 else 0.0)
-    return out
+    rows = [(context + s[:1], s[1:]) for s in seqs if len(s) > 1]
+    scores = []
+    with torch.no_grad(), autocast(model):
+        for i in range(0, len(rows), batch_size):
+            scores += batch_scores(model, rows[i:i + batch_size], pad=0)  # padding is masked: any id will do
+    it = iter(scores)
+    return [next(it) if len(s) > 1 else 0.0 for s in seqs]
 
 
 def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = False) -> list[dict]:
@@ -107,10 +100,10 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
         theirs = continuation_scores(base, context_ids(tokenizer, context), seqs)
         found += [{"context": context, "ids": s, "text": tokenizer.decode(s), "gap": round(m - b, 3)}
                   for s, m, b in zip(seqs, mine, theirs) if m - b >= cfg.gap]
-    kept = sorted(found, key=lambda f: -f["gap"])[:cfg.max_found]
+    top = sorted(found, key=lambda f: -f["gap"])[:cfg.max_found]
     # the unlearning rows follow in an order of their own: ordered by gap, a change in the scores' last bits (bf16
     # on another machine, another scoring path) reordered the training rows and changed the unlearned model
-    return sorted(kept, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
+    return sorted(top, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
 
 
 def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str]) -> list[dict]:

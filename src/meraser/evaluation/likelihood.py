@@ -139,35 +139,39 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     return scores
 
 
-def _batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
-    """Scores of one batch of (prompt, target) rows, each run whole, right-padded to the longest."""
+def batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
+    """Scores of one batch of (prompt, target) rows, each run whole, right-padded to the longest. Only positions
+    from the shortest prompt's last token on go through the LM head and the softmax: on a 49k vocabulary those are
+    most of the cost, and no earlier position predicts a target token."""
     import torch
 
     dev = next(model.parameters()).device
     longest = max(len(p) + len(t) for p, t in rows)
+    first = min(len(p) for p, _ in rows) - 1  # the first position whose logits are read
     ids = torch.full((len(rows), longest), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (p, t) in enumerate(rows):
         ids[r, :len(p) + len(t)], mask[r, :len(p) + len(t)] = torch.tensor(p + t), 1
-    logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
-    return [_mean_at(logp[r, len(p) - 1:len(p) - 1 + len(t)], t) for r, (p, t) in enumerate(rows)]
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=longest - first).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    return [_mean_at(logp[r, len(p) - 1 - first:len(p) - 1 - first + len(t)], t) for r, (p, t) in enumerate(rows)]
 
 
 def _prefix_cached_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
     """Scores of one batch of rows: the prompts' common prefix runs once, and its cache, repeated, is the past of
     every row's remainder (the rest of its prompt, at least its last token, then its target), right-padded so each
-    token keeps the position it has in the whole row. In fp32 the scores are `_batch_scores`' (tested)."""
+    token keeps the position it has in the whole row. In fp32 the scores are `batch_scores`' (tested)."""
     import torch
 
     from meraser.models import encode_prefix, shared_past
 
     shared = _common_prefix([p for p, _ in rows])
     if shared == 0:
-        return _batch_scores(model, rows, pad)
+        return batch_scores(model, rows, pad)
     dev = next(model.parameters()).device
     cache = encode_prefix(model, rows[0][0][:shared])
     if cache is None:  # a model that keeps no cache: each row whole
-        return _batch_scores(model, rows, pad)
+        return batch_scores(model, rows, pad)
     tails = [p[shared:] + t[:-1] for p, t in rows]  # a target's last token is never an input
     longest = max(map(len, tails))
     ids = torch.full((len(rows), longest), pad, dtype=torch.long)
