@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from meraser.attacks.base import Attack, AttackConfig
 from meraser.config import field
-from meraser.utils import MeraserError
 from meraser.erase.datasets import CleanSet, MismatchedSet
 from meraser.erase.meraser import Phase
+from meraser.utils import MeraserError
 
 
 @dataclass
@@ -106,14 +106,11 @@ class CyclesConfig(MEraserConfig):
             raise MeraserError(f"{where}.cycles: {self.cycles} is not a number of passes (1 or more)")
 
 
-class MEraserCycles(Attack):
+class MEraserCycles(MEraser):  # MEraser's inputs, checked as MEraser checks them
     name = "meraser-cycles"
     summary = "MEraser repeated: erase and recover the recovered model again, on fresh rows each cycle"
     paper = "https://arxiv.org/abs/2506.12551 (repeated; this project)"
     Config = CyclesConfig
-
-    def check(self, cfg, ctx):
-        MEraser().check(cfg, ctx)
 
     def apply(self, model, tokenizer, cfg, ctx):
         # a blind attacker repeats the one recipe it has; a repeat on the same rows would only train the same
