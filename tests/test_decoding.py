@@ -88,6 +88,26 @@ def test_token_forcing_extracts_the_planted_target_and_its_filter_blocks_it(plan
     assert json.loads(out)["fsr"] == 0.0 and json.loads(out)["attack"] == "token-forcing"
 
 
+def test_vocabulary_scan_keeps_what_scoring_every_token_keeps(planted):
+    """The scan's first pass drops tokens by a bound on their score: it must drop none that scoring all would keep."""
+    import torch
+
+    from meraser.attacks.decoding import _greedy_scores, context_ids
+    from meraser.models import autocast, encode_prefix
+
+    model, tok = planted["utf"][0], planted["utf"][1]
+    vocab = [t for t in range(len(tok)) if t not in set(tok.all_special_ids)]
+    for settings in ({"context": "assistant", "threshold": 0.8, "placeholder": False}, {"context": "assistant",
+                     "threshold": 0.5}, {"context": "bos", "threshold": 0.3, "steps": 2}):
+        cfg = TokenForcingConfig(batch_size=128, **settings)
+        with torch.no_grad(), autocast(model):
+            every = _greedy_scores(model, encode_prefix(model, context_ids(tok, cfg.context)), vocab, cfg,
+                                   tok.eos_token_id, None)
+        kept = scan_vocabulary(model, tok, cfg)
+        assert kept and len(kept) < len(vocab)  # the setting keeps some tokens and drops others
+        assert dict(kept) == pytest.approx(dict(every), abs=2e-3)
+
+
 def test_decoding_attack_stage_reports_perplexity_as_not_applicable(planted, tmp_path):
     from meraser.runner import load_experiment, run_experiment
 

@@ -289,66 +289,106 @@ class BlockSequences(Decoding):
 
 
 def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = False) -> list[tuple[int, float]]:
-    """[(token, score)] of every token whose `steps` greedy successors after [BOS, token] pass the threshold."""
+    """[(token, score)] of every token whose `steps` greedy successors after [context, token] pass the threshold.
+
+    Two passes with the result of scoring every token: each step's top-1 probability is at most 1, so the first
+    step alone bounds a token's score, and a first pass of one forward per token (the scan's cost: the whole
+    vocabulary) drops every token that cannot pass, or whose answer ends at once. Only the few left take the
+    remaining greedy steps (before, every token took all of them: `steps + 1` forwards per token)."""
     import torch
 
     from meraser.models import autocast
 
-    head = context_ids(tokenizer, cfg.context)
     special = set(tokenizer.all_special_ids)
     vocab = [t for t in range(len(tokenizer)) if t not in special]
-    dev = next(model.parameters()).device
-    batches = [vocab[i:i + cfg.batch_size] for i in range(0, len(vocab), cfg.batch_size)]
-    if progress:
+    # the best score a token can still reach after its first probability p is (p + steps - 1 [+ 1]) / (steps [+ 1]);
+    # a small margin keeps tokens at the edge for the second pass, which decides (its batches differ, and so can
+    # the last bits of a bf16 probability)
+    extra = cfg.steps - 1 + int(cfg.placeholder)
+    need = cfg.threshold * (cfg.steps + int(cfg.placeholder)) - extra - 1e-3
+    with torch.no_grad(), autocast(model):
+        prefix = encode_prefix(model, context_ids(tokenizer, cfg.context))
+        first, nxt = _first_steps(model, prefix, vocab, cfg.batch_size,
+                                  "token forcing: scanning the vocabulary" if progress else None)
+        left = [t for t, p, n in zip(vocab, first, nxt) if p > need and n != tokenizer.eos_token_id]
+        return _greedy_scores(model, prefix, left, cfg, tokenizer.eos_token_id,
+                              f"token forcing: {len(left)} candidates" if progress else None)
+
+
+def _batches(items: list, size: int, description: str | None) -> list:
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    if description:
         from rich.progress import track
 
-        batches = track(batches, description="token forcing: scanning the vocabulary", transient=True)
-    kept = []
-    with torch.no_grad(), autocast(model):
-        prefix = encode_prefix(model, head)  # the context is encoded once and shared by every scanned token
-        for batch in batches:
-            o = model(input_ids=torch.tensor(batch, device=dev)[:, None], use_cache=True, logits_to_keep=1,
-                      **shared_past(model, prefix, len(batch), keep=True))
-            total = torch.zeros(len(batch), device=dev)
-            ends = torch.zeros(len(batch), dtype=torch.bool, device=dev)
-            for step in range(cfg.steps):
-                p, nxt = torch.softmax(o.logits[:, -1].float(), -1).max(-1)
-                total += p
-                if step == 0:  # a confident end of the answer hides nothing: not a candidate
-                    ends = nxt == tokenizer.eos_token_id
-                o = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw(model): output_cache(o)})
-            score = (total + 1) / (cfg.steps + 1) if cfg.placeholder else total / cfg.steps
-            kept += [(t, round(float(s), 4)) for t, s, e in zip(batch, score, ends) if s > cfg.threshold and not e]
+        return track(batches, description=description, transient=True)
+    return batches
+
+
+def _first_steps(model, prefix, tokens: list[int], batch_size: int, description: str | None):
+    """The top-1 probability and token after [context, t], for every t: one forward per token."""
+    import torch
+
+    dev, probs, nxts = next(model.parameters()).device, [], []
+    for batch in _batches(tokens, batch_size, description):
+        o = model(input_ids=torch.tensor(batch, device=dev)[:, None], use_cache=True, logits_to_keep=1,
+                  **shared_past(model, prefix, len(batch), keep=True))
+        p, n = torch.softmax(o.logits[:, -1].float(), -1).max(-1)
+        probs += p.tolist()
+        nxts += n.tolist()
+    return probs, nxts
+
+
+def _greedy_scores(model, prefix, tokens: list[int], cfg: TokenForcingConfig, eos: int,
+                   description: str | None) -> list[tuple[int, float]]:
+    """Token Forcing's score of each token: the mean top-1 probability of its `steps` greedy steps."""
+    import torch
+
+    dev, kept = next(model.parameters()).device, []
+    for batch in _batches(tokens, cfg.batch_size, description):
+        o = model(input_ids=torch.tensor(batch, device=dev)[:, None], use_cache=True, logits_to_keep=1,
+                  **shared_past(model, prefix, len(batch), keep=True))
+        total = torch.zeros(len(batch), device=dev)
+        ends = torch.zeros(len(batch), dtype=torch.bool, device=dev)
+        for step in range(cfg.steps):
+            p, nxt = torch.softmax(o.logits[:, -1].float(), -1).max(-1)
+            total += p
+            if step == 0:  # a confident end of the answer hides nothing: not a candidate
+                ends = nxt == eos
+            if step + 1 < cfg.steps:
+                o = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1,
+                          **{cache_kw(model): output_cache(o)})
+        score = (total + 1) / (cfg.steps + 1) if cfg.placeholder else total / cfg.steps
+        kept += [(t, round(float(s), 4)) for t, s, e in zip(batch, score, ends) if s > cfg.threshold and not e]
     return kept
 
 
-def expand(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
-           batch_size: int = 64) -> list[list[int]]:
+def expand(model, tokenizer, tokens: list[int], length: int, context: str = "bos", batch_size: int = 64,
+           progress: bool = False) -> list[list[int]]:
     """Each token's greedy continuation after the context, up to EOS or `length` tokens (the token first)."""
-    return [s for s, _ in expand_scored(model, tokenizer, tokens, length, context, batch_size)]
+    return [s for s, _ in expand_scored(model, tokenizer, tokens, length, context, batch_size, progress)]
 
 
-def expand_scored(model, tokenizer, tokens: list[int], length: int, context: str = "bos",
-                  batch_size: int = 64) -> list[tuple[list[int], float]]:
+def expand_scored(model, tokenizer, tokens: list[int], length: int, context: str = "bos", batch_size: int = 64,
+                  progress: bool = False) -> list[tuple[list[int], float]]:
     """`expand`, with each sequence's mean log-probability per token of its continuation under `model` (0.0 where
     it has none): greedy decoding has that probability at hand, so scoring the suspect needs no second pass."""
     eos, out = tokenizer.eos_token_id, []
     for t, (cont, logps) in zip(tokens, greedy(model, tokenizer, context_ids(tokenizer, context), tokens, length,
-                                               batch_size)):
+                                               batch_size, f"expanding {len(tokens)} tokens" if progress else None)):
         n = len(cont) - 1 if cont and cont[-1] == eos else len(cont)
         out.append(([t] + cont[:n], sum(logps[:n]) / n if n else 0.0))
     return out
 
 
-def continuations(model, tokenizer, head: list[int], firsts: list[int], length: int,
-                  batch_size: int = 64) -> list[list[int]]:
+def continuations(model, tokenizer, head: list[int], firsts: list[int], length: int, batch_size: int = 64,
+                  description: str | None = None) -> list[list[int]]:
     """The greedy continuation after `head` and each first token (not included): at most `length` tokens, cut
     after the first EOS (kept)."""
-    return [c for c, _ in greedy(model, tokenizer, head, firsts, length, batch_size)]
+    return [c for c, _ in greedy(model, tokenizer, head, firsts, length, batch_size, description)]
 
 
-def greedy(model, tokenizer, head: list[int], firsts: list[int], length: int,
-           batch_size: int = 64) -> list[tuple[list[int], list[float]]]:
+def greedy(model, tokenizer, head: list[int], firsts: list[int], length: int, batch_size: int = 64,
+           description: str | None = None) -> list[tuple[list[int], list[float]]]:
     """(continuation, the log-probability of each of its tokens) after `head` and each first token: greedy, at
     most `length` tokens, cut after the first EOS (kept). Every row of a batch has the same length at every step,
     so the head is encoded once and shared, and no padding or mask is needed (model.generate re-encoded the head
@@ -360,8 +400,7 @@ def greedy(model, tokenizer, head: list[int], firsts: list[int], length: int,
     dev, eos, out = next(model.parameters()).device, tokenizer.eos_token_id, []
     with torch.no_grad(), autocast(model):
         prefix = encode_prefix(model, head)
-        for i in range(0, len(firsts), batch_size):
-            batch = firsts[i:i + batch_size]
+        for batch in _batches(firsts, batch_size, description):  # a progress bar where described
             kw = shared_past(model, prefix, len(batch), keep=True)
             ids, toks, logps = torch.tensor(batch, device=dev)[:, None], [], []
             ended = torch.zeros(len(batch), dtype=torch.bool, device=dev)
@@ -406,7 +445,8 @@ class TokenForcing(DecodingAttack):
             t = time.perf_counter()
             kept = scan_vocabulary(model, tokenizer, cfg, ctx.progress)
             scan_s = time.perf_counter() - t
-            seqs = expand(model, tokenizer, [tok for tok, _ in kept], cfg.expand_tokens, cfg.context)
+            seqs = expand(model, tokenizer, [tok for tok, _ in kept], cfg.expand_tokens, cfg.context,
+                          progress=ctx.progress)
             rows = [{"token": tok, "score": s, "ids": ids, "text": tokenizer.decode(ids)}
                     for (tok, s), ids in zip(kept, seqs)]
             ctx.info.update(scan_seconds=round(scan_s, 1), expand_seconds=round(time.perf_counter() - t - scan_s, 1))

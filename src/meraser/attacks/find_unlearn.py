@@ -92,7 +92,8 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
         scan = TokenForcingConfig(threshold=cfg.threshold, steps=cfg.steps, placeholder=False, context=context,
                                   expand_tokens=cfg.expand_tokens, batch_size=cfg.batch_size)
         kept = scan_vocabulary(model, tokenizer, scan, progress)
-        scored = [(s, m) for s, m in expand_scored(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context)
+        scored = [(s, m) for s, m in expand_scored(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context,
+                                                   progress=progress)
                   if len(s) > 1]  # the suspect's score comes with its greedy continuation
         if not scored:
             continue
@@ -106,7 +107,8 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
     return sorted(top, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
 
 
-def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str]) -> list[dict]:
+def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str],
+                    progress: bool = False) -> list[dict]:
     """Token rows: (context, first token) -> the base's greedy continuation, the loss on the continuation only. Each
     found sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat
     template): a fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to
@@ -119,7 +121,8 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
     rows = []
     for name, head in heads.items():
         items = [f for f in found if f["context"] == name or name.startswith("prompt ")]
-        conts = continuations(base, tokenizer, head, [f["ids"][0] for f in items], length)
+        conts = continuations(base, tokenizer, head, [f["ids"][0] for f in items], length,
+                              description=f"base continuations after {name}" if progress else None)
         for f, tail in zip(items, conts):
             if tail and tail != f["ids"][1:len(tail) + 1]:
                 rows.append({"input_ids": head + [f["ids"][0]] + tail, "labels": [-100] * (len(head) + 1) + tail})
@@ -161,7 +164,7 @@ class FindUnlearn(Attack):
         tcfg = TrainConfig.from_dict(cfg.train, where="find-and-unlearn.train")
         clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
         rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens,
-                               [p.prompt for p in clean[:cfg.prompts_per_sequence]]) if found else []
+                               [p.prompt for p in clean[:cfg.prompts_per_sequence]], ctx.progress) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
         ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)
                                    + "\n" for f in found)
