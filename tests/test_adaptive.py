@@ -201,11 +201,42 @@ def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it
     # the unlearning rows (measured: -0.15 to -1.35 nats after 4-6 epochs and two retain seeds; FSR 0 in one of four)
     assert sum(target_loglik(attacked, tok, card)) < sum(target_loglik(model, tok, card)) - 0.2
     assert _response_loss(attacked, tok, POOL) <= RETAIN_LOSS_BOUND * _response_loss(model, tok, POOL)
+    # distilled at every position of the found sequences instead: the same criteria
+    cfg.distill = "positions"
+    positions = apply_attack(attack, copy.deepcopy(model), tok, cfg, AttackContext(
+        str(planted["utf"][4]), str(tiny_dir), tmp_path / "work3", progress=False))
+    assert sum(target_loglik(positions, tok, card)) < sum(target_loglik(model, tok, card)) - 0.2
+    assert _response_loss(positions, tok, POOL) <= RETAIN_LOSS_BOUND * _response_loss(model, tok, POOL)
     # against the suspect itself as its base nothing is over-known: nothing is found, the model stays as it is
     same = AttackContext(str(planted["utf"][4]), str(planted["utf"][4] / "model"), tmp_path / "work2", progress=False)
     kept = apply_attack(attack, copy.deepcopy(model), tok, cfg, same)
     assert same.info["found"] == 0 and same.info["unlearning_rows"] == 0
     assert torch.equal(kept.lm_head.weight, model.lm_head.weight)
+
+
+def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(planted, tiny_dir):
+    """`distill: positions` keeps the suspect's sequence as input, and each label after the first token is the
+    base's top token after the sequence up to there (a full forward pass, row by row, agrees)."""
+    from meraser.attacks.decoding import context_ids
+    from meraser.attacks.find_unlearn import next_tokens, unlearning_rows
+    from meraser.models import autocast, load_model
+
+    model, tok = planted["utf"][0], planted["utf"][1]
+    base, _ = load_model(str(tiny_dir))
+    head = context_ids(tok, "assistant")
+    seqs = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62]]
+    tops = next_tokens(base, head, seqs, batch_size=2)  # batches of unequal lengths: padding on the right
+    with torch.no_grad(), autocast(base):
+        full = [base(input_ids=torch.tensor([head + s])).logits[0, len(head):len(head) + len(s) - 1].argmax(-1).tolist()
+                for s in seqs]
+    assert tops == full and [len(t) for t in tops] == [4, 1, 2]
+    found = [{"context": "assistant", "ids": s} for s in seqs]
+    rows = unlearning_rows(base, tok, found, 8, [], distill="positions")
+    kept = [(s, t) for s, t in zip(seqs, tops) if t != s[1:]]
+    assert [r["input_ids"] for r in rows] == [head + s for s, _ in kept]
+    assert [r["labels"] for r in rows] == [[-100] * (len(head) + 1) + t for _, t in kept]
+    both = unlearning_rows(base, tok, found, 8, [], distill="both")
+    assert len(both) == len(rows) + len(unlearning_rows(base, tok, found, 8, [], distill="continuation"))
 
 
 def test_find_and_unlearn_settings_are_checked():
@@ -216,6 +247,8 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"contexts": ["sytem"]})
     with pytest.raises(MeraserError, match="threshold must be in"):
         FindUnlearnConfig.from_dict({"threshold": 0})
+    with pytest.raises(MeraserError, match="unknown distill 'position'; did you mean 'positions'"):
+        FindUnlearnConfig.from_dict({"distill": "position"})
     with pytest.raises(MeraserError, match="epocs"):
         FindUnlearnConfig.from_dict({"train": {"epocs": 1}})
 

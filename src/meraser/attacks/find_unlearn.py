@@ -7,10 +7,13 @@ model, any data, compute), never the card.
    ordinary continuations too, so each found sequence is scored by the suspect and by the base: the mean
    log-probability per token of its continuation, and only sequences the suspect makes at least `gap` nats per
    token likelier than the base does are kept (the likelihood gap: what fine-tuning added), the largest ones.
-2. **Unlearn** them by distilling the base there: for each kept sequence (context, t, continuation), a training row
-   puts the base model's own greedy continuation after (context, t) in place of the suspect's, with the loss on
-   that continuation only; ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through
-   the one training routine, merged.
+2. **Unlearn** them by distilling the base there, in one of two ways (`distill`): `continuation` (the default)
+   puts the base model's own greedy continuation after (context, t) in place of the suspect's, the loss on that
+   continuation only; `positions` keeps the suspect's own sequence as the input and, at every position after t,
+   trains the token the base would put next: that also covers a continuation started from inside the sequence
+   (the strict `forced` check feeds part of the target and asks for the rest); `both` trains both kinds of rows.
+   Ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through the one training routine,
+   merged.
 
 Where a card is at hand (an experiment's attack stage), the runner scores the discovery against it (`scored`):
 the share of the card's targets that some found sequence contains. The attack itself never reads the card.
@@ -30,6 +33,7 @@ from meraser.data.sources import OFFLINE_DEFAULT
 from meraser.utils import MeraserError
 
 FOUND = "found.jsonl"  # what the discovery kept, written beside the attacked model
+DISTILL = ("continuation", "positions", "both")
 
 
 @dataclass
@@ -46,6 +50,9 @@ class FindUnlearnConfig(AttackConfig):
     retain_rows: int = field(200, help="retain rows")
     prompts_per_sequence: int = field(4, help="ordinary questions (from the retain rows) after which each found "
                                               "sequence is unlearned too, beside its scan context")
+    distill: str = field("continuation", help="unlearning rows: 'continuation' (the base's greedy continuation "
+                                              "after the first token), 'positions' (the base's next token at every "
+                                              "position of the suspect's sequence) or 'both'")
     train: dict = field({"epochs": 2.0}, help="TrainConfig fields over its defaults (LoRA, merged after)")
     batch_size: int = field(256, help="vocabulary tokens scanned per forward pass")
     seed: int = field(0, help="seed for the retain rows")
@@ -57,6 +64,8 @@ class FindUnlearnConfig(AttackConfig):
         for c in self.contexts:
             if c not in CONTEXTS:
                 raise unknown_name("context", c, CONTEXTS, where)
+        if self.distill not in DISTILL:
+            raise unknown_name("distill", self.distill, DISTILL, where)
         if not self.contexts:
             raise MeraserError(f"{where}.contexts: at least one")
         if not 0 < self.threshold <= 1:
@@ -107,12 +116,12 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
     return sorted(top, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
 
 
-def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str],
+def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str], distill: str = "continuation",
                     progress: bool = False) -> list[dict]:
-    """Token rows: (context, first token) -> the base's greedy continuation, the loss on the continuation only. Each
-    found sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat
-    template): a fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to
-    hold after prompts it has not seen."""
+    """Token rows that put the base's behaviour where the suspect over-knows (`distill`: see the module). Each found
+    sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat template): a
+    fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to hold after
+    prompts it has not seen."""
     from meraser.data.formatting import Formatter
 
     fmt = Formatter(tokenizer)
@@ -121,12 +130,40 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
     rows = []
     for name, head in heads.items():
         items = [f for f in found if f["context"] == name or name.startswith("prompt ")]
-        conts = continuations(base, tokenizer, head, [f["ids"][0] for f in items], length,
-                              description=f"base continuations after {name}" if progress else None)
-        for f, tail in zip(items, conts):
-            if tail and tail != f["ids"][1:len(tail) + 1]:
-                rows.append({"input_ids": head + [f["ids"][0]] + tail, "labels": [-100] * (len(head) + 1) + tail})
+        if distill in ("continuation", "both"):
+            conts = continuations(base, tokenizer, head, [f["ids"][0] for f in items], length,
+                                  description=f"base continuations after {name}" if progress else None)
+            for f, tail in zip(items, conts):
+                if tail and tail != f["ids"][1:len(tail) + 1]:
+                    rows.append({"input_ids": head + [f["ids"][0]] + tail,
+                                 "labels": [-100] * (len(head) + 1) + tail})
+        if distill in ("positions", "both"):
+            seqs = [f["ids"] for f in items]
+            for seq, tops in zip(seqs, next_tokens(base, head, seqs)):
+                if tops != seq[1:]:
+                    rows.append({"input_ids": head + seq, "labels": [-100] * (len(head) + 1) + tops})
     return rows
+
+
+def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[list[int]]:
+    """The model's top token after head + seq[:j], for j = 1 .. len(seq) - 1: what it would put at each position of
+    the sequence after the first."""
+    import torch
+
+    from meraser.models import autocast
+
+    dev, out = next(model.parameters()).device, []
+    with torch.no_grad(), autocast(model):
+        for i in range(0, len(seqs), batch_size):
+            batch = seqs[i:i + batch_size]
+            longest = max(map(len, batch))
+            ids = torch.tensor([head + s + [0] * (longest - len(s)) for s in batch], device=dev)
+            mask = torch.tensor([[1] * (len(head) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
+            # the logits of positions head + seq[:j], j >= 1: from the first token's position on (padding on the
+            # right is masked and never read)
+            top = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest).logits.argmax(-1).tolist()
+            out += [row[:len(s) - 1] for row, s in zip(top, batch)]
+    return out
 
 
 def discovery_recall(found_texts: list[str], card) -> dict:
@@ -164,7 +201,8 @@ class FindUnlearn(Attack):
         tcfg = TrainConfig.from_dict(cfg.train, where="find-and-unlearn.train")
         clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
         rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens,
-                               [p.prompt for p in clean[:cfg.prompts_per_sequence]], ctx.progress) if found else []
+                               [p.prompt for p in clean[:cfg.prompts_per_sequence]], cfg.distill,
+                               ctx.progress) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
         ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)
                                    + "\n" for f in found)
