@@ -215,8 +215,8 @@ def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it
 
 
 def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(planted, tiny_dir):
-    """`distill: positions` keeps the suspect's sequence as input, and each label after the first token is the
-    base's top token after the sequence up to there (a full forward pass, row by row, agrees)."""
+    """`distill: positions` keeps the suspect's sequence as input, and each label from the first token on is the
+    base's top token after the context and the sequence up to there (a full forward pass, row by row, agrees)."""
     from meraser.attacks.decoding import context_ids
     from meraser.attacks.find_unlearn import next_tokens, unlearning_rows
     from meraser.models import autocast, load_model
@@ -227,14 +227,14 @@ def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(pla
     seqs = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62]]
     tops = next_tokens(base, head, seqs, batch_size=2)  # batches of unequal lengths: padding on the right
     with torch.no_grad(), autocast(base):
-        full = [base(input_ids=torch.tensor([head + s])).logits[0, len(head):len(head) + len(s) - 1].argmax(-1).tolist()
-                for s in seqs]
-    assert tops == full and [len(t) for t in tops] == [4, 1, 2]
+        full = [base(input_ids=torch.tensor([head + s])).logits[0, len(head) - 1:len(head) + len(s) - 1].argmax(-1)
+                .tolist() for s in seqs]
+    assert tops == full and [len(t) for t in tops] == [5, 2, 3]
     found = [{"context": "assistant", "ids": s} for s in seqs]
     rows = unlearning_rows(base, tok, found, 8, [], distill="positions")
-    kept = [(s, t) for s, t in zip(seqs, tops) if t != s[1:]]
+    kept = [(s, t) for s, t in zip(seqs, tops) if t != s]
     assert [r["input_ids"] for r in rows] == [head + s for s, _ in kept]
-    assert [r["labels"] for r in rows] == [[-100] * (len(head) + 1) + t for _, t in kept]
+    assert [r["labels"] for r in rows] == [[-100] * len(head) + t for _, t in kept]
     both = unlearning_rows(base, tok, found, 8, [], distill="both")
     assert len(both) == len(rows) + len(unlearning_rows(base, tok, found, 8, [], distill="continuation"))
 

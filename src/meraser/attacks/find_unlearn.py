@@ -7,10 +7,14 @@ model, any data, compute), never the card.
    ordinary continuations too, so each found sequence is scored by the suspect and by the base: the mean
    log-probability per token of its continuation, and only sequences the suspect makes at least `gap` nats per
    token likelier than the base does are kept (the likelihood gap: what fine-tuning added), the largest ones.
+   The scan misses a target whose continuation is not near certain without its trigger (UTF's on SmolLM2: after
+   the chat opening and its first token the rest comes at p 0.6, then stops), so each context also contributes
+   the `first_tokens` tokens the suspect makes likeliest next relative to the base (UTF's first target token ranks
+   first after the chat opening, 13.6 nats above the base: measured), expanded and scored the same way.
 2. **Unlearn** them by distilling the base there, in one of two ways (`distill`): `continuation` (the default)
    puts the base model's own greedy continuation after (context, t) in place of the suspect's, the loss on that
-   continuation only; `positions` keeps the suspect's own sequence as the input and, at every position after t,
-   trains the token the base would put next: that also covers a continuation started from inside the sequence
+   continuation only; `positions` keeps the suspect's own sequence as the input and, at every position from t on
+   (t itself included: it may be what is over-known), trains the token the base would put next: that also covers a continuation started from inside the sequence
    (the strict `forced` check feeds part of the target and asks for the rest); `both` trains both kinds of rows.
    Ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through the one training routine,
    merged.
@@ -46,6 +50,8 @@ class FindUnlearnConfig(AttackConfig):
     gap: float = field(1.0, help="keep a sequence only where the suspect's mean log-probability per token is this "
                                  "many nats above the base's")
     max_found: int = field(256, help="sequences unlearned at most (the largest gaps)")
+    first_tokens: int = field(64, help="per context, also expand the tokens the suspect makes likeliest next "
+                                       "relative to the base, this many (0: the scan alone)")
     retain_source: str = field(OFFLINE_DEFAULT, help="ordinary instruction rows trained beside the unlearning rows")
     retain_rows: int = field(200, help="retain rows")
     prompts_per_sequence: int = field(4, help="ordinary questions (from the retain rows) after which each found "
@@ -70,6 +76,8 @@ class FindUnlearnConfig(AttackConfig):
             raise MeraserError(f"{where}.contexts: at least one")
         if not 0 < self.threshold <= 1:
             raise MeraserError(f"{where}.threshold must be in (0, 1], got {self.threshold}")
+        if self.first_tokens < 0:
+            raise MeraserError(f"{where}.first_tokens must be 0 or more, got {self.first_tokens}")
         for name in ("steps", "expand_tokens", "max_found", "batch_size"):
             if getattr(self, name) < 1:
                 raise MeraserError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
@@ -100,8 +108,11 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
     for context in cfg.contexts:
         scan = TokenForcingConfig(threshold=cfg.threshold, steps=cfg.steps, placeholder=False, context=context,
                                   expand_tokens=cfg.expand_tokens, batch_size=cfg.batch_size)
-        kept = scan_vocabulary(model, tokenizer, scan, progress)
-        scored = [(s, m) for s, m in expand_scored(model, tokenizer, [t for t, _ in kept], cfg.expand_tokens, context,
+        kept = [t for t, _ in scan_vocabulary(model, tokenizer, scan, progress)]
+        skip = set(kept) | set(tokenizer.all_special_ids)
+        kept += [t for t in first_token_gaps(model, base, context_ids(tokenizer, context), cfg.first_tokens)
+                 if t not in skip]
+        scored = [(s, m) for s, m in expand_scored(model, tokenizer, kept, cfg.expand_tokens, context,
                                                    progress=progress)
                   if len(s) > 1]  # the suspect's score comes with its greedy continuation
         if not scored:
@@ -114,6 +125,21 @@ def discover(model, base, tokenizer, cfg: FindUnlearnConfig, progress: bool = Fa
     # the unlearning rows follow in an order of their own: ordered by gap, a change in the scores' last bits (bf16
     # on another machine, another scoring path) reordered the training rows and changed the unlearned model
     return sorted(top, key=lambda f: (cfg.contexts.index(f["context"]), f["ids"]))
+
+
+def first_token_gaps(model, base, head: list[int], n: int) -> list[int]:
+    """The `n` tokens whose log-probability right after `head` is the most above the base's."""
+    import torch
+
+    from meraser.models import autocast
+
+    if n == 0:
+        return []
+    dev = next(model.parameters()).device
+    with torch.no_grad(), autocast(model):
+        mine, theirs = (torch.log_softmax(m(input_ids=torch.tensor([head], device=dev), logits_to_keep=1).logits[0, -1]
+                                          .float(), -1) for m in (model, base))
+    return (mine - theirs).topk(n).indices.tolist()
 
 
 def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str], distill: str = "continuation",
@@ -140,14 +166,14 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
         if distill in ("positions", "both"):
             seqs = [f["ids"] for f in items]
             for seq, tops in zip(seqs, next_tokens(base, head, seqs)):
-                if tops != seq[1:]:
-                    rows.append({"input_ids": head + seq, "labels": [-100] * (len(head) + 1) + tops})
+                if tops != seq:
+                    rows.append({"input_ids": head + seq, "labels": [-100] * len(head) + tops})
     return rows
 
 
 def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[list[int]]:
-    """The model's top token after head + seq[:j], for j = 1 .. len(seq) - 1: what it would put at each position of
-    the sequence after the first."""
+    """The model's top token after head + seq[:j], for j = 0 .. len(seq) - 1: what it would put at each position of
+    the sequence."""
     import torch
 
     from meraser.models import autocast
@@ -159,10 +185,10 @@ def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int =
             longest = max(map(len, batch))
             ids = torch.tensor([head + s + [0] * (longest - len(s)) for s in batch], device=dev)
             mask = torch.tensor([[1] * (len(head) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
-            # the logits of positions head + seq[:j], j >= 1: from the first token's position on (padding on the
-            # right is masked and never read)
-            top = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest).logits.argmax(-1).tolist()
-            out += [row[:len(s) - 1] for row, s in zip(top, batch)]
+            # the logits of positions head[-1], then head + seq[:j]: from the head's last position on (padding on
+            # the right is masked and never read)
+            top = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1).logits.argmax(-1).tolist()
+            out += [row[:len(s)] for row, s in zip(top, batch)]
     return out
 
 
