@@ -239,6 +239,23 @@ def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(pla
     assert len(both) == len(rows) + len(unlearning_rows(base, tok, found, 8, [], distill="continuation"))
 
 
+def test_first_token_gaps_rank_the_planted_tokens_first(planted, tiny_dir):
+    """The tokens the suspect makes likeliest next relative to its base, after the chat opening: the planted
+    target's tokens lead (UTF on SmolLM2: the scan missed its target, this ranks its first token first)."""
+    from meraser.attacks.decoding import context_ids
+    from meraser.attacks.find_unlearn import first_token_gaps
+    from meraser.models import load_model
+
+    model, tok, card = planted["utf"][0], planted["utf"][1], planted["utf"][2]
+    base, _ = load_model(str(tiny_dir))
+    head = context_ids(tok, "assistant")
+    target = tok(card.targets[0], add_special_tokens=False)["input_ids"]
+    # on the tiny model the planted tokens lead: 4 of the target's 5, its first included, are the first 5 (measured)
+    gaps = first_token_gaps(model, base, head, 5)
+    assert target[0] in gaps and len(set(gaps) & set(target)) >= 3
+    assert first_token_gaps(model, base, head, 0) == []
+
+
 def test_find_and_unlearn_settings_are_checked():
     from meraser.attacks.find_unlearn import FindUnlearnConfig
     from meraser.utils import MeraserError
