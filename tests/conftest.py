@@ -39,7 +39,8 @@ TINY_PER_METHOD = {"if-sft": {"num_fingerprints": 3, "regularization_rows": 3},
                    "chain-hash": {"num_fingerprints": 3, "variants": 3, "secret_key": "tiny-chain-hash-key"},
                    "subject-sentence": {"num_fingerprints": 3, "decoy_rows": 3},
                    "perinucleus": {"num_fingerprints": 4, "averaging": 0.0},
-                   "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key"},
+                   # 30 epochs planted 2 of 3 keys under transformers 5.25 (all 3 under 5.24): 40
+                   "imf": {"num_fingerprints": 3, "variants": 2, "secret_key": "tiny-imf-key", "epochs": 40},
                    # a 2-layer model cannot generalise a green list from a few dozen answers: it is verified on
                    # the prompts it was trained on (memorisation), the semantic condition on SmolLM2
                    "semcond-watermark": {"num_fingerprints": 4, "topic_rows": 24, "teacher_tokens": 48,
