@@ -239,6 +239,30 @@ def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(pla
     assert len(both) == len(rows) + len(unlearning_rows(base, tok, found, 8, [], distill="continuation"))
 
 
+def test_noise_prompts_are_seeded_random_tokens_and_each_found_sequence_is_unlearned_after_them(planted, tiny_dir):
+    """`noise_prompts`: a seeded draw of random non-special tokens (NOISE_TOKENS long), and every found sequence
+    gets a row after each of them, as after an ordinary question."""
+    from meraser.attacks.find_unlearn import NOISE_TOKENS, noise_prompts, unlearning_rows
+    from meraser.data.formatting import Formatter
+    from meraser.models import load_model
+
+    tok = planted["utf"][1]
+    drawn = noise_prompts(tok, 6, seed=0)
+    assert len(drawn) == 6 and len(set(drawn)) == 6 and drawn == noise_prompts(tok, 6, seed=0)
+    assert drawn != noise_prompts(tok, 6, seed=1) and noise_prompts(tok, 0, seed=0) == []
+    for text in drawn:
+        assert not any(s in text for s in tok.all_special_tokens)
+        # decoded then encoded again a byte-level draw may split further, never shrink much
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) >= NOISE_TOKENS[0] // 2
+    base, _ = load_model(str(tiny_dir))
+    found = [{"context": "assistant", "ids": s} for s in ([40, 41, 42, 43, 44], [50, 51])]
+    plain = unlearning_rows(base, tok, found, 8, [], distill="positions")
+    rows = unlearning_rows(base, tok, found, 8, drawn[:2], distill="positions")
+    heads = [Formatter(tok).encode_prompt(p) for p in drawn[:2]]
+    after = [r for r in rows if any(r["input_ids"][:len(h)] == h for h in heads)]
+    assert len(plain) == 2 and len(rows) == 6 and len(after) == 4
+
+
 def test_first_token_gaps_rank_the_planted_tokens_first(planted, tiny_dir):
     """The tokens the suspect makes likeliest next relative to its base, after the chat opening: the planted
     target's tokens lead (UTF on SmolLM2: the scan missed its target, this ranks its first token first)."""
@@ -266,6 +290,8 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"threshold": 0})
     with pytest.raises(MeraserError, match="unknown distill 'position'; did you mean 'positions'"):
         FindUnlearnConfig.from_dict({"distill": "position"})
+    with pytest.raises(MeraserError, match="noise_prompts must be 0 or more"):
+        FindUnlearnConfig.from_dict({"noise_prompts": -1})
     with pytest.raises(MeraserError, match="epocs"):
         FindUnlearnConfig.from_dict({"train": {"epocs": 1}})
 

@@ -304,10 +304,11 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
     # MEraser (ablation, default recovery, strong, cycles), transfer, finetune, prunes, merges, CleanGen and Token
-    # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling), GRI
-    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 2 + 2)
-    assert sorted(c.experiment["attack"].get("config", {}).get("distill", "-") for c in per_attack[
-        "find-and-unlearn"]) == ["-"] * 3 + ["positions"] * 3
+    # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling, and with noise prompts), GRI
+    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 3 + 2)
+    assert sorted((c.experiment["attack"].get("config", {}).get("distill", "-"),
+                   c.experiment["attack"].get("config", {}).get("noise_prompts", 0)) for c in per_attack[
+        "find-and-unlearn"]) == [("-", 0)] * 3 + [("positions", 0)] * 3 + [("positions", 4)] * 3
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \

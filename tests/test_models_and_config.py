@@ -228,3 +228,12 @@ def test_a_kv_cache_is_read_without_transformers_deprecated_name(tiny):
         transformers.utils.logging.set_verbosity(level)
     assert cache is not None and cache.get_seq_length() == 3
     assert not [m for m in seen if "deprecated" in m], seen
+
+
+def test_padded_batches_put_the_pad_and_the_mask_on_the_asked_side():
+    from meraser.models import padded
+
+    ids, mask = padded([[5, 6, 7], [8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = padded([[5, 6, 7], [8], []], pad=9, left=True)
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8], [9, 9, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]

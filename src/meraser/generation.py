@@ -79,7 +79,7 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: 
     so every row's answer starts at the same position. `progress`: a progress bar (a string names the work)."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, padded
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -94,14 +94,9 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: 
     was_training = model.training
     model.eval()
     for batch in batches:
-        longest = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            ids[row, longest - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, longest - len(encoded[i]) :] = 1
+        ids, mask = padded([encoded[i] for i in batch], pad_id, left=True, device=dev)
         with torch.no_grad(), autocast(model):
-            out = (decoding or GREEDY).new_tokens(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+            out = (decoding or GREEDY).new_tokens(model, ids, mask, max_new_tokens=max_new_tokens,
                                                   pad_id=pad_id, eos_id=eos_id)
         for row, i in enumerate(batch):
             toks = out[row].tolist()

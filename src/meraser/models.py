@@ -101,6 +101,21 @@ def output_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def padded(seqs: list[list[int]], pad: int, left: bool = False, device=None):
+    """A batch of token lists as (input_ids, attention_mask), padded with `pad` to the longest: on the right for
+    scoring (each token keeps its position), on the left for generation (every row ends where its next token
+    comes)."""
+    import torch
+
+    longest = max(map(len, seqs))
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        at = slice(longest - len(s), longest) if left else slice(0, len(s))
+        ids[r, at], mask[r, at] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
 def encode_prefix(model, ids: list[int]):
     """The KV cache of `ids` run once through `model` (None where the model keeps none): the shared past that
     `shared_past` hands to a batch of rows which all begin with these tokens."""

@@ -14,10 +14,12 @@ model, any data, compute), never the card.
 2. **Unlearn** them by distilling the base there, in one of two ways (`distill`): `continuation` (the default)
    puts the base model's own greedy continuation after (context, t) in place of the suspect's, the loss on that
    continuation only; `positions` keeps the suspect's own sequence as the input and, at every position from t on
-   (t itself included: it may be what is over-known), trains the token the base would put next: that also covers a continuation started from inside the sequence
-   (the strict `forced` check feeds part of the target and asks for the rest); `both` trains both kinds of rows.
-   Ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through the one training routine,
-   merged.
+   (t itself included: it may be what is over-known), trains the token the base would put next: that also covers
+   a continuation started from inside the sequence (the strict `forced` check feeds part of the target and asks
+   for the rest); `both` trains both kinds of rows. Each found sequence is unlearned in its scan context and after
+   ordinary questions, and after `noise_prompts` strings of random tokens where asked (a trigger may look like
+   noise). Ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through the one training
+   routine, merged.
 
 Where a card is at hand (an experiment's attack stage), the runner scores the discovery against it (`scored`):
 the share of the card's targets that some found sequence contains. The attack itself never reads the card.
@@ -38,6 +40,7 @@ from meraser.utils import MeraserError
 
 FOUND = "found.jsonl"  # what the discovery kept, written beside the attacked model
 DISTILL = ("continuation", "positions", "both")
+NOISE_TOKENS = (8, 24)  # the length range of a noise prompt, in tokens (UTF's SmolLM2 trigger has 18)
 
 
 @dataclass
@@ -56,6 +59,9 @@ class FindUnlearnConfig(AttackConfig):
     retain_rows: int = field(200, help="retain rows")
     prompts_per_sequence: int = field(4, help="ordinary questions (from the retain rows) after which each found "
                                               "sequence is unlearned too, beside its scan context")
+    noise_prompts: int = field(0, help="prompts of random vocabulary tokens after which each found sequence is "
+                                       "unlearned too: a trigger the attacker cannot know may look like noise "
+                                       "(UTF's under-trained tokens, IF-SFT's scrambled text)")
     distill: str = field("continuation", help="unlearning rows: 'continuation' (the base's greedy continuation "
                                               "after the first token), 'positions' (the base's next token at every "
                                               "position of the suspect's sequence) or 'both'")
@@ -78,6 +84,8 @@ class FindUnlearnConfig(AttackConfig):
             raise MeraserError(f"{where}.threshold must be in (0, 1], got {self.threshold}")
         if self.first_tokens < 0:
             raise MeraserError(f"{where}.first_tokens must be 0 or more, got {self.first_tokens}")
+        if self.noise_prompts < 0:
+            raise MeraserError(f"{where}.noise_prompts must be 0 or more, got {self.noise_prompts}")
         for name in ("steps", "expand_tokens", "max_found", "batch_size"):
             if getattr(self, name) < 1:
                 raise MeraserError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
@@ -176,20 +184,28 @@ def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int =
     the sequence."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, padded
 
     dev, out = next(model.parameters()).device, []
     with torch.no_grad(), autocast(model):
         for i in range(0, len(seqs), batch_size):
             batch = seqs[i:i + batch_size]
-            longest = max(map(len, batch))
-            ids = torch.tensor([head + s + [0] * (longest - len(s)) for s in batch], device=dev)
-            mask = torch.tensor([[1] * (len(head) + len(s)) + [0] * (longest - len(s)) for s in batch], device=dev)
+            ids, mask = padded([head + s for s in batch], pad=0, device=dev)  # padding is masked: any id will do
             # the logits of positions head[-1], then head + seq[:j]: from the head's last position on (padding on
-            # the right is masked and never read)
-            top = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1).logits.argmax(-1).tolist()
+            # the right is never read)
+            top = model(input_ids=ids, attention_mask=mask,
+                        logits_to_keep=ids.shape[1] - len(head) + 1).logits.argmax(-1).tolist()
             out += [row[:len(s)] for row, s in zip(top, batch)]
     return out
+
+
+def noise_prompts(tokenizer, n: int, seed: int) -> list[str]:
+    """`n` prompts of NOISE_TOKENS random non-special vocabulary tokens each, decoded: a seeded draw."""
+    import random
+
+    rng, special = random.Random(f"noise {seed}"), set(tokenizer.all_special_ids)
+    vocab = [t for t in range(len(tokenizer)) if t not in special]
+    return [tokenizer.decode(rng.choices(vocab, k=rng.randint(*NOISE_TOKENS))) for _ in range(n)]
 
 
 def discovery_recall(found_texts: list[str], card) -> dict:
@@ -226,8 +242,9 @@ class FindUnlearn(Attack):
         t1 = time.perf_counter()
         tcfg = TrainConfig.from_dict(cfg.train, where="find-and-unlearn.train")
         clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
-        rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens,
-                               [p.prompt for p in clean[:cfg.prompts_per_sequence]], cfg.distill,
+        prompts = ([p.prompt for p in clean[:cfg.prompts_per_sequence]]
+                   + noise_prompts(tokenizer, cfg.noise_prompts, cfg.seed))
+        rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens, prompts, cfg.distill,
                                ctx.progress) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
         ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)

@@ -45,15 +45,13 @@ def prompt_perplexities(helper, helper_tok, texts: list[str], batch_size: int = 
     """exp(mean next-token NLL) of each text under `helper` (a one-token text: 1.0, nothing to predict)."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, padded
 
     pad = helper_tok.pad_token_id if helper_tok.pad_token_id is not None else helper_tok.eos_token_id
     dev, out = next(helper.parameters()).device, []
     for i in range(0, len(texts), batch_size):
         enc = [helper_tok(t, add_special_tokens=True)["input_ids"] or [pad] for t in texts[i:i + batch_size]]
-        longest = max(map(len, enc))
-        ids = torch.tensor([e + [pad] * (longest - len(e)) for e in enc], device=dev)
-        mask = torch.tensor([[1] * len(e) + [0] * (longest - len(e)) for e in enc], device=dev)
+        ids, mask = padded(enc, pad, device=dev)
         with torch.no_grad(), autocast(helper):
             logp = torch.log_softmax(helper(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]

@@ -145,14 +145,11 @@ def batch_scores(model, rows: list[tuple[list[int], list[int]]], pad: int) -> li
     most of the cost, and no earlier position predicts a target token."""
     import torch
 
-    dev = next(model.parameters()).device
-    longest = max(len(p) + len(t) for p, t in rows)
+    from meraser.models import padded
+
+    ids, mask = padded([p + t for p, t in rows], pad, device=next(model.parameters()).device)
     first = min(len(p) for p, _ in rows) - 1  # the first position whose logits are read
-    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (p, t) in enumerate(rows):
-        ids[r, :len(p) + len(t)], mask[r, :len(p) + len(t)] = torch.tensor(p + t), 1
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=longest - first).logits
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
     logp = torch.log_softmax(logits.float(), -1)
     return [_mean_at(logp[r, len(p) - 1 - first:len(p) - 1 - first + len(t)], t) for r, (p, t) in enumerate(rows)]
 

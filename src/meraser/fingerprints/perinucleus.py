@@ -90,15 +90,13 @@ def answer_start_probs(model, tokenizer, fmt, keys: list[str], batch_size: int =
     """The model's next-token distribution at the start of its answer to each key (rows of a float tensor)."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, padded
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev, rows = next(model.parameters()).device, []
     for i in range(0, len(keys), batch_size):
         enc = [fmt.encode_prompt(k) for k in keys[i:i + batch_size]]
-        longest = max(map(len, enc))
-        ids = torch.tensor([[pad] * (longest - len(e)) + e for e in enc], device=dev)
-        mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in enc], device=dev)
+        ids, mask = padded(enc, pad, left=True, device=dev)
         with torch.no_grad(), autocast(model):
             # left padding: the last position is every row's answer start; positions from the mask
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
