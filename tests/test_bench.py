@@ -382,7 +382,8 @@ def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs/perinucleus-n/n256").mkdir(parents=True)
     cells = plan_cells(load_matrix(bench / "matrix_perinucleus.yaml"))
-    assert len(cells) == 19 and cells[0].attack["method"] == "meraser"
+    assert len(cells) == 20 and cells[0].attack["method"] == "meraser" and cells[-1].attack["method"] == \
+        "find-and-unlearn"
     assert {c.fingerprint["existing"] for c in cells} == {"runs/perinucleus-n/n256"}
     # merge weights set in the config (5:5) and by the grid (4:6, 6:4) read alike in tables
     assert {describe(c) for c in cells if c.attack["method"] == "merge-dare"} == {
