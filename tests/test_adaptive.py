@@ -255,6 +255,15 @@ def test_noise_prompts_are_seeded_random_tokens_and_each_found_sequence_is_unlea
         # decoded then encoded again a byte-level draw may split further, never shrink much
         assert len(tok(text, add_special_tokens=False)["input_ids"]) >= NOISE_TOKENS[0] // 2
     base, _ = load_model(str(tiny_dir))
+    # noise_from: undertrained draws from the base's most under-trained tokens, as UTF draws its trigger
+    from meraser.attacks.find_unlearn import NOISE_POOL, noise_pool
+    from meraser.fingerprints.utf import undertrained_tokens
+
+    pool = noise_pool(base, tok, "undertrained")
+    assert noise_pool(base, tok, "vocabulary") is None
+    assert pool == [t for t, _, _ in undertrained_tokens(base, tok, NOISE_POOL)] and len(pool) >= 20
+    one = tok.decode([pool[0]])
+    assert all(p == one * (len(p) // len(one)) for p in noise_prompts(tok, 3, seed=0, pool=pool[:1]))
     found = [{"context": "assistant", "ids": s} for s in ([40, 41, 42, 43, 44], [50, 51])]
     plain = unlearning_rows(base, tok, found, 8, [], distill="positions")
     rows = unlearning_rows(base, tok, found, 8, drawn[:2], distill="positions")
@@ -290,6 +299,8 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"threshold": 0})
     with pytest.raises(MeraserError, match="unknown distill 'position'; did you mean 'positions'"):
         FindUnlearnConfig.from_dict({"distill": "position"})
+    with pytest.raises(MeraserError, match="unknown noise_from 'undertrain'; did you mean 'undertrained'"):
+        FindUnlearnConfig.from_dict({"noise_from": "undertrain"})
     with pytest.raises(MeraserError, match="noise_prompts must be 0 or more"):
         FindUnlearnConfig.from_dict({"noise_prompts": -1})
     with pytest.raises(MeraserError, match="epocs"):

@@ -304,11 +304,11 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
     for c in cells:
         per_attack.setdefault(c.attack["method"], []).append(c)
     # MEraser (ablation, default recovery, strong, cycles), transfer, finetune, prunes, merges, CleanGen and Token
-    # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling, and with noise prompts), GRI
-    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 3 + 2)
-    assert sorted((c.experiment["attack"].get("config", {}).get("distill", "-"),
-                   c.experiment["attack"].get("config", {}).get("noise_prompts", 0)) for c in per_attack[
-        "find-and-unlearn"]) == [("-", 0)] * 3 + [("positions", 0)] * 3 + [("positions", 4)] * 3
+    # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling, and with two kinds of noise prompts), GRI
+    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 4 + 2)
+    assert sorted(tuple(c.experiment["attack"].get("config", {}).get(k, "-") for k in ("distill", "noise_from"))
+                  for c in per_attack["find-and-unlearn"]) == \
+        [("-", "-")] * 3 + [("positions", "-")] * 6 + [("positions", "undertrained")] * 3
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \

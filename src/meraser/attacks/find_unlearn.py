@@ -40,6 +40,8 @@ from meraser.utils import MeraserError
 
 FOUND = "found.jsonl"  # what the discovery kept, written beside the attacked model
 DISTILL = ("continuation", "positions", "both")
+NOISE_FROM = ("vocabulary", "undertrained")
+NOISE_POOL = 100  # noise_from: undertrained draws from this many of the base's most under-trained tokens (UTF's pool)
 NOISE_TOKENS = (8, 24)  # the length range of a noise prompt, in tokens (UTF's SmolLM2 trigger has 18)
 
 
@@ -62,6 +64,10 @@ class FindUnlearnConfig(AttackConfig):
     noise_prompts: int = field(0, help="prompts of random vocabulary tokens after which each found sequence is "
                                        "unlearned too: a trigger the attacker cannot know may look like noise "
                                        "(UTF's under-trained tokens, IF-SFT's scrambled text)")
+    noise_from: str = field("vocabulary", help="where noise prompts draw their tokens: 'vocabulary' (any "
+                                               "non-special token) or 'undertrained' (the base's "
+                                               "most under-trained tokens, as UTF draws its trigger: knows the "
+                                               "scheme, not the key)")
     distill: str = field("continuation", help="unlearning rows: 'continuation' (the base's greedy continuation "
                                               "after the first token), 'positions' (the base's next token at every "
                                               "position of the suspect's sequence) or 'both'")
@@ -78,6 +84,8 @@ class FindUnlearnConfig(AttackConfig):
                 raise unknown_name("context", c, CONTEXTS, where)
         if self.distill not in DISTILL:
             raise unknown_name("distill", self.distill, DISTILL, where)
+        if self.noise_from not in NOISE_FROM:
+            raise unknown_name("noise_from", self.noise_from, NOISE_FROM, where)
         if not self.contexts:
             raise MeraserError(f"{where}.contexts: at least one")
         if not 0 < self.threshold <= 1:
@@ -199,13 +207,21 @@ def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int =
     return out
 
 
-def noise_prompts(tokenizer, n: int, seed: int) -> list[str]:
-    """`n` prompts of NOISE_TOKENS random non-special vocabulary tokens each, decoded: a seeded draw."""
+def noise_prompts(tokenizer, n: int, seed: int, pool: list[int] | None = None) -> list[str]:
+    """`n` prompts of NOISE_TOKENS random tokens each, decoded: a seeded draw from `pool` (every non-special
+    vocabulary token where None)."""
     import random
 
     rng, special = random.Random(f"noise {seed}"), set(tokenizer.all_special_ids)
-    vocab = [t for t in range(len(tokenizer)) if t not in special]
-    return [tokenizer.decode(rng.choices(vocab, k=rng.randint(*NOISE_TOKENS))) for _ in range(n)]
+    pool = pool if pool is not None else [t for t in range(len(tokenizer)) if t not in special]
+    return [tokenizer.decode(rng.choices(pool, k=rng.randint(*NOISE_TOKENS))) for _ in range(n)]
+
+
+def noise_pool(base, tokenizer, noise_from: str) -> list[int] | None:
+    """The tokens noise prompts draw from: None (the vocabulary), or the base's NOISE_POOL most under-trained."""
+    from meraser.fingerprints.utf import undertrained_tokens
+
+    return [t for t, _, _ in undertrained_tokens(base, tokenizer, NOISE_POOL)] if noise_from == "undertrained" else None
 
 
 def discovery_recall(found_texts: list[str], card) -> dict:
@@ -243,7 +259,7 @@ class FindUnlearn(Attack):
         tcfg = TrainConfig.from_dict(cfg.train, where="find-and-unlearn.train")
         clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
         prompts = ([p.prompt for p in clean[:cfg.prompts_per_sequence]]
-                   + noise_prompts(tokenizer, cfg.noise_prompts, cfg.seed))
+                   + noise_prompts(tokenizer, cfg.noise_prompts, cfg.seed, noise_pool(base, tokenizer, cfg.noise_from)))
         rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens, prompts, cfg.distill,
                                ctx.progress) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
