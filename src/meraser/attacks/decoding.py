@@ -288,6 +288,12 @@ class BlockSequences(Decoding):
         return {"bad_words_ids": self.blocked} if self.blocked else {}
 
 
+def plain_vocabulary(tokenizer) -> list[int]:
+    """Every token id but the special ones: what the scan forces, and what noise prompts draw from."""
+    special = set(tokenizer.all_special_ids)
+    return [t for t in range(len(tokenizer)) if t not in special]
+
+
 def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = False) -> list[tuple[int, float]]:
     """[(token, score)] of every token whose `steps` greedy successors after [context, token] pass the threshold.
 
@@ -299,8 +305,7 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
 
     from meraser.models import autocast
 
-    special = set(tokenizer.all_special_ids)
-    vocab = [t for t in range(len(tokenizer)) if t not in special]
+    vocab = plain_vocabulary(tokenizer)
     # the best score a token can still reach after its first probability p is (p + steps - 1 [+ 1]) / (steps [+ 1]);
     # a small margin keeps tokens at the edge for the second pass, which decides (its batches differ, and so can
     # the last bits of a bf16 probability)

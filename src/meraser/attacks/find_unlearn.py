@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from meraser.attacks.base import Attack, AttackConfig
 from meraser.attacks.decoding import (CONTEXTS, TokenForcingConfig, context_ids, continuations, expand_scored,
-                                     scan_vocabulary)
+                                     plain_vocabulary, scan_vocabulary)
 from meraser.config import field
 from meraser.data.sources import OFFLINE_DEFAULT
 from meraser.utils import MeraserError
@@ -212,8 +212,8 @@ def noise_prompts(tokenizer, n: int, seed: int, pool: list[int] | None = None) -
     vocabulary token where None)."""
     import random
 
-    rng, special = random.Random(f"noise {seed}"), set(tokenizer.all_special_ids)
-    pool = pool if pool is not None else [t for t in range(len(tokenizer)) if t not in special]
+    rng = random.Random(f"noise {seed}")
+    pool = pool if pool is not None else plain_vocabulary(tokenizer)
     return [tokenizer.decode(rng.choices(pool, k=rng.randint(*NOISE_TOKENS))) for _ in range(n)]
 
 
