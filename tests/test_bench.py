@@ -535,6 +535,34 @@ def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_aske
         run_bench(load_matrix(path), progress=False)
 
 
+def test_a_cell_finished_before_a_field_was_added_stays_done(tmp_path, tiny_dir):
+    """A setting missing from a cell's record is a field meraser gained since, at its default (which keeps the old
+    behaviour): the cell is not stale, and neither the bench nor the runner under it makes it again. A recorded
+    setting that differs still is (the test above)."""
+    from meraser.bench import plan_cells
+    from meraser.runner import Experiment, plan_experiment
+    from meraser.bench.shared import cell_experiment, shared_root
+    from meraser.utils import settings_hash
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=[{"method": "prune-magnitude",
+                                                                  "config": {"sparsity": 0.5}}]))
+    out = tmp_path / "bench"
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 1
+    (cell,) = plan_cells(load_matrix(path))
+    record = out / "cells" / cell.id / "stages.json"
+    stages = json.loads(record.read_text())
+    for name in ("attacked", "eval:attacked"):  # as an older meraser, without the attack's 'sparsity' field, wrote it
+        older = {k: v for k, v in stages[name]["settings"].items() if k != "attack.config.sparsity"}
+        stages[name] = {"id": settings_hash(older), "settings": older}
+    record.write_text(json.dumps(stages))
+    assert run_bench(load_matrix(path), dry_run=True, progress=False)["stale"] == []
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 0
+    plan = plan_experiment(Experiment.from_dict(cell_experiment(cell, out, shared_root(load_matrix(path)))))
+    assert plan.stages["attacked"].made_by(stages["attacked"])
+    changed = {**stages["attacked"]["settings"], "attack.method": "prune-random"}
+    assert not plan.stages["attacked"].made_by({"id": settings_hash(changed), "settings": changed})
+
+
 def test_keep_models_false_deletes_each_attacked_model_and_the_cell_still_runs_again(tmp_path, tiny_dir):
     """A 7B matrix keeps a 14 GB attacked model per cell unless told not to; without them the cells stay done, and a
     cell run again (as --redo-stale does) makes its attack again rather than load a model that is gone."""

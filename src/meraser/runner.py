@@ -100,6 +100,18 @@ class Stage:
     id: str
     outputs: list[Path]  # what it writes, the first being the sign that it finished; none for evaluations
 
+    def made_by(self, record: dict | None) -> bool:
+        """Whether a stage record (its id and settings) is this stage. A setting the record lacks is a field added
+        to meraser since, at its default; a new field's default keeps the old behaviour (the rule for adding one),
+        so a finished run stays finished when meraser gains an option, instead of being redone for nothing."""
+        if not record:
+            return False
+        if record.get("id") == self.id:
+            return True
+        old = record.get("settings")
+        return old is not None and settings_hash({k: v for k, v in self.settings.items() if k in old}) == \
+            record.get("id") and old.keys() <= self.settings.keys()
+
 
 @dataclass
 class Plan:
@@ -262,7 +274,7 @@ def reconcile(plan: Plan, overwrite: bool = False) -> tuple[list[str], dict, lis
     def present(s: Stage) -> bool:
         return s.name in row_stages or any(p.exists() for p in s.outputs)
 
-    stale = [s for s in plan.stages.values() if present(s) and records.get(s.name, {}).get("id") != s.id]
+    stale = [s for s in plan.stages.values() if present(s) and not s.made_by(records.get(s.name))]
     if stale and not overwrite:
         first = stale[0]
         raise MeraserError(
@@ -396,7 +408,7 @@ class ExperimentRun:
 
     def _made(self, name: str) -> bool:
         st = self.plan.stages[name]
-        return bool(st.outputs) and st.outputs[0].exists() and self.records.get(name, {}).get("id") == st.id
+        return bool(st.outputs) and st.outputs[0].exists() and st.made_by(self.records.get(name))
 
     def _begin(self, name: str) -> None:
         """Record a stage's identity before it writes anything, so whatever it leaves is known to belong to it."""

@@ -111,7 +111,7 @@ def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
         return None  # it cannot be planned today (a model gone): nothing to compare with
     made = read_json(record, "stage record")
     for name, stage in plan.stages.items():
-        if name in made and made[name].get("id") != stage.id:
+        if name in made and not stage.made_by(made[name]):
             return f"stage '{name}': {changes(made[name].get('settings'), stage.settings)}"
     return None
 
