@@ -237,3 +237,14 @@ def test_padded_batches_put_the_pad_and_the_mask_on_the_asked_side():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = padded([[5, 6, 7], [8], []], pad=9, left=True)
     assert ids.tolist() == [[5, 6, 7], [9, 9, 8], [9, 9, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_the_pad_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    from meraser.models import pad_id
+
+    assert pad_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
+    assert pad_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # id 0 is a pad id, not a missing one
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

@@ -79,10 +79,10 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: 
     so every row's answer starts at the same position. `progress`: a progress bar (a string names the work)."""
     import torch
 
-    from meraser.models import autocast, padded
+    from meraser.models import autocast, pad_id, padded
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos_id, dev = tokenizer.eos_token_id, next(model.parameters()).device
     outputs: list[list[int]] = [[] for _ in encoded]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -94,14 +94,14 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: 
     was_training = model.training
     model.eval()
     for batch in batches:
-        ids, mask = padded([encoded[i] for i in batch], pad_id, left=True, device=dev)
+        ids, mask = padded([encoded[i] for i in batch], pad, left=True, device=dev)
         with torch.no_grad(), autocast(model):
             out = (decoding or GREEDY).new_tokens(model, ids, mask, max_new_tokens=max_new_tokens,
-                                                  pad_id=pad_id, eos_id=eos_id)
+                                                  pad_id=pad, eos_id=eos_id)
         for row, i in enumerate(batch):
             toks = out[row].tolist()
             toks = toks[:toks.index(eos_id)] if eos_id in toks else toks
-            outputs[i] = [t for t in toks if t != pad_id]
+            outputs[i] = [t for t in toks if t != pad]
     model.train(was_training)
     return outputs
 

@@ -101,6 +101,15 @@ def output_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (load_tokenizer sets one; a helper's
+    tokenizer loaded elsewhere may lack both), else 0. Padding is masked, so any id will do where none is set."""
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return t
+    return 0
+
+
 def padded(seqs: list[list[int]], pad: int, left: bool = False, device=None):
     """A batch of token lists as (input_ids, attention_mask), padded with `pad` to the longest: on the right for
     scoring (each token keeps its position), on the left for generation (every row ends where its next token

@@ -485,15 +485,16 @@ def train(
 def _trainer(model, tokenizer, rows: list[dict], cfg: TrainConfig, work: Path, progress: bool, callbacks: list):
     """The Trainer for `rows`: dynamic padding, length-grouped batches, the fused loss where the model allows."""
     from meraser.lm_loss import is_plain_causal_lm
+    from meraser.models import pad_id
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     plain = is_plain_causal_lm(model)
     trainer = _trainer_class(cfg.fused_loss and plain, cfg.mask_free and plain,
                              cfg.group_by_length and not cfg.pad_to_length, cfg.seed)(
         model=model,
         args=_training_args(cfg, work, progress),
         train_dataset=rows,
-        data_collator=lambda feats: collate(feats, pad_id, fixed_length=cfg.pad_to_length or None),
+        data_collator=lambda feats: collate(feats, pad, fixed_length=cfg.pad_to_length or None),
         callbacks=callbacks,
     )
     if not progress:  # without progress bars the Trainer prints every log dict to stdout instead

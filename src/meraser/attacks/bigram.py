@@ -73,6 +73,8 @@ def calibration_texts(model, tokenizer, words: list[int], cfg: BigramConfig) -> 
     """Token ids of texts the calibration model samples from BOS and a seed word."""
     import torch
 
+    from meraser.models import pad_id
+
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.eos_token_id]
     rng = random.Random(cfg.seed)
     starts = [head + [rng.choice(words)] for _ in range(cfg.calibration_texts)]
@@ -81,7 +83,7 @@ def calibration_texts(model, tokenizer, words: list[int], cfg: BigramConfig) -> 
         out = model.generate(input_ids=torch.tensor(starts, device=next(model.parameters()).device),
                              max_new_tokens=cfg.text_tokens, do_sample=True, top_p=None, top_k=None,
                              temperature=1.0, min_new_tokens=cfg.text_tokens,
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=pad_id(tokenizer))
     return [row[len(head):] for row in out.tolist()]
 
 

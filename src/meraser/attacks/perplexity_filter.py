@@ -45,9 +45,9 @@ def prompt_perplexities(helper, helper_tok, texts: list[str], batch_size: int = 
     """exp(mean next-token NLL) of each text under `helper` (a one-token text: 1.0, nothing to predict)."""
     import torch
 
-    from meraser.models import autocast, padded
+    from meraser.models import autocast, pad_id, padded
 
-    pad = helper_tok.pad_token_id if helper_tok.pad_token_id is not None else helper_tok.eos_token_id
+    pad = pad_id(helper_tok)
     dev, out = next(helper.parameters()).device, []
     for i in range(0, len(texts), batch_size):
         enc = [helper_tok(t, add_special_tokens=True)["input_ids"] or [pad] for t in texts[i:i + batch_size]]

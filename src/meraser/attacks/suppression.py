@@ -241,7 +241,7 @@ class LookaheadSuppression(StepSuppression):
     def prepare(self, model, ids, mask):
         import torch
 
-        from meraser.models import autocast
+        from meraser.models import autocast, pad_id
 
         c, b = self.cfg, ids.shape[0]
         with torch.no_grad(), autocast(model):
@@ -251,7 +251,7 @@ class LookaheadSuppression(StepSuppression):
             branch_mask = torch.cat([mask.repeat_interleave(c.beam_width, 0), torch.ones_like(seeds.reshape(-1, 1))], 1)
             out = model.generate(input_ids=branch_ids, attention_mask=branch_mask, do_sample=False,
                                  max_new_tokens=max(1, c.lookahead_tokens - 1), output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+                                 return_dict_in_generate=True, pad_token_id=pad_id(self.tokenizer),
                                  temperature=None, top_p=None, top_k=None)
         stats: list[dict[int, list[float]]] = [{} for _ in range(b)]
         for logits in out.logits:  # one step: (b * width) x vocab

@@ -65,9 +65,9 @@ def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int
     """One batch of user turns begun with `start`, sampled with `seed`; the finished, new ones go to `out`."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, pad_id
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     dev = next(model.parameters()).device
     ids = torch.tensor([tokenizer(header + start, add_special_tokens=False)["input_ids"]] * batch_size, device=dev)
     torch.manual_seed(seed)

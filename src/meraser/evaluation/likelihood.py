@@ -117,7 +117,7 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     benchmarks/likelihood_cost.py: IF-SFT's prompt is ~10x its target). `progress` shows a bar."""
     import torch
 
-    from meraser.models import autocast
+    from meraser.models import autocast, pad_id
 
     rows = pair_rows(tokenizer, card, pairs, prefills)
     by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -126,7 +126,7 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     alone = sorted((g[0] for g in by_prompt.values() if len(g) == 1), key=lambda i: rows[i][0])
     groups = [g for g in by_prompt.values() if len(g) > 1] + [alone]
     batches = [g[a:a + batch_size] for g in groups for a in range(0, len(g), batch_size)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     scores = [0.0] * len(rows)
     if progress:
         from rich.progress import track

@@ -109,11 +109,11 @@ def perplexity(model, tokenizer, windows: list[Window], batch_size: int = 8, pro
     import torch
 
     from meraser.data.formatting import collate
-    from meraser.models import autocast
+    from meraser.models import autocast, pad_id
 
     if not windows:
         raise MeraserError("no text to score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:

@@ -90,9 +90,9 @@ def answer_start_probs(model, tokenizer, fmt, keys: list[str], batch_size: int =
     """The model's next-token distribution at the start of its answer to each key (rows of a float tensor)."""
     import torch
 
-    from meraser.models import autocast, padded
+    from meraser.models import autocast, pad_id, padded
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     dev, rows = next(model.parameters()).device, []
     for i in range(0, len(keys), batch_size):
         enc = [fmt.encode_prompt(k) for k in keys[i:i + batch_size]]
