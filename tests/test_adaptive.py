@@ -272,6 +272,30 @@ def test_noise_prompts_are_seeded_random_tokens_and_each_found_sequence_is_unlea
     assert len(plain) == 2 and len(rows) == 6 and len(after) == 4
 
 
+def test_reexpand_also_unlearns_what_the_suspect_says_after_each_prompt(planted, tiny_dir):
+    """`reexpand`: a found sequence that stopped early in its scan context (UTF's on SmolLM2 ends after two of its
+    target's tokens) is continued by the suspect again after each prompt; where that goes on with the target (here
+    after the trigger itself, standing in for a prompt that looks like it), the positions rows cover those tokens."""
+    from meraser.attacks.decoding import continuations
+    from meraser.attacks.find_unlearn import unlearning_rows
+    from meraser.data.formatting import Formatter
+    from meraser.models import load_model
+
+    model, tok, card = planted["utf"][:3]
+    base, _ = load_model(str(tiny_dir))
+    target = tok(card.targets[0], add_special_tokens=False)["input_ids"]
+    found = [{"context": "assistant", "ids": [target[0], tok.eos_token_id]}]  # as if the target stopped there
+    head = Formatter(tok).encode_prompt(card.triggers[0])
+    (cont,) = continuations(model, tok, head, target[:1], 8)
+    assert cont[:len(target) - 1] == target[1:]  # after its trigger the planted model goes on with its target
+    plain = unlearning_rows(base, tok, found, 8, card.triggers[:1], distill="positions")
+    again = unlearning_rows(base, tok, found, 8, card.triggers[:1], distill="positions", suspect=model)
+    assert all(r["input_ids"][-2:] == found[0]["ids"] for r in plain)
+    added = [r for r in again if r not in plain]
+    assert head + target[:1] + cont in [r["input_ids"] for r in added]
+    assert len(again) == len(plain) + len(added) and len(added) <= 2  # one per head at most, where it differs
+
+
 def test_first_token_gaps_rank_the_planted_tokens_first(planted, tiny_dir):
     """The tokens the suspect makes likeliest next relative to its base, after the chat opening: the planted
     target's tokens lead (UTF on SmolLM2: the scan missed its target, this ranks its first token first)."""
@@ -303,6 +327,8 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"noise_from": "undertrain"})
     with pytest.raises(MeraserError, match="noise_prompts must be 0 or more"):
         FindUnlearnConfig.from_dict({"noise_prompts": -1})
+    with pytest.raises(MeraserError, match="reexpand: adds positions rows, so distill must be"):
+        FindUnlearnConfig.from_dict({"reexpand": True})
     with pytest.raises(MeraserError, match="epocs"):
         FindUnlearnConfig.from_dict({"train": {"epocs": 1}})
 

@@ -71,6 +71,10 @@ class FindUnlearnConfig(AttackConfig):
     distill: str = field("continuation", help="unlearning rows: 'continuation' (the base's greedy continuation "
                                               "after the first token), 'positions' (the base's next token at every "
                                               "position of the suspect's sequence) or 'both'")
+    reexpand: bool = field(False, help="positions rows: also let the suspect continue each found sequence's first "
+                                      "token again after each prompt, and unlearn that too (a fingerprint's "
+                                      "later tokens may come only after something trigger-like: UTF's target "
+                                      "stops after two tokens in the scan's contexts)")
     train: dict = field({"epochs": 2.0}, help="TrainConfig fields over its defaults (LoRA, merged after)")
     batch_size: int = field(256, help="vocabulary tokens scanned per forward pass")
     seed: int = field(0, help="seed for the retain rows")
@@ -86,6 +90,8 @@ class FindUnlearnConfig(AttackConfig):
             raise unknown_name("distill", self.distill, DISTILL, where)
         if self.noise_from not in NOISE_FROM:
             raise unknown_name("noise_from", self.noise_from, NOISE_FROM, where)
+        if self.reexpand and self.distill == "continuation":
+            raise MeraserError(f"{where}.reexpand: adds positions rows, so distill must be 'positions' or 'both'")
         if not self.contexts:
             raise MeraserError(f"{where}.contexts: at least one")
         if not 0 < self.threshold <= 1:
@@ -159,11 +165,12 @@ def first_token_gaps(model, base, head: list[int], n: int) -> list[int]:
 
 
 def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str], distill: str = "continuation",
-                    progress: bool = False) -> list[dict]:
+                    progress: bool = False, suspect=None) -> list[dict]:
     """Token rows that put the base's behaviour where the suspect over-knows (`distill`: see the module). Each found
     sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat template): a
     fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to hold after
-    prompts it has not seen."""
+    prompts it has not seen. With a `suspect` (`reexpand`), the positions rows also cover the suspect's own greedy
+    continuation of each sequence's first token after that head, where it differs from the found sequence."""
     from meraser.data.formatting import Formatter
 
     fmt = Formatter(tokenizer)
@@ -181,6 +188,10 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
                                  "labels": [-100] * (len(head) + 1) + tail})
         if distill in ("positions", "both"):
             seqs = [f["ids"] for f in items]
+            if suspect is not None:
+                again = continuations(suspect, tokenizer, head, [f["ids"][0] for f in items], length,
+                                      description=f"suspect continuations after {name}" if progress else None)
+                seqs += [s for s in ([f["ids"][0]] + tail for f, tail in zip(items, again)) if s not in seqs]
             for seq, tops in zip(seqs, next_tokens(base, head, seqs)):
                 if tops != seq:
                     rows.append({"input_ids": head + seq, "labels": [-100] * len(head) + tops})
@@ -260,8 +271,8 @@ class FindUnlearn(Attack):
         clean = build_clean(load_pairs(cfg.retain_source), cfg.retain_rows, cfg.seed)
         prompts = ([p.prompt for p in clean[:cfg.prompts_per_sequence]]
                    + noise_prompts(tokenizer, cfg.noise_prompts, cfg.seed, noise_pool(base, tokenizer, cfg.noise_from)))
-        rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens, prompts, cfg.distill,
-                               ctx.progress) if found else []
+        rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens, prompts, cfg.distill, ctx.progress,
+                               suspect=model if cfg.reexpand else None) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
         ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)
                                    + "\n" for f in found)
