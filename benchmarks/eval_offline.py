@@ -33,7 +33,7 @@ def main() -> None:
     cfg = EvalConfig(ppl=str(SHARED / "text/squaddev_v1.1.json"), ppl_windows=args.windows, tasks=tasks,
                      limit=args.limit, batch_size=args.batch_size)
     t = time.perf_counter()
-    res = evaluate(args.model, cfg, progress=False)
+    res = evaluate(args.model, cfg, progress=True)
     elapsed = time.perf_counter() - t
     Console().print(results_table([res], title=f"{args.model}: offline evaluation"))
     print(f"perplexity {res['ppl']['ppl']:.3f} over {res['ppl']['tokens']} tokens in {res['ppl']['windows']} windows")

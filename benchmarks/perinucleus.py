@@ -48,7 +48,7 @@ def one(n: int, settings: dict, args, base_ppl: float, console) -> dict:
         console.print(f"[yellow]{record} was made with other settings (defaults changed?): redoing it[/]")
     base, tok = load_model(args.model)
     t = time.perf_counter()
-    fp, card, summary = embed("perinucleus", base, tok, cfg, args.out / label, overwrite=True, progress=False)
+    fp, card, summary = embed("perinucleus", base, tok, cfg, args.out / label, overwrite=True, progress=True)
     seconds = round(time.perf_counter() - t, 1)
     clean, _ = load_model(args.model)
     null = target_logprobs(clean, tok, card)
@@ -58,7 +58,8 @@ def one(n: int, settings: dict, args, base_ppl: float, console) -> dict:
            "p_value": ownership([p["match"] for p in summary["per_trigger"]], null)["p_value"],
            "base_p_value": ownership([p["match"] for p in base_check["per_trigger"]], null)["p_value"],
            "expected_base_matches": sum(2.718281828 ** x for x in null),
-           "ppl": corpus_perplexity(fp, tok, str(SHARED / "text/squaddev_v1.1.json"), max_windows=args.windows)["ppl"],
+           "ppl": corpus_perplexity(fp, tok, str(SHARED / "text/squaddev_v1.1.json"), max_windows=args.windows,
+                                    progress=True)["ppl"],
            "base_ppl": base_ppl, "seconds": seconds, "config": cfg.to_dict()}
     record.write_text(json.dumps(row, indent=2))
     console.print(f"N={n}: {json.dumps(row)}")
@@ -89,7 +90,8 @@ def main() -> None:
     base_record = args.out / "base_ppl.json"
     if not base_record.exists():
         m, tok = load_model(args.model)
-        ppl = corpus_perplexity(m, tok, str(SHARED / "text/squaddev_v1.1.json"), max_windows=args.windows)["ppl"]
+        ppl = corpus_perplexity(m, tok, str(SHARED / "text/squaddev_v1.1.json"), max_windows=args.windows,
+                                progress=True)["ppl"]
         base_record.write_text(json.dumps({"ppl": ppl, "windows": args.windows}))
     base_ppl = json.loads(base_record.read_text())["ppl"]
     rows = [one(n, settings, args, base_ppl, console) for n in args.n]

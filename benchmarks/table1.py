@@ -57,7 +57,7 @@ def main() -> None:
                                     "erase": {"preset": args.preset}, "recover": {"preset": args.preset},
                                     "clean": {"magpie": args.magpie} if args.magpie >= 0 else {},
                                     "eval": evalcfg})
-        stages = run_experiment(exp, console=console, progress=False)
+        stages = run_experiment(exp, console=console, progress=True)
         rows[method] = {r["stage"]: r for r in stages}
         console.print(f"[bold]{method}[/] done in {time.perf_counter() - t:.0f} s")
 

@@ -56,7 +56,7 @@ def fingerprint(method: str, model: str, out: Path, evalcfg, console) -> dict:
         return json.loads(record.read_text())
     m, tok = load_model(model)
     t = time.perf_counter()
-    fp, card, _ = embed(method, m, tok, None, out / method / "fingerprinted", overwrite=True, progress=False)
+    fp, card, _ = embed(method, m, tok, None, out / method / "fingerprinted", overwrite=True, progress=True)
     seconds = round(time.perf_counter() - t, 1)
     row = {**_scores(evaluate_model(fp, tok, evalcfg, card), ordinary_accuracy(fp, tok)), "seconds": seconds}
     record.write_text(json.dumps(row, indent=2))
@@ -83,7 +83,7 @@ def attack_cell(method: str, label: str, attack_name: str, settings: dict, args,
     attack = get_attack(attack_name)
     cfg = attack.Config.from_dict(settings, where=label)
     work = args.out / ("merge-work" if attack_name.startswith("merge") else f"{method}/work-{attack_name}")
-    ctx = AttackContext(str(folder / "model"), args.model, work, progress=False)
+    ctx = AttackContext(str(folder / "model"), args.model, work, progress=True)
     attack.check(cfg, ctx)
     m, tok = load_model(str(folder / "model"))
     t = time.perf_counter()
