@@ -207,6 +207,14 @@ def test_find_and_unlearn_finds_the_planted_target_without_the_card_and_takes_it
         str(planted["utf"][4]), str(tiny_dir), tmp_path / "work3", progress=False))
     assert sum(target_loglik(positions, tok, card)) < sum(target_loglik(model, tok, card)) - 0.2
     assert _response_loss(positions, tok, POOL) <= RETAIN_LOSS_BOUND * _response_loss(model, tok, POOL)
+    # and pulling the found tokens' log-probabilities down to the base's beside it: the same criteria
+    cfg.match_base = True
+    matched = apply_attack(attack, copy.deepcopy(model), tok, cfg, AttackContext(
+        str(planted["utf"][4]), str(tiny_dir), tmp_path / "work4", progress=False))
+    print("target loglik", [sum(target_loglik(m, tok, card)) for m in (model, positions, matched)])
+    assert sum(target_loglik(matched, tok, card)) < sum(target_loglik(model, tok, card)) - 0.2
+    assert _response_loss(matched, tok, POOL) <= RETAIN_LOSS_BOUND * _response_loss(model, tok, POOL)
+    cfg.match_base = False
     # against the suspect itself as its base nothing is over-known: nothing is found, the model stays as it is
     same = AttackContext(str(planted["utf"][4]), str(planted["utf"][4] / "model"), tmp_path / "work2", progress=False)
     kept = apply_attack(attack, copy.deepcopy(model), tok, cfg, same)
@@ -225,16 +233,24 @@ def test_positions_rows_train_the_base_next_token_along_the_suspect_sequence(pla
     base, _ = load_model(str(tiny_dir))
     head = context_ids(tok, "assistant")
     seqs = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62]]
-    tops = next_tokens(base, head, seqs, batch_size=2)  # batches of unequal lengths: padding on the right
+    tops, logps = next_tokens(base, head, seqs, batch_size=2)  # batches of unequal lengths: padding on the right
     with torch.no_grad(), autocast(base):
-        full = [base(input_ids=torch.tensor([head + s])).logits[0, len(head) - 1:len(head) + len(s) - 1].argmax(-1)
-                .tolist() for s in seqs]
-    assert tops == full and [len(t) for t in tops] == [5, 2, 3]
+        full = [base(input_ids=torch.tensor([head + s])).logits[0, len(head) - 1:len(head) + len(s) - 1].float()
+                for s in seqs]
+    assert tops == [f.argmax(-1).tolist() for f in full] and [len(t) for t in tops] == [5, 2, 3]
+    for lp, f, s in zip(logps, full, seqs):  # the base's log-probability of the sequence's own token
+        assert lp == pytest.approx(torch.log_softmax(f, -1)[range(len(s)), s].tolist(), abs=2e-3)
     found = [{"context": "assistant", "ids": s} for s in seqs]
     rows = unlearning_rows(base, tok, found, 8, [], distill="positions")
     kept = [(s, t) for s, t in zip(seqs, tops) if t != s]
     assert [r["input_ids"] for r in rows] == [head + s for s, _ in kept]
     assert [r["labels"] for r in rows] == [[-100] * len(head) + t for _, t in kept]
+    assert all("ref_logprobs" not in r for r in rows)
+    # match_base: the same rows, each carrying the base's log-probabilities of the sequence's tokens
+    matched = unlearning_rows(base, tok, found, 8, [], distill="positions", match_base=True)
+    lps = dict((tuple(s), lp) for s, lp in zip(seqs, logps))
+    assert [r["labels"] for r in matched] == [r["labels"] for r in rows]
+    assert [r["ref_logprobs"] for r in matched] == [[None] * len(head) + lps[tuple(s)] for s, _ in kept]
     both = unlearning_rows(base, tok, found, 8, [], distill="both")
     assert len(both) == len(rows) + len(unlearning_rows(base, tok, found, 8, [], distill="continuation"))
 
@@ -327,8 +343,10 @@ def test_find_and_unlearn_settings_are_checked():
         FindUnlearnConfig.from_dict({"noise_from": "undertrain"})
     with pytest.raises(MeraserError, match="noise_prompts must be 0 or more"):
         FindUnlearnConfig.from_dict({"noise_prompts": -1})
-    with pytest.raises(MeraserError, match="reexpand: adds positions rows, so distill must be"):
+    with pytest.raises(MeraserError, match="reexpand: works on positions rows, so distill must be"):
         FindUnlearnConfig.from_dict({"reexpand": True})
+    with pytest.raises(MeraserError, match="match_base: works on positions rows, so distill must be"):
+        FindUnlearnConfig.from_dict({"match_base": True})
     with pytest.raises(MeraserError, match="epocs"):
         FindUnlearnConfig.from_dict({"train": {"epocs": 1}})
 

@@ -305,13 +305,14 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
         per_attack.setdefault(c.attack["method"], []).append(c)
     # MEraser (ablation, default recovery, strong, cycles), transfer, finetune, prunes, merges, CleanGen and Token
     # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling, with two kinds of noise prompts, and
-    # re-expanded after them), GRI
-    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 5 + 2)
+    # re-expanded after them, with the log-probabilities pulled to the base's), GRI
+    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 6 + 2)
     assert sorted(tuple(str(c.experiment["attack"].get("config", {}).get(k, "-")).lower()
-                        for k in ("distill", "noise_from", "reexpand"))
+                        for k in ("distill", "noise_from", "reexpand", "match_base"))
                   for c in per_attack["find-and-unlearn"]) == \
-        [("-", "-", "-")] * 3 + [("positions", "-", "-")] * 6 + [("positions", "undertrained", "-")] * 3 + \
-        [("positions", "undertrained", "true")] * 3
+        [("-", "-", "-", "-")] * 3 + [("positions", "-", "-", "-")] * 6 + \
+        [("positions", "undertrained", "-", "-")] * 3 + [("positions", "undertrained", "true", "-")] * 3 + \
+        [("positions", "undertrained", "true", "true")] * 3
     from meraser.erase.datasets import MismatchedSet
 
     assert sorted(c.experiment["mismatched"].get("n", MismatchedSet().n) for c in per_attack["meraser"]) == \

@@ -102,9 +102,10 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int = 1024):
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
-def causal_lm_loss_sum(model, input_ids, attention_mask, labels, chunk: int = 1024):
+def causal_lm_loss_sum(model, input_ids, attention_mask, labels, chunk: int = 1024, ref_logprobs=None):
     """(sum of the shifted next-token cross-entropy over labelled positions, number of such positions), computed
-    through `model`'s own forward (so DDP and peft hooks run) with the head applied by `linear_cross_entropy`."""
+    through `model`'s own forward (so DDP and peft hooks run) with the head applied by `linear_cross_entropy`.
+    With `ref_logprobs`, the sum also holds `excess_logprob_sum` over the positions they mark."""
     # logits_to_keep=1 makes the model's own head run on one position only; hidden_states[-1] is the final-norm
     # output (transformers ties it to last_hidden_state)
     out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True)
@@ -113,5 +114,28 @@ def causal_lm_loss_sum(model, input_ids, attention_mask, labels, chunk: int = 10
     keep = targets != -100
     inner = model.module if hasattr(model, "module") else model  # DDP
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    total = linear_cross_entropy(hidden[keep], inner.get_output_embeddings().weight, targets[keep], chunk)
+    weight = inner.get_output_embeddings().weight
+    total = linear_cross_entropy(hidden[keep], weight, targets[keep], chunk)
+    if ref_logprobs is not None:
+        marked = ~ref_logprobs[:, 1:].isnan()
+        logits = torch.nn.functional.linear(hidden[marked], weight)  # the marked positions only: a few per row
+        total = total + excess_logprob_sum(logits, input_ids[:, 1:][marked], ref_logprobs[:, 1:][marked])
     return total, keep.sum()
+
+
+def excess_logprob_sum(logits, tokens, ref):
+    """sum_i max(0, log_softmax(logits[i])[tokens[i]] - ref[i]): how many nats a model puts each token above a
+    reference log-probability (find-and-unlearn's `match_base`: the base model's, so this is the likelihood gap
+    its discovery measures). Its gradient does not fade as the token's probability falls, as cross-entropy's
+    pull towards another token does, and it stops once the token is no likelier than the reference says."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    logp = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1)
+    return (logp - ref.float()).clamp(min=0).sum()
+
+
+def marked_excess_sum(logits, input_ids, ref_logprobs):
+    """`excess_logprob_sum` over the positions of full (batch x length x vocabulary) logits that `ref_logprobs`
+    marks (not NaN): each scores its own token, predicted from the position before."""
+    marked = ~ref_logprobs[:, 1:].isnan()
+    return excess_logprob_sum(logits[:, :-1][marked], input_ids[:, 1:][marked], ref_logprobs[:, 1:][marked])

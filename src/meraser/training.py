@@ -122,7 +122,9 @@ def _trainer_class(fused_loss: bool, mask_free: bool, group_by_length: bool, see
     from transformers import Trainer
 
     from meraser.data.sampling import LengthBatchedSampler
-    from meraser.lm_loss import causal_lm_loss_sum, is_right_padded
+    import torch
+
+    from meraser.lm_loss import causal_lm_loss_sum, is_right_padded, marked_excess_sum
 
     class MeraserTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -132,12 +134,23 @@ def _trainer_class(fused_loss: bool, mask_free: bool, group_by_length: bool, see
             return LengthBatchedSampler([len(r["input_ids"]) for r in rows], self.args.per_device_train_batch_size, seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # rows may mark tokens whose log-probability is pulled down to a reference (lm_loss.excess_logprob_sum)
+            ref = inputs.get("ref_logprobs")
+            inputs = {k: v for k, v in inputs.items() if k != "ref_logprobs"}
             if mask_free and is_right_padded(inputs.get("attention_mask")):
                 inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-            if not fused_loss:
+            if not fused_loss and ref is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            total, count = causal_lm_loss_sum(model, inputs["input_ids"], inputs.get("attention_mask"),
-                                              inputs["labels"])
+            if fused_loss:
+                total, count = causal_lm_loss_sum(model, inputs["input_ids"], inputs.get("attention_mask"),
+                                                  inputs["labels"], ref_logprobs=ref)
+            else:  # the model's own forward and logits (a head the fused path cannot take)
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+                targets = inputs["labels"][:, 1:]
+                count = (targets != -100).sum()
+                total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                          ignore_index=-100, reduction="sum")
+                total = total + marked_excess_sum(logits, inputs["input_ids"], ref)
             # normalised as Trainer.compute_loss normalises the model's own loss (the Trainer then treats it as
             # scaled for gradient accumulation exactly when num_items_in_batch is given): the count spans the
             # accumulated batch and, when averaged across devices, all ranks, whose gradients DDP then averages

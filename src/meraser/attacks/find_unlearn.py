@@ -16,10 +16,14 @@ model, any data, compute), never the card.
    continuation only; `positions` keeps the suspect's own sequence as the input and, at every position from t on
    (t itself included: it may be what is over-known), trains the token the base would put next: that also covers
    a continuation started from inside the sequence (the strict `forced` check feeds part of the target and asks
-   for the rest); `both` trains both kinds of rows. Each found sequence is unlearned in its scan context and after
-   ordinary questions, and after `noise_prompts` strings of random tokens where asked (a trigger may look like
-   noise). Ordinary instruction rows keep the rest (the retain set). One LoRA fine-tune through the one training
-   routine, merged.
+   for the rest); `both` trains both kinds of rows. Cross-entropy towards the base's token lowers the suspect's
+   own token only until the base's wins, and its pull fades as the suspect's token grows unlikely: measured on
+   UTF, the target ends 1.2 nats/token below certain but 15 above the base, and the likelihood test still owns the
+   model. `match_base` adds a term on the positions rows that pulls the log-probability of each of the
+   sequence's own tokens down to the base's there (the likelihood gap trained to zero; lm_loss.py). Each found
+   sequence is unlearned in its scan context and after ordinary questions, and after `noise_prompts` strings of
+   random tokens where asked (a trigger may look like noise). Ordinary instruction rows keep the rest (the retain
+   set). One LoRA fine-tune through the one training routine, merged.
 
 Where a card is at hand (an experiment's attack stage), the runner scores the discovery against it (`scored`):
 the share of the card's targets that some found sequence contains. The attack itself never reads the card.
@@ -75,6 +79,9 @@ class FindUnlearnConfig(AttackConfig):
                                       "token again after each prompt, and unlearn that too (a fingerprint's "
                                       "later tokens may come only after something trigger-like: UTF's target "
                                       "stops after two tokens in the scan's contexts)")
+    match_base: bool = field(False, help="positions rows: also pull the suspect's log-probability of each token of "
+                                         "a found sequence down to the base's there (the likelihood gap, in nats, "
+                                         "trained to zero), not only train the base's top token in its place")
     train: dict = field({"epochs": 2.0}, help="TrainConfig fields over its defaults (LoRA, merged after)")
     batch_size: int = field(256, help="vocabulary tokens scanned per forward pass")
     seed: int = field(0, help="seed for the retain rows")
@@ -90,8 +97,9 @@ class FindUnlearnConfig(AttackConfig):
             raise unknown_name("distill", self.distill, DISTILL, where)
         if self.noise_from not in NOISE_FROM:
             raise unknown_name("noise_from", self.noise_from, NOISE_FROM, where)
-        if self.reexpand and self.distill == "continuation":
-            raise MeraserError(f"{where}.reexpand: adds positions rows, so distill must be 'positions' or 'both'")
+        for name in ("reexpand", "match_base"):
+            if getattr(self, name) and self.distill == "continuation":
+                raise MeraserError(f"{where}.{name}: works on positions rows, so distill must be 'positions' or 'both'")
         if not self.contexts:
             raise MeraserError(f"{where}.contexts: at least one")
         if not 0 < self.threshold <= 1:
@@ -165,12 +173,14 @@ def first_token_gaps(model, base, head: list[int], n: int) -> list[int]:
 
 
 def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: list[str], distill: str = "continuation",
-                    progress: bool = False, suspect=None) -> list[dict]:
+                    progress: bool = False, suspect=None, match_base: bool = False) -> list[dict]:
     """Token rows that put the base's behaviour where the suspect over-knows (`distill`: see the module). Each found
     sequence is placed in its scan context and after each of `prompts` (ordinary questions in the chat template): a
     fingerprint answers its own trigger, which the attacker does not know, so the unlearning has to hold after
     prompts it has not seen. With a `suspect` (`reexpand`), the positions rows also cover the suspect's own greedy
-    continuation of each sequence's first token after that head, where it differs from the found sequence."""
+    continuation of each sequence's first token after that head, where it differs from the found sequence. With
+    `match_base`, positions rows carry the base's log-probability of each of the sequence's own tokens
+    (`ref_logprobs`), down to which the training pulls the suspect's (lm_loss.excess_logprob_sum)."""
     from meraser.data.formatting import Formatter
 
     fmt = Formatter(tokenizer)
@@ -192,30 +202,33 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
                 again = continuations(suspect, tokenizer, head, [f["ids"][0] for f in items], length,
                                       description=f"suspect continuations after {name}" if progress else None)
                 seqs += [s for s in ([f["ids"][0]] + tail for f, tail in zip(items, again)) if s not in seqs]
-            for seq, tops in zip(seqs, next_tokens(base, head, seqs)):
+            for seq, tops, logps in zip(seqs, *next_tokens(base, head, seqs)):
                 if tops != seq:
-                    rows.append({"input_ids": head + seq, "labels": [-100] * len(head) + tops})
+                    rows.append({"input_ids": head + seq, "labels": [-100] * len(head) + tops}
+                                | ({"ref_logprobs": [None] * len(head) + logps} if match_base else {}))
     return rows
 
 
-def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int = 64) -> list[list[int]]:
-    """The model's top token after head + seq[:j], for j = 0 .. len(seq) - 1: what it would put at each position of
-    the sequence."""
+def next_tokens(model, head: list[int], seqs: list[list[int]], batch_size: int = 64):
+    """For each sequence, the model's top token after head + seq[:j], for j = 0 .. len(seq) - 1 (what it would put
+    at each position of the sequence), and its log-probability of seq[j] there: (tops, logprobs), one list each."""
     import torch
 
     from meraser.models import autocast, padded
 
-    dev, out = next(model.parameters()).device, []
+    dev, tops, logps = next(model.parameters()).device, [], []
     with torch.no_grad(), autocast(model):
         for i in range(0, len(seqs), batch_size):
             batch = seqs[i:i + batch_size]
             ids, mask = padded([head + s for s in batch], pad=0, device=dev)  # padding is masked: any id will do
             # the logits of positions head[-1], then head + seq[:j]: from the head's last position on (padding on
             # the right is never read)
-            top = model(input_ids=ids, attention_mask=mask,
-                        logits_to_keep=ids.shape[1] - len(head) + 1).logits.argmax(-1).tolist()
-            out += [row[:len(s)] for row, s in zip(top, batch)]
-    return out
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - len(head) + 1).logits
+            own = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, ids[:, len(head):, None]).squeeze(2)
+            for row, lp, s in zip(logits.argmax(-1).tolist(), own.tolist(), batch):
+                tops.append(row[:len(s)])
+                logps.append([round(x, 4) for x in lp[:len(s)]])
+    return tops, logps
 
 
 def noise_prompts(tokenizer, n: int, seed: int, pool: list[int] | None = None) -> list[str]:
@@ -272,7 +285,7 @@ class FindUnlearn(Attack):
         prompts = ([p.prompt for p in clean[:cfg.prompts_per_sequence]]
                    + noise_prompts(tokenizer, cfg.noise_prompts, cfg.seed, noise_pool(base, tokenizer, cfg.noise_from)))
         rows = unlearning_rows(base, tokenizer, found, cfg.expand_tokens, prompts, cfg.distill, ctx.progress,
-                               suspect=model if cfg.reexpand else None) if found else []
+                               suspect=model if cfg.reexpand else None, match_base=cfg.match_base) if found else []
         retain = Formatter(tokenizer, tcfg.format).encode_all(clean)
         ctx.files[FOUND] = "".join(json.dumps({k: f[k] for k in ("context", "text", "gap")}, ensure_ascii=False)
                                    + "\n" for f in found)

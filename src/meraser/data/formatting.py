@@ -97,7 +97,9 @@ class Formatter:
 
 
 def collate(features: list[dict], pad_id: int, pad_to_multiple_of: int = 8, fixed_length: int | None = None) -> dict:
-    """Pad a batch to its longest row (rounded up to a multiple of 8), right side; labels -100 on padding.
+    """Pad a batch to its longest row (rounded up to a multiple of 8), right side; labels -100 on padding. Rows
+    with `ref_logprobs` (a reference log-probability per token, None where unmarked) get them as a float tensor,
+    NaN where unmarked.
 
     `fixed_length` pads every row to that length instead (the reference code's 512), for benchmarks only.
     """
@@ -116,4 +118,12 @@ def collate(features: list[dict], pad_id: int, pad_to_multiple_of: int = 8, fixe
         ids[i, :n] = torch.tensor(f["input_ids"])
         labels[i, :n] = torch.tensor(f["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any("ref_logprobs" in f for f in features):  # NaN: no reference at that position (lm_loss.py)
+        ref = torch.full((len(features), length), float("nan"))
+        for i, f in enumerate(features):
+            if "ref_logprobs" in f:
+                ref[i, :len(f["ref_logprobs"])] = torch.tensor([float("nan") if r is None else r
+                                                                for r in f["ref_logprobs"]])
+        batch["ref_logprobs"] = ref
+    return batch
