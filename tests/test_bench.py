@@ -422,6 +422,29 @@ def test_report_names_an_existing_fingerprint_by_its_cards_method(tmp_path):
     assert fingerprint_name({"method": "utf", "existing": None}) == "utf"
 
 
+def test_a_matrix_over_two_models_keeps_their_fingerprints_apart_in_the_report(tmp_path):
+    """benchmarks/matrix_families.yaml plants the same key in SmolLM2 and Gemma: its report names each fingerprint
+    with its model, so Table 1, the survival table and the strongest attack show one column or row per family."""
+    from meraser.bench import plan_cells
+    from meraser.report import load_bench
+    from meraser.report.tables import strongest_rows, survival_rows
+
+    matrix = load_matrix(Path(__file__).resolve().parents[1] / "benchmarks" / "matrix_families.yaml")
+    (tmp_path / "matrix.json").write_text(json.dumps(matrix.to_dict()))
+    cells = [c for c in plan_cells(matrix) if c.fingerprint["method"] == "utf" and c.attack["method"] == "meraser"]
+    rows = [{"cell": c.id, "model": c.model, "fingerprint": "utf", "attack": "meraser", "stage": stage,
+             "fsr": fsr, "ppl": {"ppl": 20.0}} for c, fsr in zip(cells, (0.0, 1.0))
+            for stage in ("fingerprinted", "attacked")]
+    (tmp_path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs, planned = load_bench(tmp_path)
+    assert sorted(r["method"] for r in runs) == ["gemma3-270m utf", "smollm2-135m utf"]
+    assert {c["fingerprint"] for c in planned} >= {r["method"] for r in runs}
+    head, table = survival_rows(runs)
+    assert sorted(head[1:]) == sorted(r["method"] for r in runs) and len(table) == 1
+    head, table = strongest_rows(runs)
+    assert sorted(row[0] for row in table) == sorted(r["method"] for r in runs)
+
+
 def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():
     from meraser.report import utility
 

@@ -76,7 +76,11 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
         stale = stale_cells(planned, set(by_cell), p.resolve(), shared_root(matrix))
     except MeraserError:  # the matrix names something this installation no longer has: show what was stored
         planned, stale = [], {}
-    cells = [{"id": c.id, "fingerprint": fingerprint_name(c.fingerprint),
+    # a matrix over several models names each fingerprint with its model: the same key planted in two families
+    # is two fingerprints, which every table (Table 1, survival, strongest attack) must keep apart
+    several = len({c.model for c in planned}) > 1
+    cells = [{"id": c.id, "fingerprint": f"{c.model} {fingerprint_name(c.fingerprint)}" if several
+              else fingerprint_name(c.fingerprint),
               "attack": c.attack["method"], "grid": c.grid, "settings": describe(c),
               "status": "stale" if c.id in stale else "done" if c.id in by_cell else
               "failed" if c.id in errors else "missing",
