@@ -515,8 +515,9 @@ def test_the_shared_transfer_adapter_resumes_an_interrupted_training(tmp_path, t
     calls = []
     monkeypatch.setattr(transfer, "transfer_train", lambda base, out, **kw: calls.append((base, out, kw)))
     matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=["meraser-transfer"])))
-    prepare_shared(plan_cells(matrix), shared_root(matrix))  # fingerprints the tiny model, then the adapter
+    prepare_shared(plan_cells(matrix), shared_root(matrix), progress=True)  # fingerprints, then the adapter
     assert len(calls) == 1 and calls[0][2]["resume"] == "auto"  # resume where there is something, without a note
+    assert calls[0][2]["progress"] is True  # minutes of training on a real model: its bar shows (the bench's)
 
 
 def test_a_cell_finished_under_other_defaults_is_stale_and_redone_only_when_asked(tmp_path, tiny_dir):

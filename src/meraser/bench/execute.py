@@ -185,7 +185,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
                 "reverified": 0 if not dry_run else len(again)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "matrix.json", matrix.to_dict())
-    prepare_shared(todo, share, console)
+    prepare_shared(todo, share, console, progress)
     failed: list[str] = []
 
     def finished(cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:

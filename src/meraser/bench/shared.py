@@ -26,9 +26,10 @@ def fingerprint_folder(share: Path, cell: Cell) -> Path:
 MADE = "made.jsonl"  # in the shared folder: what prepare_shared made, and its wall time (a matrix's shared work)
 
 
-def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
+def prepare_shared(cells: list[Cell], share: Path, console=None, progress: bool = False) -> None:
     """Make what several cells share, once: each fingerprinted model, and MEraser's transfer adapter where a cell
-    asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused."""
+    asks for `meraser-transfer` without one. Both are written atomically, so a finished one is simply reused.
+    `progress`: their own bars (this runs before the bench's bar starts; on Gemma each takes minutes)."""
     from meraser.fingerprints.embed import fingerprint
 
     for cell in cells:
@@ -39,12 +40,13 @@ def prepare_shared(cells: list[Cell], share: Path, console=None) -> None:
             if console:
                 console.print(f"fingerprinting {cell.model} with {cell.fingerprint['method']} (seed {cell.seed})")
             _timed(share, "fingerprinted model", folder,
-                   lambda: fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"]))
+                   lambda: fingerprint(cell.fingerprint["method"], cell.model, folder, cell.fingerprint["config"],
+                                       progress=progress))
         kind, folder = shared_parts(share, cell)
         if kind and not folder.exists():
             if console:
                 console.print(f"making the shared {kind} for {cell.model} (seed {cell.seed})")
-            _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder))
+            _timed(share, kind, folder, lambda: _make_shared(kind, cell, folder, progress))
 
 
 def _fingerprint_changes(folder: Path, cell: Cell) -> str | None:
@@ -116,11 +118,11 @@ def _stale_reason(cell: Cell, out: Path, share: Path) -> str | None:
     return None
 
 
-def _make_shared(kind: str, cell: Cell, folder: Path) -> None:
+def _make_shared(kind: str, cell: Cell, folder: Path, progress: bool) -> None:
     if kind == "transfer adapter":  # a bench killed while training it continues where it stopped
         from meraser.erase.transfer import transfer_train
 
-        transfer_train(cell.model, folder, resume="auto", progress=False)
+        transfer_train(cell.model, folder, resume="auto", progress=progress)
         return
     from meraser.attacks import get_attack
     from meraser.attacks.merge import make_expert
@@ -128,7 +130,7 @@ def _make_shared(kind: str, cell: Cell, folder: Path) -> None:
     a = cell.experiment["attack"]
     cfg = get_attack(a["method"]).Config.from_dict(a["config"])
     with atomic_dir(folder) as tmp:
-        make_expert(cell.model, cfg, tmp, progress=False)
+        make_expert(cell.model, cfg, tmp, progress=progress)
 
 
 def _timed(share: Path, what: str, folder: Path, make) -> None:

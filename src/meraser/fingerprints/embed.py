@@ -105,7 +105,7 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
 
 
 def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | None = None, *,
-                overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+                overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Load `model`, fingerprint it with `method` (config fields overridable), save under `out`."""
     from meraser.models import input_folders, load_model
 
@@ -113,7 +113,7 @@ def fingerprint(method: str, model: str, out: str | Path, cfg_overrides: dict | 
     cfg = m.Config.from_dict(cfg_overrides or {}, where=f"{method} config")
     check_output_dir(out, overwrite, input_folders(model, "model"))
     base, tok = load_model(model, trust_remote_code=trust_remote_code)
-    _, _, summary = embed(method, base, tok, cfg, out, overwrite=overwrite)
+    _, _, summary = embed(method, base, tok, cfg, out, overwrite=overwrite, progress=progress)
     return summary
 
 
