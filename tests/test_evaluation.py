@@ -27,14 +27,32 @@ def reference_ppl(model, windows):
     return math.exp(total / count)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("stride", [None, 16])
-def test_perplexity_matches_reference_computation(tiny, monkeypatch, stride):
+def test_perplexity_matches_reference_computation(tiny, monkeypatch, stride, family, tmp_path):
+    """The chunked head (plain causal LMs: a Llama and a Gemma-3-shaped model) and the model's own logits (any
+    other) both give the reference perplexity."""
+    from meraser.evaluation import perplexity as module
+    from meraser.lm_loss import is_plain_causal_lm
+
     monkeypatch.setenv("MERASER_PRECISION", "fp32")
-    model, tok = tiny
+    if family == "gemma3":
+        from tiny import save_tiny_gemma
+
+        from meraser.models import load_model
+
+        model, tok = load_model(str(save_tiny_gemma(tmp_path / "gemma")))
+    else:
+        model, tok = tiny
+    assert is_plain_causal_lm(model)
     windows = text_windows(TEXT, tok, window=32, stride=stride)
     assert len(windows) > 3
-    got = perplexity(model, tok, windows, batch_size=3)
-    assert got["ppl"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+    reference = reference_ppl(model, windows)
+    assert perplexity(model, tok, windows, batch_size=3)["ppl"] == pytest.approx(reference, rel=1e-4)
+    import meraser.lm_loss
+
+    monkeypatch.setattr(meraser.lm_loss, "is_plain_causal_lm", lambda m: False)  # the model's own logits instead
+    assert module.perplexity(model, tok, windows, batch_size=3)["ppl"] == pytest.approx(reference, rel=1e-4)
 
 
 def test_every_token_scored_once(tiny):

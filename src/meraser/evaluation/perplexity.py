@@ -127,15 +127,29 @@ def perplexity(model, tokenizer, windows: list[Window], batch_size: int = 8, pro
     for idx in batches:
         b = collate([{"input_ids": windows[i].ids, "labels": windows[i].labels} for i in idx], pad, pad_to_multiple_of=1)
         with torch.no_grad(), autocast(model):
-            logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
-        labels = b["labels"].to(dev)[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += nll.item()
-        count += int((labels != -100).sum())
+            nll, n = _nll_sum(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev))
+        total += nll
+        count += n
     model.train(was_training)
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
+
+
+def _nll_sum(model, ids, mask, labels) -> tuple[float, int]:
+    """(summed next-token NLL over labelled positions, their number). A plain causal LM takes the chunked head of
+    lm_loss.py: the same sum without a batch x length x vocabulary logits tensor, which for Gemma 3's 262k
+    vocabulary is 2 GB in bf16 per batch of 8 windows of 512 tokens, and three times that upcast and soft-maxed."""
+    import torch
+
+    from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm
+
+    if is_plain_causal_lm(model):
+        total, count = causal_lm_loss_sum(model, ids, mask, labels)
+        return total.item(), int(count)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    return nll.item(), int((targets != -100).sum())
 
 
 def instruction_perplexity(model, tokenizer, source: str, *, n: int = 200, seed: int = 12345, batch_size: int = 8,
