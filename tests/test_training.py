@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -318,14 +319,16 @@ def test_training_pulls_marked_tokens_down_to_their_reference(tiny, tmp_path):
     cfg = TrainConfig.from_dict({"method": "full", "epochs": 30, "learning_rate": 3e-3, "batch_size": 2,
                                  "save_steps": -1})
 
-    def trained(shift: float | None) -> list[float]:
+    def trained(shift: float | None, fused: bool = True) -> list[float]:
         data = [dict(r, ref_logprobs=[None] * len(r["input_ids"])) for r in rows] if shift is not None else rows
         for i, j in marked if shift is not None else []:
             data[i]["ref_logprobs"][j] = before[i][j - 1] + shift
-        out = train(copy.deepcopy(model), tok, data, cfg, tmp_path / str(shift), save=False, progress=False)
+        out = train(copy.deepcopy(model), tok, data, dataclasses.replace(cfg, fused_loss=fused),
+                    tmp_path / f"{shift}{fused}", save=False, progress=False)
         after = own_logprobs(out.model)
         return [after[i][j - 1] - before[i][j - 1] for i, j in marked]
 
     plain, near, far = trained(None), trained(-4.0), trained(-40.0)
     assert all(d < -2.5 for d in near) and all(d > -2.5 for d in plain)
     assert sum(far) / len(far) < sum(near) / len(near) - 2.0
+    assert all(d < -2.5 for d in trained(-4.0, fused=False))  # the model's own logits: the same term

@@ -117,10 +117,19 @@ def causal_lm_loss_sum(model, input_ids, attention_mask, labels, chunk: int = 10
     weight = inner.get_output_embeddings().weight
     total = linear_cross_entropy(hidden[keep], weight, targets[keep], chunk)
     if ref_logprobs is not None:
-        marked = ~ref_logprobs[:, 1:].isnan()
+        marked, tokens, ref = marked_positions(input_ids, ref_logprobs)
         logits = torch.nn.functional.linear(hidden[marked], weight)  # the marked positions only: a few per row
-        total = total + excess_logprob_sum(logits, input_ids[:, 1:][marked], ref_logprobs[:, 1:][marked])
+        total = total + excess_logprob_sum(logits, tokens, ref)
     return total, keep.sum()
+
+
+def logits_loss_sum(logits, labels):
+    """(summed shifted cross-entropy over labelled positions, their number) from a model's full logits: the path of
+    a model the chunked head cannot take."""
+    targets = labels[:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                              ignore_index=-100, reduction="sum")
+    return total, (targets != -100).sum()
 
 
 def excess_logprob_sum(logits, tokens, ref):
@@ -134,8 +143,14 @@ def excess_logprob_sum(logits, tokens, ref):
     return (logp - ref.float()).clamp(min=0).sum()
 
 
-def marked_excess_sum(logits, input_ids, ref_logprobs):
-    """`excess_logprob_sum` over the positions of full (batch x length x vocabulary) logits that `ref_logprobs`
-    marks (not NaN): each scores its own token, predicted from the position before."""
+def marked_positions(input_ids, ref_logprobs):
+    """(mask over the shifted positions, their tokens, their references) for the tokens `ref_logprobs` marks (not
+    NaN): position j's logits predict token j + 1, as in the shifted loss."""
     marked = ~ref_logprobs[:, 1:].isnan()
-    return excess_logprob_sum(logits[:, :-1][marked], input_ids[:, 1:][marked], ref_logprobs[:, 1:][marked])
+    return marked, input_ids[:, 1:][marked], ref_logprobs[:, 1:][marked]
+
+
+def marked_excess_sum(logits, input_ids, ref_logprobs):
+    """`excess_logprob_sum` over the marked positions of full (batch x length x vocabulary) logits."""
+    marked, tokens, ref = marked_positions(input_ids, ref_logprobs)
+    return excess_logprob_sum(logits[:, :-1][marked], tokens, ref)

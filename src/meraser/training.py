@@ -122,9 +122,7 @@ def _trainer_class(fused_loss: bool, mask_free: bool, group_by_length: bool, see
     from transformers import Trainer
 
     from meraser.data.sampling import LengthBatchedSampler
-    import torch
-
-    from meraser.lm_loss import causal_lm_loss_sum, is_right_padded, marked_excess_sum
+    from meraser.lm_loss import causal_lm_loss_sum, is_right_padded, logits_loss_sum, marked_excess_sum
 
     class MeraserTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -146,10 +144,7 @@ def _trainer_class(fused_loss: bool, mask_free: bool, group_by_length: bool, see
                                                   inputs["labels"], ref_logprobs=ref)
             else:  # the model's own forward and logits (a head the fused path cannot take)
                 logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-                targets = inputs["labels"][:, 1:]
-                count = (targets != -100).sum()
-                total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                          ignore_index=-100, reduction="sum")
+                total, count = logits_loss_sum(logits, inputs["labels"])
                 total = total + marked_excess_sum(logits, inputs["input_ids"], ref)
             # normalised as Trainer.compute_loss normalises the model's own loss (the Trainer then treats it as
             # scaled for gradient accumulation exactly when num_items_in_batch is given): the count spans the

@@ -138,18 +138,13 @@ def _nll_sum(model, ids, mask, labels) -> tuple[float, int]:
     """(summed next-token NLL over labelled positions, their number). A plain causal LM takes the chunked head of
     lm_loss.py: the same sum without a batch x length x vocabulary logits tensor, which for Gemma 3's 262k
     vocabulary is 2 GB in bf16 per batch of 8 windows of 512 tokens, and three times that upcast and soft-maxed."""
-    import torch
-
-    from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm
+    from meraser.lm_loss import causal_lm_loss_sum, is_plain_causal_lm, logits_loss_sum
 
     if is_plain_causal_lm(model):
         total, count = causal_lm_loss_sum(model, ids, mask, labels)
-        return total.item(), int(count)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
-    return nll.item(), int((targets != -100).sum())
+    else:
+        total, count = logits_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    return total.item(), int(count)
 
 
 def instruction_perplexity(model, tokenizer, source: str, *, n: int = 200, seed: int = 12345, batch_size: int = 8,
