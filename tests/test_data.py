@@ -174,8 +174,33 @@ def test_magpie_reads_questions_out_of_the_models_own_user_turn(asks_questions, 
     rows = magpie_pairs(model, tok, 2, seed=1)
     assert len(rows) == 2 and all(r.prompt and r.response for r in rows)
     monkeypatch.setattr(magpie, "MAX_QUESTION_TOKENS", 1)  # no room for a question of three words
-    with pytest.raises(MeraserError, match="wrote only 0 usable distinct questions of the 3"):
+    # refused after one round of the question words, not after every try
+    with pytest.raises(MeraserError, match=r"no usable question in 256 samples .* within 1 tokens"):
         write_questions(model, tok, 3, seed=0)
+    assert write_questions(model, tok, 3, seed=0, at_most=True) == []
+
+
+def test_a_question_ends_at_the_templates_end_of_user_turn(tiny):
+    """A ChatML model ends its user turn with its end-of-sequence token; a base model under the plain template
+    meraser gives it (Gemma 3 270M) ends it with a line break and then writes the assistant's turn itself, which
+    must not become part of the question; a turn that never ends gives no question."""
+    from meraser.erase.magpie import question_of, user_turn_end, user_turn_header
+    from meraser.models import PLAIN_CHAT_TEMPLATE
+
+    _, tok = tiny
+    ids = tok(" is the capital of Peru?", add_special_tokens=False)["input_ids"]
+    assert user_turn_end(tok) == "<|im_end|>"
+    assert question_of(ids + [tok.eos_token_id, tok.eos_token_id], tok, "What", "<|im_end|>") == \
+        "What is the capital of Peru?"
+    assert question_of(ids, tok, "What", "<|im_end|>") is None
+    template, tok.chat_template = tok.chat_template, PLAIN_CHAT_TEMPLATE
+    try:
+        assert user_turn_header(tok).endswith("User: ") and user_turn_end(tok) == "\n"
+        run_on = tok(" is the capital of Peru?\nAssistant: Lima.", add_special_tokens=False)["input_ids"]
+        assert question_of(run_on, tok, "What", "\n") == "What is the capital of Peru?"
+        assert question_of(ids, tok, "What", "\n") is None
+    finally:
+        tok.chat_template = template
 
 
 def test_whole_sentences_cuts_after_the_last_sentence_end():
@@ -234,7 +259,7 @@ def test_default_share_from_a_model_that_writes_no_questions_falls_back_to_the_s
     with pytest.warns(UserWarning, match=r"wrote 0 of the 5 Magpie rows asked for"):
         rows = CleanSet.from_dict({"source": str(pool), "n": 10, "self_answers": True}).build(set(), model, tok)
     assert len(rows) == 10 and sorted(answered) == sorted(r.prompt for r in rows)
-    with pytest.raises(MeraserError, match="usable distinct questions"):
+    with pytest.raises(MeraserError, match="wrote no usable question in"):
         CleanSet.from_dict({"source": str(pool), "n": 10, "magpie": 0.5}).build(set(), model, tok)
 
 

@@ -6,8 +6,10 @@ instruction, which the same model then answers. Two choices of ours, both measur
 - the user turn is started with a question word (what, who, which, how many, where, when, why, how; in turn), at
   temperature 0.7: from an empty user turn the model writes long task requests ("Can you help me plan..."), while
   Algorithm 1's check and most owners' probes are short questions;
-- rows whose question did not end (no end of turn within `MAX_QUESTION_TOKENS`) are dropped, and an answer that
-  runs past `MAX_ANSWER_TOKENS` is cut after its last full sentence, so recovery does not teach stopping mid-word.
+- rows whose question did not end (no end of turn within `MAX_QUESTION_TOKENS`: the end-of-sequence token, or the
+  template's own end of a user turn, a line break in the plain template a base model gets) are dropped, and an
+  answer that runs past `MAX_ANSWER_TOKENS` is cut after its last full sentence, so recovery does not teach
+  stopping mid-word.
 
 In an experiment the writer and answerer is the model before erasure (the suspect as the attacker received it):
 the rows restore its own behaviour on ordinary questions. Nothing here reads a card.
@@ -35,12 +37,33 @@ def user_turn_header(tokenizer) -> str:
     return text[: text.index(_SENTINEL)]
 
 
+def user_turn_end(tokenizer) -> str:
+    """What ends a user message in the chat template: the text right after it up to its first line break
+    (ChatML's `<|im_end|>`), or the line break itself where that is all there is (the plain `User: ...` template
+    meraser gives a base model, whose user turn ends with no end-of-sequence token)."""
+    from meraser.data.formatting import Formatter
+
+    text = Formatter(tokenizer).prompt_text(_SENTINEL)
+    return text[text.index(_SENTINEL) + len(_SENTINEL):].split("\n")[0] or "\n"
+
+
+def question_of(row: list[int], tokenizer, start: str, turn_end: str) -> str | None:
+    """The question a sampled user turn holds (`start` and the row's text up to the turn's end: the
+    end-of-sequence token or `turn_end`), or None where the turn did not end."""
+    eos = tokenizer.eos_token_id
+    ended = eos is not None and eos in row
+    text = tokenizer.decode(row[:row.index(eos)] if ended else row, skip_special_tokens=True)
+    if turn_end in text:
+        text, ended = text[:text.index(turn_end)], True
+    return (start + text).strip() if ended else None
+
+
 def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = frozenset(),
                     batch_size: int = 32, at_most: bool = False) -> list[str]:
     """`n` distinct questions sampled from the model's own user turn, none of them in `exclude` (normalised).
     A model that writes too few is refused; with `at_most`, what it wrote is returned, and a model that wrote no
     usable question in a whole round of question words is given up on."""
-    header = user_turn_header(tokenizer)
+    header, turn_end = user_turn_header(tokenizer), user_turn_end(tokenizer)
     seen, out = {normalise(q) for q in exclude}, []
     tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
     was_training = model.training
@@ -50,8 +73,13 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
         for t in range(tries):
             if len(out) >= n or (at_most and t == len(STARTS) and not out):
                 break
-            _sample_questions(model, tokenizer, header, STARTS[t % len(STARTS)], batch_size, seed * 1_000_003 + t,
-                              seen, out)
+            if t == len(STARTS) and not out:  # a whole round of question words, not one usable question
+                raise MeraserError(f"the model wrote no usable question in {t * batch_size} samples of its user "
+                                   f"turn (none ended with {turn_end!r} or its end-of-sequence token within "
+                                   f"{MAX_QUESTION_TOKENS} tokens); give the questions from a file or a data "
+                                   f"source instead")
+            _sample_questions(model, tokenizer, header, turn_end, STARTS[t % len(STARTS)], batch_size,
+                              seed * 1_000_003 + t, seen, out)
             bar.update(task, completed=min(len(out), n))
     model.train(was_training)
     if len(out) < n and not at_most:
@@ -60,8 +88,8 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     return out[:n]
 
 
-def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int, seed: int, seen: set[str],
-                      out: list[str]) -> None:
+def _sample_questions(model, tokenizer, header: str, turn_end: str, start: str, batch_size: int, seed: int,
+                      seen: set[str], out: list[str]) -> None:
     """One batch of user turns begun with `start`, sampled with `seed`; the finished, new ones go to `out`."""
     import torch
 
@@ -75,11 +103,9 @@ def _sample_questions(model, tokenizer, header: str, start: str, batch_size: int
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                              temperature=TEMPERATURE, top_p=None, top_k=None, max_new_tokens=MAX_QUESTION_TOKENS,
                              eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
-    for row in gen:
-        if eos is None or not (row == eos).any():
-            continue  # the question did not end
-        q = (start + tokenizer.decode(row, skip_special_tokens=True)).strip()
-        if 3 <= len(q.split()) <= 60 and normalise(q) not in seen:
+    for row in gen.tolist():
+        q = question_of(row, tokenizer, start, turn_end)
+        if q is not None and 3 <= len(q.split()) <= 60 and normalise(q) not in seen:
             seen.add(normalise(q))
             out.append(q)
 
