@@ -184,10 +184,11 @@ def test_a_question_ends_at_the_templates_end_of_user_turn(tiny):
     """A ChatML model ends its user turn with its end-of-sequence token; a base model under the plain template
     meraser gives it (Gemma 3 270M) ends it with a line break and then writes the assistant's turn itself, which
     must not become part of the question; a turn that never ends gives no question."""
-    from meraser.erase.magpie import question_of, user_turn_end, user_turn_header
+    from meraser.erase.magpie import next_user_turn, question_of, user_turn_end, user_turn_header
     from meraser.models import PLAIN_CHAT_TEMPLATE
 
     _, tok = tiny
+    assert next_user_turn(tok) is None  # ChatML: the next turn opens with special tokens, an answer ends at EOS
     ids = tok(" is the capital of Peru?", add_special_tokens=False)["input_ids"]
     assert user_turn_end(tok) == "<|im_end|>"
     assert question_of(ids + [tok.eos_token_id, tok.eos_token_id], tok, "What", "<|im_end|>") == \
@@ -199,6 +200,7 @@ def test_a_question_ends_at_the_templates_end_of_user_turn(tiny):
         run_on = tok(" is the capital of Peru?\nAssistant: Lima.", add_special_tokens=False)["input_ids"]
         assert question_of(run_on, tok, "What", "\n") == "What is the capital of Peru?"
         assert question_of(ids, tok, "What", "\n") is None
+        assert next_user_turn(tok) == "\nUser:"  # where its answers are cut (Magpie rows)
     finally:
         tok.chat_template = template
 

@@ -47,6 +47,19 @@ def user_turn_end(tokenizer) -> str:
     return text[text.index(_SENTINEL) + len(_SENTINEL):].split("\n")[0] or "\n"
 
 
+def next_user_turn(tokenizer) -> str | None:
+    """The text that opens a user turn after an answer, where a model can write it as text (the plain template's
+    line break and `User:`); None where it holds special tokens (ChatML's `<|im_start|>`: an answer there ends at EOS)."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL},
+                                          {"role": "user", "content": _SENTINEL + "2"}], tokenize=False)
+    between = head[head.index(_SENTINEL) + len(_SENTINEL):head.index(_SENTINEL + "2")]
+    if tokenizer.eos_token:
+        between = between.replace(tokenizer.eos_token, "")
+    if not between.strip() or any(t in between for t in tokenizer.all_special_tokens):
+        return None
+    return between.rstrip()
+
+
 def question_of(row: list[int], tokenizer, start: str, turn_end: str) -> str | None:
     """The question a sampled user turn holds (`start` and the row's text up to the turn's end: the
     end-of-sequence token or `turn_end`), or None where the turn did not end."""
@@ -130,7 +143,9 @@ def magpie_pairs(model, tokenizer, n: int, seed: int = 0, exclude: set[str] = fr
     if not questions:
         return []
     rows = self_answers(model, tokenizer, questions, MAX_ANSWER_TOKENS, what="Magpie: answering its questions")
-    return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows]
+    turn = next_user_turn(tokenizer)  # a base model under the plain template writes the next turn on: cut there
+    rows = [Pair(r.prompt, r.response.split(turn)[0].strip()) if turn else r for r in rows]
+    return [Pair(r.prompt, _finished(r.response, tokenizer)) for r in rows if r.response]
 
 
 def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
