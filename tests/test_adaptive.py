@@ -310,6 +310,12 @@ def test_reexpand_also_unlearns_what_the_suspect_says_after_each_prompt(planted,
     added = [r for r in again if r not in plain]
     assert head + target[:1] + cont in [r["input_ids"] for r in added]
     assert len(again) == len(plain) + len(added) and len(added) <= 2  # one per head at most, where it differs
+    # two found sequences with one first token: the suspect continues both alike, and that continuation is one row
+    twins = found + [{"context": "assistant", "ids": [target[0], target[-1]]}]
+    plain2 = unlearning_rows(base, tok, twins, 8, card.triggers[:1], distill="positions")
+    again2 = unlearning_rows(base, tok, twins, 8, card.triggers[:1], distill="positions", suspect=model)
+    added2 = [r["input_ids"] for r in again2 if r not in plain2]
+    assert added2.count(head + target[:1] + cont) == 1
 
 
 def test_first_token_gaps_rank_the_planted_tokens_first(planted, tiny_dir):

@@ -201,7 +201,9 @@ def unlearning_rows(base, tokenizer, found: list[dict], length: int, prompts: li
             if suspect is not None:
                 again = continuations(suspect, tokenizer, head, [f["ids"][0] for f in items], length,
                                       description=f"suspect continuations after {name}" if progress else None)
-                seqs += [s for s in ([f["ids"][0]] + tail for f, tail in zip(items, again)) if s not in seqs]
+                for seq in ([f["ids"][0]] + tail for f, tail in zip(items, again)):
+                    if seq not in seqs:  # two found sequences with one first token continue alike: one row
+                        seqs.append(seq)
             for seq, tops, logps in zip(seqs, *next_tokens(base, head, seqs)):
                 if tops != seq:
                     rows.append({"input_ids": head + seq, "labels": [-100] * len(head) + tops}
