@@ -107,6 +107,31 @@ def test_matrix_runs_every_cell_once_sharing_the_fingerprint(tmp_path, tiny_dir)
     assert page.count("<td>done</td>") == 2 and "<td>missing</td>" in page and "failed: RuntimeError" in page
 
 
+def test_the_bench_time_counts_the_shared_work_of_finished_cells_only(tmp_path, tiny_dir):
+    """A partial store: the shared work of cells still to run (here the transfer adapter) is not made yet, so it is
+    neither counted nor listed as unrecorded; the fingerprint the finished cell used is counted."""
+    from meraser.bench import MADE, plan_cells, shared_root
+    from meraser.bench.shared import fingerprint_folder
+    from meraser.report import bench_time, load_bench
+    from meraser.utils import write_json
+
+    attacks = ["prune-magnitude", "meraser-transfer"]
+    matrix = load_matrix(_write(tmp_path, _matrix(tmp_path, tiny_dir, attacks=attacks)))
+    out = Path(matrix.out)
+    prune = next(c for c in plan_cells(matrix) if c.attack["method"] == "prune-magnitude")
+    out.mkdir(parents=True)
+    write_json(out / "matrix.json", matrix.to_dict())
+    folder = fingerprint_folder(shared_root(matrix), prune).name
+    made = {"what": "fingerprinted model", "folder": folder, "seconds": 150}
+    (shared_root(matrix) / MADE).write_text(json.dumps(made) + "\n")
+    rows = [{"cell": prune.id, "model": prune.model, "fingerprint": "utf", "attack": "prune-magnitude", "stage": s,
+             "cell_seconds": 60.0} for s in ("fingerprinted", "attacked")]
+    (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_time(out, *load_bench(out)) == ("1 of 2 cells done, 60 s of cell time (each cell's own wall time, "
+                                                 "summed), plus 2 min of shared work (fingerprinted models, transfer "
+                                                 "adapter, merge experts)")
+
+
 def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir):
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir))
     with pytest.raises(MeraserError, match="--only prune-magnitud3: no cell id contains it"):

@@ -138,7 +138,8 @@ def bench_time(path: str | Path, runs: list[dict], cells: list[dict]) -> str:
             f"time (each cell's own wall time, summed)")
     try:
         matrix = Matrix.from_dict(read_json(Path(path) / "matrix.json", "matrix record"))
-        seconds, unknown = shared_work(matrix, plan_cells(matrix))
+        done = {r["name"] for r in runs}  # the shared work of cells still to run is not made yet
+        seconds, unknown = shared_work(matrix, [c for c in plan_cells(matrix) if c.id in done])
     except MeraserError:
         return text
     if seconds or not unknown:
