@@ -326,6 +326,24 @@ def test_gcg_finds_a_span_under_which_the_tiny_model_answers_the_target(tiny):
     assert all(a >= b for a, b in zip(res["history"], res["history"][1:])) and res["history"][-1] < res["history"][0]
 
 
+def test_gcg_never_swaps_in_a_token_outside_the_allowed_ones_even_when_they_are_fewer_than_top_k(tiny):
+    """With fewer allowed tokens than top_k (ProFLingo's letters on a small vocabulary), the rank a swap draws from
+    must not reach the excluded entries: every span tried holds allowed tokens only."""
+    import torch
+
+    from meraser.fingerprints.gcg import GCGConfig, Task, gcg
+
+    model, tok = tiny
+    before, span = tok("Say it:", add_special_tokens=False)["input_ids"], [5, 6, 7, 8]
+    allowed = torch.zeros(len(tok), dtype=torch.bool)
+    allowed[5:13] = True  # 8 tokens, top_k 64
+    tried = []
+    res = gcg([Task(model, before, [], [20])], span, allowed, GCGConfig(steps=12, top_k=64, candidates=32),
+              lambda s: tried.append(s) or True, lambda s: False)
+    assert res["steps"] == 12 and len(tried) > 12 * 8
+    assert all(5 <= t < 13 for s in tried for t in s) and all(5 <= t < 13 for t in res["span"])
+
+
 def test_proflingo_prefixes_are_letters_that_never_spell_an_answer_and_decoys_are_the_pool(planted):
     import random
 

@@ -116,11 +116,14 @@ def gcg(tasks: list[Task], span: list[int], allowed, cfg: GCGConfig, stable: Cal
         grad = _gradient(tasks, best)
         grad[:, ~allowed.to(grad.device)] = math.inf
         grad[torch.arange(len(best)), torch.tensor(best)] = math.inf
-        top = (-grad).topk(min(cfg.top_k, int(allowed.sum())), dim=1).indices.cpu()
+        # the current token is excluded too, so a row has one allowed token fewer than `allowed` holds: asking
+        # topk for more would hand out excluded (infinite) entries, i.e. tokens outside `allowed`
+        top = (-grad).topk(max(1, min(cfg.top_k, int(allowed.sum()) - 1)), dim=1).indices.cpu()
+        ok = allowed.cpu()
         pos = torch.randint(len(best), (cfg.candidates,), generator=gen)
         rank = torch.randint(top.shape[1], (cfg.candidates,), generator=gen)
-        cands = [c for c in dict.fromkeys(tuple(best[:p] + [int(top[p, r])] + best[p + 1:])
-                                          for p, r in zip(pos.tolist(), rank.tolist())) if stable(list(c))]
+        swaps = [(p, int(top[p, r])) for p, r in zip(pos.tolist(), rank.tolist()) if ok[top[p, r]]]
+        cands = [c for c in dict.fromkeys(tuple(best[:p] + [t] + best[p + 1:]) for p, t in swaps) if stable(list(c))]
         if cands:
             scores = losses(tasks, [list(c) for c in cands], cfg.batch_size)
             i = min(range(len(cands)), key=scores.__getitem__)
