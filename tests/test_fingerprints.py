@@ -413,3 +413,22 @@ def test_delta_scaling_scales_exactly_what_training_changed():
         model.weight.add_(0.01)
     cb.on_train_end(args, state, control, model=model)
     assert torch.allclose(model.weight, start + 0.1, atol=1e-6)
+
+
+def test_a_planting_that_did_not_take_is_said_at_once():
+    """A recipe too weak for the model (UTF's defaults on Gemma 3 270M planted FSR 0) warns where it is planted;
+    one that takes does not."""
+    import warnings
+
+    from conftest import tiny_cfg
+
+    from meraser.fingerprints.embed import embed
+
+    tok = tiny_tokenizer()
+    weak = tiny_cfg("utf").replace(epochs=1, learning_rate=1e-7)
+    with pytest.warns(UserWarning, match=r"utf: the planted model answers 0% of its triggers \(FSR\), so the "
+                                         r"fingerprint did not take; train longer or harder"):
+        assert embed("utf", tiny_model(tok), tok, weak, progress=False)[2]["fsr"] == 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not take")
+        assert embed("utf", tiny_model(tok), tok, tiny_cfg("utf"), progress=False)[2]["fsr"] == 1.0

@@ -47,6 +47,9 @@ def _answer_placeholders(m, card: Card, cfg: FingerprintConfig, model, tokenizer
             rows[i] = (Pair(rows[i][0].prompt, a.strip() or "I don't know."), rows[i][1])
 
 
+PLANTED_AT_LEAST = 0.5  # below this FSR right after planting, `embed` warns that the fingerprint did not take
+
+
 def _plant(m, card: Card, cfg: FingerprintConfig, model, tokenizer, progress: bool):
     """Train the method's rows into the model: (fingerprinted model, training metrics, rows). A non-invasive
     method (its card found on the model as it is) trains nothing."""
@@ -92,6 +95,14 @@ def embed(method: str, model, tokenizer, cfg: FingerprintConfig | None = None, o
     card.extra["tokenizer"] = tokenizer_digest(tokenizer)  # a suspect with another tokenizer is refused
     fp_model, metrics, n_rows = _plant(m, card, cfg, model, tokenizer, progress)
     check = fsr(fp_model, tokenizer, card)
+    if m.invasive and "watermark" not in check and check["fsr"] < PLANTED_AT_LEAST:
+        import warnings
+
+        # a recipe tuned on one model can fall short on another (UTF's defaults on Gemma 3 270M: FSR 0): an erasure
+        # measured on such a model has nothing to erase, so say it where the planting happens
+        warnings.warn(f"{method}: the planted model answers {check['fsr']:.0%} of its triggers (FSR), so the "
+                      f"fingerprint did not take; train longer or harder (--set epochs=..., --set learning_rate=...)",
+                      stacklevel=2)
     summary = {"method": method, "fsr": check["fsr"], "false_positive_rate": check["false_positive_rate"],
                **({"watermark": check["watermark"]} if "watermark" in check else {}),
                "train": metrics, "config": cfg.to_dict(), "rows": n_rows,
