@@ -132,15 +132,34 @@ def test_the_bench_time_counts_the_shared_work_of_finished_cells_only(tmp_path, 
                                                  "adapter, merge experts)")
 
 
-def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir):
+def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir, monkeypatch):
+    from meraser.bench import execute
+
+    shown, real = [], execute.progress_bar
+
+    def recording_bar(enabled=True, transient=False):  # what the bench's bar says, as it says it
+        bar = real(False)
+        update = bar.update
+        bar.update = lambda task, **kw: (shown.append(kw["description"]) if "description" in kw else None,
+                                         update(task, **kw))
+        return bar
+
+    monkeypatch.setattr(execute, "progress_bar", recording_bar)
     path = _write(tmp_path, _matrix(tmp_path, tiny_dir))
     with pytest.raises(MeraserError, match="--only prune-magnitud3: no cell id contains it"):
         run_bench(load_matrix(path), only=["prune-magnitud3"], progress=False)
     res = run_bench(load_matrix(path), only=["prune-magnitude"], progress=False)
     assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": [], "reverified": 0}
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
+    shown.clear()
     assert run_bench(load_matrix(path), progress=False)["ran"] == 1  # the meraser cell, the prune one kept
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
+    # a cell runs for minutes to hours: the bar names the stage it is in, not the cell alone
+    cell = next(d for d in shown if " · " not in d)
+    assert cell.startswith("matrix: ") and " x meraser" in cell
+    assert [d.split(" · ")[1] for d in shown if " · " in d] == [
+        "eval:base", "eval:fingerprinted", "mismatched", "clean", "erased", "eval:erased", "recovered",
+        "eval:recovered"]
 
 
 def test_two_matrices_with_one_shared_folder_share_the_fingerprint_and_evaluations(tmp_path, tiny_dir):

@@ -396,10 +396,11 @@ class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
     def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None,
-                 shared: Path | None = None):
+                 shared: Path | None = None, on_stage=None):
         self.plan, self.exp, self.out = plan, plan.exp, plan.out
         self.shared = shared
         self.progress = progress
+        self.on_stage = on_stage or (lambda name: None)
         self.say = console.print if console else (lambda *a, **k: None)
         self.rows = StageRows(plan, rows, self._begin, self.say, progress, shared)
         self.records = records
@@ -415,6 +416,7 @@ class ExperimentRun:
         st = self.plan.stages[name]
         self.records[name] = {"id": st.id, "settings": st.settings}
         write_json(self.out / STAGE_RECORD, self.records)
+        self.on_stage(name)
 
     def fingerprint(self):
         """Stage 1: the fingerprinted model (made here with its card, or an existing one)."""
@@ -611,11 +613,12 @@ class ExperimentRun:
 
 
 def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: bool = False, progress: bool = True,
-                   console=None, shared: Path | None = None) -> list[dict]:
+                   console=None, shared: Path | None = None, on_stage=None) -> list[dict]:
     """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
     evaluated stage: base, fingerprinted, erased, recovered. With `shared` (a bench's folder), the base and
     fingerprinted rows and the erase and recover adapters are taken from there when another experiment made them
-    with the same identity, and left there when this one makes them."""
+    with the same identity, and left there when this one makes them. `on_stage(name)` is called as each stage that
+    has to be made (or evaluated: "eval:<stage>") begins: a bench names it beside the cell it runs."""
     plan = plan_experiment(exp, where)
     if plan.out.exists() and not plan.out.is_dir():
         raise MeraserError(f"output {plan.out} is a file, not a folder")
@@ -624,7 +627,7 @@ def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: b
         if removed and console:
             console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
         write_json(plan.out / "experiment.json", exp.to_dict())
-        return ExperimentRun(plan, records, rows, progress, console, shared).run()
+        return ExperimentRun(plan, records, rows, progress, console, shared, on_stage).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -68,9 +68,10 @@ def versions() -> dict:
     return out
 
 
-def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool = False) -> list[dict]:
+def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool = False, on_stage=None) -> list[dict]:
     """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs.
-    `overwrite`: redo the stages its folder made under other settings (a stale cell run again)."""
+    `overwrite`: redo the stages its folder made under other settings (a stale cell run again); `on_stage(name)`:
+    called as each of its stages begins."""
     from meraser.runner import Experiment, run_experiment
 
     share = share or out
@@ -78,7 +79,7 @@ def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool =
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False,
-                              shared=share / "shared", overwrite=overwrite)
+                              shared=share / "shared", overwrite=overwrite, on_stage=on_stage)
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
@@ -214,9 +215,12 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
 
         if executor.kind == "ray":
             _run_on_ray(todo, out, share, executor, done, redo=redo)
-        else:  # one cell at a time: the bar names the cell that runs (its own steps show no bar inside the bench's)
-            _run_here(todo, out, share, done, redo=redo,
-                      started=lambda cell: bar.update(task, description=f"matrix: {_cell_label(cell)}"))
+        else:  # one cell at a time: the bar names the cell and the stage that run (their own steps show no bar inside
+            # the bench's, and a cell of a 270M model runs for 20 minutes)
+            def stage(cell, name=None):
+                bar.update(task, description=f"matrix: {_cell_label(cell)}" + (f" · {name}" if name else ""))
+
+            _run_here(todo, out, share, done, redo=redo, started=stage)
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
             "failed": failed, "stale": sorted(stale) if not redo_stale else [],
             "reverified": len(again - set(failed))}
@@ -301,11 +305,14 @@ def _cell_label(cell: Cell) -> str:
 
 
 def _run_here(cells: list[Cell], out: Path, share: Path, finished, redo: set[str], started=None) -> None:
+    """The cells one after another; `started(cell)` as each begins, and `started(cell, stage)` as each of its stages
+    does."""
     for cell in cells:
         if started:
             started(cell)
         try:
-            rows = run_cell(cell, out, share, cell.id in redo)
+            rows = run_cell(cell, out, share, cell.id in redo,
+                            on_stage=(lambda name, cell=cell: started(cell, name)) if started else None)
         except Exception as e:
             finished(cell, None, e)
         else:
