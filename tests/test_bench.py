@@ -385,13 +385,21 @@ def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matri
 def test_checked_in_families_matrix_plans_both_models_with_a_transfer_adapter_each():
     """benchmarks/matrix_families.yaml: four fingerprints x (MEraser, its transfer adapter) on SmolLM2 and Gemma 3;
     each family's transfer adapter is made on its own base model."""
-    from meraser.bench import shared_parts, plan_cells
+    from meraser.bench import plan_cells, shared_parts, shared_root
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     cells = plan_cells(load_matrix(bench / "matrix_families.yaml"))
     assert len(cells) == 2 * 4 * 2 and {c.model for c in cells} == {"smollm2-135m", "gemma3-270m"}
     adapters = {c.model: shared_parts(Path("share"), c)[1] for c in cells if c.attack["method"] == "meraser-transfer"}
     assert len(set(adapters.values())) == 2 and all(m in str(f) for m, f in adapters.items())
+    # Gemma's longer UTF planting shares that folder: its cells use the very transfer adapter made for Gemma above
+    utf = load_matrix(bench / "matrix_families_gemma_utf.yaml")
+    assert shared_root(utf) == shared_root(load_matrix(bench / "matrix_families.yaml"))
+    longer = plan_cells(utf)
+    assert [(c.fingerprint["method"], c.fingerprint["config"]["epochs"]) for c in longer] == [("utf", 4)] * 2
+    assert {c.attack["method"] for c in longer} == {c.attack["method"] for c in cells}
+    assert [shared_parts(Path("share"), c)[1] for c in longer if c.attack["method"] == "meraser-transfer"] == [
+        adapters["gemma3-270m"]]
 
 
 def test_checked_in_erasure_and_perinucleus_matrices_plan(tmp_path, monkeypatch):
