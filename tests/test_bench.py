@@ -2,6 +2,7 @@
 that a re-run completes and never duplicates, even after SIGKILLs at random points."""
 
 import html
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from conftest import TINY, TINY_PER_METHOD, write_pool
 from tiny import POOL, TINY_ERASE, TINY_RECOVER
 
@@ -152,7 +154,9 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir,
     assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": [], "reverified": 0}
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
     shown.clear()
-    assert run_bench(load_matrix(path), progress=False)["ran"] == 1  # the meraser cell, the prune one kept
+    log = io.StringIO()  # output that is no terminal (nohup, a CI log) sees no bar: it gets a line per stage
+    assert run_bench(load_matrix(path), progress=False, console=Console(file=log, width=200))["ran"] == 1  # the
+    # meraser cell, the prune one kept
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude", "meraser"}
     # a cell runs for minutes to hours: the bar names the stage it is in, not the cell alone
     cell = next(d for d in shown if " · " not in d)
@@ -160,6 +164,7 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir,
     assert [d.split(" · ")[1] for d in shown if " · " in d] == [
         "eval:base", "eval:fingerprinted", "mismatched", "clean", "erased", "eval:erased", "recovered",
         "eval:recovered"]
+    assert all(f"{d}\n" in log.getvalue() for d in shown if " · " in d)
 
 
 def test_two_matrices_with_one_shared_folder_share_the_fingerprint_and_evaluations(tmp_path, tiny_dir):

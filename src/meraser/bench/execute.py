@@ -218,7 +218,10 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
         else:  # one cell at a time: the bar names the cell and the stage that run (their own steps show no bar inside
             # the bench's, and a cell of a 270M model runs for 20 minutes)
             def stage(cell, name=None):
-                bar.update(task, description=f"matrix: {_cell_label(cell)}" + (f" · {name}" if name else ""))
+                label = f"matrix: {_cell_label(cell)}" + (f" · {name}" if name else "")
+                bar.update(task, description=label)
+                if console is not None and not console.is_terminal:  # a log file gets no live bar: a line instead
+                    console.print(f"{time.strftime('%H:%M:%S')} {label}", highlight=False)
 
             _run_here(todo, out, share, done, redo=redo, started=stage)
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
