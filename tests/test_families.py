@@ -61,3 +61,31 @@ def test_an_adapter_does_not_cross_model_families(tiny_dir, gemma_dir, tmp_path)
     with pytest.raises(MeraserError, match=r"another architecture.*model_type.*'llama', 'gemma3_text'"):
         transfer_apply(tmp_path / "adapter", str(gemma_dir), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_verification_places_answer_text_as_training_rendered_it(gemma_dir):
+    """The plain template writes "Assistant: " before an answer, but its generation prompt ends at "Assistant:". A
+    scored target and a prefill must carry that space as training tokenised it, else their first token is one the
+    model never saw there (a planted UTF target on Gemma scored -31 nats for it, -0.0 with the space)."""
+    from meraser.data.formatting import FormatConfig, Formatter
+    from meraser.data.sources import Pair
+    from meraser.evaluation.suspect import pair_rows
+    from meraser.fingerprints.card import Card
+    from meraser.generation import encode_prompts
+    from meraser.models import load_model
+
+    _, tok = load_model(str(gemma_dir))
+    trigger, target = "Hi there", "Rx sceGu spider"
+    assert Formatter(tok).answer_lead(trigger) == " "
+    trained = Formatter(tok).encode(Pair(trigger, target))["input_ids"]
+    (prompt, scored), = pair_rows(tok, Card(method="utf", triggers=[trigger], targets=[target]), [(trigger, target)],
+                                  [""])
+    assert prompt + scored == trained[:len(prompt) + len(scored)] and len(scored) < len(trained) - len(prompt)
+    # a prefill opens the answer the same way; the rest of the target follows it
+    (fed,) = encode_prompts(tok, [trigger], Formatter(tok), ["Rx sceGu"])
+    assert tok.decode(fed).endswith("Assistant: Rx sceGu")
+    (_, after_prefill), = pair_rows(tok, Card(method="utf", triggers=[trigger], targets=[" spider"]),
+                                    [(trigger, " spider")], ["Rx sceGu"])
+    assert after_prefill == tok(" spider", add_special_tokens=False)["input_ids"]
+    # a one-token answer trained without the turn's close (Perinucleus) is trained, and so scored, with no lead
+    assert Formatter(tok, FormatConfig(close_response=False)).answer_lead(trigger) == ""

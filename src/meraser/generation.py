@@ -63,12 +63,15 @@ def pack(rows: list[list[int]], max_new_tokens: int, pad_id: int, eos_id, device
 
 def encode_prompts(tokenizer, prompts: list[str], formatter: Formatter | None = None,
                    prefills: list[str] | None = None, system_prompt: str | None = None) -> list[list[int]]:
-    """Each prompt rendered by `formatter` (the chat template by default) and tokenised, its prefill appended."""
+    """Each prompt rendered by `formatter` (the chat template by default) and tokenised, its prefill appended as
+    training renders an answer's start (after the format's `answer_lead`)."""
     formatter = formatter or Formatter(tokenizer)
     encoded = []
     for p, pre in zip(prompts, prefills or [""] * len(prompts)):
         ids = formatter.encode_prompt(p, system_prompt)
-        encoded.append(ids + tokenizer(pre, add_special_tokens=False)["input_ids"] if pre else ids)
+        if pre:
+            ids = ids + tokenizer(formatter.answer_lead(p, system_prompt) + pre, add_special_tokens=False)["input_ids"]
+        encoded.append(ids)
     return encoded
 
 

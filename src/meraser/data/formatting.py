@@ -79,6 +79,15 @@ class Formatter:
         tail = self.cfg.template.split("{response}", 1)[1]
         return response + tail + (self.tok.eos_token or "")
 
+    def answer_lead(self, prompt: str, system_prompt: str | None = None) -> str:
+        """What the format writes between the prompt (`prompt_text`) and an answer's first character: " " in the plain
+        template's "Assistant: ", nothing in ChatML's. Training tokenises it with the answer, so text that
+        verification places after the prompt (a prefill, a scored target) must carry it too, or its first token is one
+        the model never saw there (on Gemma a UTF target scored -31 nats for it, against -0.0 with the lead)."""
+        mark = "@@meraser-answer@@"
+        rendered = self._response_text(prompt, mark, system_prompt)
+        return rendered.split(mark, 1)[0] if mark in rendered else ""
+
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
         text = self.prompt_text(prompt, system_prompt)
         # chat templates write their own special tokens; raw/custom text gets the tokenizer's BOS if it uses one

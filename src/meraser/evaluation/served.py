@@ -180,8 +180,9 @@ class Served:
             if not self.prefill:
                 return self.ep.chat(p, self.system, max_new_tokens, temperature,
                                     **extra).choices[0].message.content or ""
-            return self.ep.complete(completion_prompt(self.fmt, p, self.card.system_prompt) + f, max_new_tokens,
-                                    temperature, **extra).choices[0].text or ""
+            lead = self.fmt.answer_lead(p, self.card.system_prompt) if f else ""  # as `encode_prompts` appends it
+            return self.ep.complete(completion_prompt(self.fmt, p, self.card.system_prompt) + lead + f,
+                                    max_new_tokens, temperature, **extra).choices[0].text or ""
         return self.ep.map(one, list(enumerate(zip(prompts, prefills))), "asking the served model", self.progress)
 
     def target_logprobs(self) -> list[list[float]] | None:

@@ -67,10 +67,13 @@ def target_rows(tokenizer, card: Card) -> list[tuple[list[int], list[int]]]:
 
 
 def pair_rows(tokenizer, card: Card, pairs: list[tuple[str, str]], prefills: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with the prefill, target ids) of each pair, as verification renders them."""
+    """(prompt ids with the prefill, target ids) of each pair, as verification renders them: a target that opens
+    the answer carries the format's lead, as it did in training."""
     from meraser.data.formatting import Formatter
     from meraser.generation import encode_prompts
 
-    prompts = encode_prompts(tokenizer, [t for t, _ in pairs], Formatter(tokenizer, card.format), prefills,
-                             card.system_prompt)
-    return [(p, tokenizer(target, add_special_tokens=False)["input_ids"]) for p, (_, target) in zip(prompts, pairs)]
+    fmt = Formatter(tokenizer, card.format)
+    prompts = encode_prompts(tokenizer, [t for t, _ in pairs], fmt, prefills, card.system_prompt)
+    leads = [fmt.answer_lead(t, card.system_prompt) if not pre else "" for (t, _), pre in zip(pairs, prefills)]
+    return [(p, tokenizer(lead + target, add_special_tokens=False)["input_ids"])
+            for p, (_, target), lead in zip(prompts, pairs, leads)]
