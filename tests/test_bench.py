@@ -694,3 +694,39 @@ def test_reverify_measures_a_verification_registered_after_the_cells_ran(tmp_pat
     assert {(r["cell"], r["stage"]): r["likelihood"]["p_value"] for r in rows} == fresh
     assert all(r["added_later"] == ["likelihood"] for r in rows)
     assert run_bench(load_matrix(path), progress=False, reverify=True)["reverified"] == 0  # complete now
+
+
+def test_reevaluate_measures_every_stage_again_on_the_stored_models_and_trains_nothing(tmp_path, tiny_dir):
+    """After a fix to the evaluation, `--reevaluate` measures every stage of the finished cells again (their own
+    rows, the shared base and fingerprinted ones once for all) on the stored models: no training or attack is
+    redone, no row is duplicated, and the store gives what a fresh run gives."""
+    from meraser.utils import read_json, write_json, write_jsonl
+
+    path = _write(tmp_path, _matrix(tmp_path, tiny_dir))
+    out = tmp_path / "bench"
+    run_bench(load_matrix(path), progress=False)
+    fresh = _table(out)
+    took = {r["cell"]: r["cell_seconds"] for r in read_jsonl(out / RESULTS)}
+    trained = sorted((out / "cells").glob("*/*/*.safetensors"))
+    assert {p.parent.name for p in trained} >= {"erased", "recovered", "attacked"}
+    made = {p: p.stat().st_mtime_ns for p in trained}
+
+    def wrong(r):  # what an evaluation bug left in every row
+        return {**r, "fsr": 0.5, "false_positive_rate": 0.5}
+
+    write_jsonl(out / RESULTS, [wrong(r) for r in read_jsonl(out / RESULTS)])
+    for f in (out / "cells").glob("*/results.jsonl"):
+        write_jsonl(f, [wrong(r) for r in read_jsonl(f)])
+    for f in (out / "shared" / "evals").glob("*.json"):
+        write_json(f, wrong(read_json(f)))
+    assert run_bench(load_matrix(path), progress=False)["ran"] == 0  # not asked: nothing is redone
+    res = run_bench(load_matrix(path), progress=False, reevaluate=True)
+    assert res["reverified"] == 2 and res["ran"] == 0 and res["failed"] == []
+    assert _table(out) == fresh  # no row twice, every figure measured again
+    assert all(read_json(f)["fsr"] != 0.5 for f in (out / "shared" / "evals").glob("*.json"))
+    for f in (out / "cells").glob("*/results.jsonl"):
+        assert len(read_jsonl(f)) == len({r["stage"] for r in read_jsonl(f)}) and all(
+            r["fsr"] != 0.5 for r in read_jsonl(f))
+    assert {p: p.stat().st_mtime_ns for p in trained} == made  # nothing trained or attacked again
+    # a cell's cost stays what making it took; the re-evaluation's time is recorded beside it
+    assert all(r["cell_seconds"] == took[r["cell"]] and r["reverified_seconds"] > 0 for r in read_jsonl(out / RESULTS))

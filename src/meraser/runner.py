@@ -298,9 +298,11 @@ class StageRows:
     verifications registered since a row was written. The run hands it the tokenizer and card once its
     fingerprinted stage has them (`bind`)."""
 
-    def __init__(self, plan: Plan, rows: list[dict], begin, say, progress: bool, shared: Path | None):
+    def __init__(self, plan: Plan, rows: list[dict], begin, say, progress: bool, shared: Path | None,
+                 fresh_since: float | None = None):
         self.plan, self.exp, self.out, self.shared = plan, plan.exp, plan.out, shared
         self.begin, self.say, self.progress = begin, say, progress
+        self.fresh_since = fresh_since  # re-evaluating: a shared row written before this time is measured again
         self.by_stage = {r["stage"]: r for r in rows}
         self.tok = self.card = None
 
@@ -322,7 +324,7 @@ class StageRows:
 
         shared = self.shared_file(stage)
         own = self.by_stage.get(stage)
-        common = read_json(shared, "shared evaluation") if shared is not None and shared.is_file() else None
+        common = self.shared_row(stage)
         if own is None:
             self.begin(f"eval:{stage}")
         if own is None and common is None:
@@ -337,6 +339,15 @@ class StageRows:
         self.by_stage[stage] = row
         say_row(self.say, stage, row)
         return row
+
+    def shared_row(self, stage: str) -> dict | None:
+        """The row another cell of the bench measured for `stage` (base, fingerprinted), if any and fresh enough."""
+        shared = self.shared_file(stage)
+        if shared is None or not shared.is_file():
+            return None
+        if self.fresh_since is not None and shared.stat().st_mtime < self.fresh_since:
+            return None
+        return read_json(shared, "shared evaluation")
 
     def _complete(self, row: dict, model) -> dict:
         """`row` with the verifications it lacks measured on `model` (the stage's model, made again where it was not
@@ -396,13 +407,13 @@ class ExperimentRun:
     """One function per stage; each reuses its output when the plan's identity matches, else records and makes it."""
 
     def __init__(self, plan: Plan, records: dict, rows: list[dict], progress: bool = True, console=None,
-                 shared: Path | None = None, on_stage=None):
+                 shared: Path | None = None, on_stage=None, fresh_since: float | None = None):
         self.plan, self.exp, self.out = plan, plan.exp, plan.out
         self.shared = shared
         self.progress = progress
         self.on_stage = on_stage or (lambda name: None)
         self.say = console.print if console else (lambda *a, **k: None)
-        self.rows = StageRows(plan, rows, self._begin, self.say, progress, shared)
+        self.rows = StageRows(plan, rows, self._begin, self.say, progress, shared, fresh_since)
         self.records = records
         self.card = plan.card
         self.tok = None
@@ -451,9 +462,7 @@ class ExperimentRun:
 
         if not self.plan.base:
             return
-        shared = self.rows.shared_file("base")
-        stored = self.rows.get("base") or (read_json(shared, "shared evaluation")
-                                           if shared is not None and shared.is_file() else None)
+        stored = self.rows.get("base") or self.rows.shared_row("base")
         if stored is not None and not missing(stored):
             self.rows.evaluate("base", None)  # evaluated already (by this run, or by another cell of a bench)
         else:
@@ -613,12 +622,16 @@ class ExperimentRun:
 
 
 def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: bool = False, progress: bool = True,
-                   console=None, shared: Path | None = None, on_stage=None) -> list[dict]:
+                   console=None, shared: Path | None = None, on_stage=None,
+                   reevaluate_since: float | None = None) -> list[dict]:
     """Check, reconcile with what the run folder holds, then run (or resume) every stage; one result row per
     evaluated stage: base, fingerprinted, erased, recovered. With `shared` (a bench's folder), the base and
     fingerprinted rows and the erase and recover adapters are taken from there when another experiment made them
     with the same identity, and left there when this one makes them. `on_stage(name)` is called as each stage that
-    has to be made (or evaluated: "eval:<stage>") begins: a bench names it beside the cell it runs."""
+    has to be made (or evaluated: "eval:<stage>") begins: a bench names it beside the cell it runs.
+    `reevaluate_since` (a time.time()): every stage is evaluated again on its stored model (after a fix to the
+    evaluation), the trained models kept; so is a row shared by the bench's cells, unless written since that time
+    (by another cell of the same re-evaluation)."""
     plan = plan_experiment(exp, where)
     if plan.out.exists() and not plan.out.is_dir():
         raise MeraserError(f"output {plan.out} is a file, not a folder")
@@ -627,7 +640,10 @@ def run_experiment(exp: Experiment, *, where: str = "experiment: ", overwrite: b
         if removed and console:
             console.print(f"[yellow]--overwrite: redoing {', '.join(removed)}[/]")
         write_json(plan.out / "experiment.json", exp.to_dict())
-        return ExperimentRun(plan, records, rows, progress, console, shared, on_stage).run()
+        if reevaluate_since is not None:
+            rows = []
+            write_jsonl(plan.out / RESULTS, rows)
+        return ExperimentRun(plan, records, rows, progress, console, shared, on_stage, reevaluate_since).run()
 
 
 def load_experiment(path: str | Path) -> Experiment:

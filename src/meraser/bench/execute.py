@@ -68,10 +68,11 @@ def versions() -> dict:
     return out
 
 
-def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool = False, on_stage=None) -> list[dict]:
+def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool = False, on_stage=None,
+             reevaluate_since: float | None = None) -> list[dict]:
     """Run (or finish) one cell's experiment; its rows for the store, each with the cell's settings and costs.
     `overwrite`: redo the stages its folder made under other settings (a stale cell run again); `on_stage(name)`:
-    called as each of its stages begins."""
+    called as each of its stages begins; `reevaluate_since`: evaluate every stage again (`run_experiment`)."""
     from meraser.runner import Experiment, run_experiment
 
     share = share or out
@@ -79,7 +80,8 @@ def run_cell(cell: Cell, out: Path, share: Path | None = None, overwrite: bool =
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         rows = run_experiment(Experiment.from_dict(exp, where=f"cell {cell.id}: "), progress=False,
-                              shared=share / "shared", overwrite=overwrite, on_stage=on_stage)
+                              shared=share / "shared", overwrite=overwrite, on_stage=on_stage,
+                              reevaluate_since=reevaluate_since)
     meta = {"cell": cell.id, "model": cell.model, "fingerprint": fingerprint_label(cell.fingerprint),
             "attack": cell.attack["method"], "seed": cell.seed, "grid": cell.grid, "settings": exp,
             "versions": versions(), "cell_seconds": round(time.perf_counter() - t0, 1),
@@ -93,11 +95,15 @@ def finished_cells(out: Path) -> set[str]:
 
 def record(out: Path, rows: list[dict], replace: bool = False) -> None:
     """Add a finished cell's rows to the store in one atomic replace: all of them, or (killed) none. `replace`: they
-    supersede the cell's stored rows (a re-verified cell)."""
+    supersede the cell's stored rows (a re-verified or re-evaluated cell), whose `cell_seconds` they keep: the cost
+    of the cell is what making it took; the revisit's own time goes to `reverified_seconds`."""
     from meraser.utils import write_jsonl
 
     stored = read_jsonl(out / RESULTS, "results store", torn_tail_ok=True)
     cells = {r["cell"] for r in rows} if replace else set()
+    took = {r["cell"]: r["cell_seconds"] for r in stored if r["cell"] in cells and r.get("cell_seconds") is not None}
+    rows = [{**r, "cell_seconds": took[r["cell"]], "reverified_seconds": r["cell_seconds"]} if r["cell"] in took
+            else r for r in rows]
     write_jsonl(out / RESULTS, [r for r in stored if r["cell"] not in cells] + rows)
 
 
@@ -139,13 +145,16 @@ class Executor:
 
 def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: list[str] | None = None,
               progress: bool = True, console=None, executor: Executor | None = None,
-              redo_stale: bool = False, reverify: bool = False) -> dict:
+              redo_stale: bool = False, reverify: bool = False, reevaluate: bool = False) -> dict:
     """Check the whole matrix, then run every cell not yet in the store (with `only`, those whose id contains one
     of its strings). A finished cell that today's defaults would make differently (`stale_cells`) is refused,
     naming what changed, unless `redo_stale`: then its rows leave the store and it runs again. With `reverify`, a
     finished cell whose rows predate a registered verification runs again too: its stored models (made again where
-    not kept) get just the missing verifications, and its rows are replaced by the completed ones. Returns {cells,
-    done, ran, failed, stale, reverified}; with `dry_run`, only lists the cells and what is done or stale."""
+    not kept) get just the missing verifications, and its rows are replaced by the completed ones. With
+    `reevaluate`, every finished cell (of `only`) has all its stages evaluated again on its stored models, after a
+    fix to the evaluation; training and attacks are not redone. Returns {cells, done, ran, failed, stale,
+    reverified} (re-evaluated cells count as re-verified); with `dry_run`, only lists the cells and what is done or
+    stale."""
     executor = executor or Executor()
     executor.check()
     out = Path(matrix.out).resolve()  # cells see one absolute path, whichever process or machine runs them
@@ -158,15 +167,15 @@ def run_bench(matrix: Matrix, *, where: str = "", dry_run: bool = False, only: l
     check_cards(cells, share, where)
     if dry_run:
         return _run_bench(matrix, cells, out, share, where, True, only, progress, console, executor, redo_stale,
-                          reverify)
+                          reverify, reevaluate)
     with exclusive(out, "bench folder"), (exclusive(share, "shared folder") if share != out else nullcontext()):
         return _run_bench(matrix, cells, out, share, where, False, only, progress, console, executor, redo_stale,
-                          reverify)
+                          reverify, reevaluate)
 
 
 def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where: str, dry_run: bool,
                only: list[str] | None, progress: bool, console, executor: Executor, redo_stale: bool,
-               reverify: bool = False) -> dict:
+               reverify: bool = False, reevaluate: bool = False) -> dict:
     """`run_bench` once its inputs are checked and (unless `dry_run`) its folders locked."""
     done = finished_cells(out)
     wanted = [c for c in cells if not only or any(o in c.id for o in only)]
@@ -178,7 +187,11 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
         console.print(cells_table(cells, done, stale))
     if stale and not dry_run:
         _settle_stale(stale, out, done, redo_stale, where)
-    again = unverified_cells(out, {c.id for c in wanted} & done) if reverify else set()
+    if reevaluate:
+        again = {c.id for c in wanted} & done
+    else:
+        again = unverified_cells(out, {c.id for c in wanted} & done) if reverify else set()
+    since = time.time() if reevaluate else None  # a shared row written after this was re-evaluated by this run
     todo = [c for c in wanted if c.id not in done or c.id in again]
     n_done = sum(c.id in done for c in cells)
     if dry_run or not todo:
@@ -214,7 +227,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
             bar.advance(task)
 
         if executor.kind == "ray":
-            _run_on_ray(todo, out, share, executor, done, redo=redo)
+            _run_on_ray(todo, out, share, executor, done, redo=redo, since=since)
         else:  # one cell at a time: the bar names the cell and the stage that run (their own steps show no bar inside
             # the bench's, and a cell of a 270M model runs for 20 minutes)
             def stage(cell, name=None):
@@ -223,7 +236,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
                 if console is not None and not console.is_terminal:  # a log file gets no live bar: a line instead
                     console.print(f"{time.strftime('%H:%M:%S')} {label}", highlight=False)
 
-            _run_here(todo, out, share, done, redo=redo, started=stage)
+            _run_here(todo, out, share, done, redo=redo, started=stage, since=since)
     return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
             "failed": failed, "stale": sorted(stale) if not redo_stale else [],
             "reverified": len(again - set(failed))}
@@ -307,22 +320,25 @@ def _cell_label(cell: Cell) -> str:
     return f"{fingerprint_label(cell.fingerprint)} x {cell.attack['method']}" + (f" ({setting})" if setting else "")
 
 
-def _run_here(cells: list[Cell], out: Path, share: Path, finished, redo: set[str], started=None) -> None:
+def _run_here(cells: list[Cell], out: Path, share: Path, finished, redo: set[str], started=None,
+              since: float | None = None) -> None:
     """The cells one after another; `started(cell)` as each begins, and `started(cell, stage)` as each of its stages
-    does."""
+    does. `since`: re-evaluate them (`run_cell`)."""
     for cell in cells:
         if started:
             started(cell)
         try:
             rows = run_cell(cell, out, share, cell.id in redo,
-                            on_stage=(lambda name, cell=cell: started(cell, name)) if started else None)
+                            on_stage=(lambda name, cell=cell: started(cell, name)) if started else None,
+                            reevaluate_since=since)
         except Exception as e:
             finished(cell, None, e)
         else:
             finished(cell, rows, None)
 
 
-def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, finished, redo: set[str]) -> None:
+def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, finished, redo: set[str],
+                since: float | None = None) -> None:
     """Each cell a Ray task with the CPUs/GPUs it asks for; results come back to the driver as they finish."""
     import ray
 
@@ -331,7 +347,7 @@ def _run_on_ray(cells: list[Cell], out: Path, share: Path, executor: Executor, f
         ray.init(address=executor.address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=executor.cpus_per_cell, num_gpus=executor.gpus_per_cell, max_retries=0)(run_cell)
-        pending = {task.remote(cell, out, share, cell.id in redo): cell for cell in cells}
+        pending = {task.remote(cell, out, share, cell.id in redo, reevaluate_since=since): cell for cell in cells}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])

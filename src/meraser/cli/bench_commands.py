@@ -40,6 +40,9 @@ def bench(
                                                                 "would make differently (refused otherwise)"),
     reverify: bool = typer.Option(False, "--reverify", help="measure on finished cells' stored models (made again "
                                   "where not kept) the verifications registered since they ran"),
+    reevaluate: bool = typer.Option(False, "--reevaluate", help="evaluate every stage of the finished cells again on "
+                                    "their stored models, after a fix to the evaluation (training and attacks are "
+                                    "kept; narrow it with --only)"),
 ):
     """Run a fingerprint x attack matrix: every cell an experiment in its own folder, fingerprinted models and
     MEraser's transfer adapter made once and shared, one results store. Re-running skips finished cells."""
@@ -51,13 +54,14 @@ def bench(
         m.out = str(out)
     res = run_bench(m, where=f"{matrix}: ", dry_run=dry_run, only=only, console=_console(200),
                     executor=Executor(executor, address, cpus_per_cell, gpus_per_cell), redo_stale=redo_stale,
-                    reverify=reverify)
+                    reverify=reverify, reevaluate=reevaluate)
     if not dry_run:
         from meraser.report import write_bench_report
 
         page = write_bench_report(m.out, Path(m.out) / "report.html")
         _console().print(f"{res['ran']} cells run, {res['done']} were done already"
-                         + (f" ({res['reverified']} re-verified)" if reverify else "")
+                         + (f" ({res['reverified']} re-evaluated)" if reevaluate else
+                            f" ({res['reverified']} re-verified)" if reverify else "")
                          + f", {len(res['failed'])} failed "
                          f"(see {m.out}/failed.jsonl; a re-run retries them); results: {m.out}/results.jsonl; "
                          f"report: {page}")
