@@ -324,7 +324,7 @@ class StageRows:
 
         shared = self.shared_file(stage)
         own = self.by_stage.get(stage)
-        common = self.shared_row(stage)
+        common = self._fresh(shared)
         if own is None:
             self.begin(f"eval:{stage}")
         if own is None and common is None:
@@ -342,7 +342,10 @@ class StageRows:
 
     def shared_row(self, stage: str) -> dict | None:
         """The row another cell of the bench measured for `stage` (base, fingerprinted), if any and fresh enough."""
-        shared = self.shared_file(stage)
+        return self._fresh(self.shared_file(stage))
+
+    def _fresh(self, shared: Path | None) -> dict | None:
+        """The shared row at `shared`, unless there is none or (re-evaluating) it was written before this run."""
         if shared is None or not shared.is_file():
             return None
         if self.fresh_since is not None and shared.stat().st_mtime < self.fresh_since:

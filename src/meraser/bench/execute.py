@@ -187,10 +187,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
         console.print(cells_table(cells, done, stale))
     if stale and not dry_run:
         _settle_stale(stale, out, done, redo_stale, where)
-    if reevaluate:
-        again = {c.id for c in wanted} & done
-    else:
-        again = unverified_cells(out, {c.id for c in wanted} & done) if reverify else set()
+    again = _revisited(out, wanted, done, reverify, reevaluate)
     since = time.time() if reevaluate else None  # a shared row written after this was re-evaluated by this run
     todo = [c for c in wanted if c.id not in done or c.id in again]
     n_done = sum(c.id in done for c in cells)
@@ -200,27 +197,53 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "matrix.json", matrix.to_dict())
     prepare_shared(todo, share, console, progress)
-    failed: list[str] = []
+    store = _Store(out, again, matrix.keep_models, console)
+    _execute(todo, out, share, executor, store, redo=set(stale) if redo_stale else set(), since=since,
+             already=n_done - len(again), progress=progress, console=console)
+    failed = store.failed
+    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
+            "failed": failed, "stale": sorted(stale) if not redo_stale else [],
+            "reverified": len(again - set(failed))}
 
-    def finished(cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:
-        """The driver alone writes the store (and the failure log), whichever executor ran the cell."""
+
+def _revisited(out: Path, wanted: list[Cell], done: set[str], reverify: bool, reevaluate: bool) -> set[str]:
+    """The finished cells of `wanted` this run visits again: all of them (`reevaluate`), or (`reverify`) those whose
+    rows lack a registered verification."""
+    finished = {c.id for c in wanted} & done
+    if reevaluate:
+        return finished
+    return unverified_cells(out, finished) if reverify else set()
+
+
+class _Store:
+    """What happens as a cell ends: its rows into the store (replacing a revisited cell's) or its failure into the
+    failure log. The driver alone writes both, whichever executor ran the cell."""
+
+    def __init__(self, out: Path, again: set[str], keep_models: bool, console):
+        self.out, self.again, self.keep_models, self.console = out, again, keep_models, console
+        self.failed: list[str] = []
+
+    def __call__(self, cell: Cell, rows: list[dict] | None, error: BaseException | None) -> None:
         if error is None:
-            record(out, rows, replace=cell.id in again)
-            if not matrix.keep_models:
-                drop_attacked_model(out / "cells" / cell.id)
+            record(self.out, rows, replace=cell.id in self.again)
+            if not self.keep_models:
+                drop_attacked_model(self.out / "cells" / cell.id)
             return
-        failed.append(cell.id)  # one broken cell must not stop the matrix; it is retried on the next run
+        self.failed.append(cell.id)  # one broken cell must not stop the matrix; it is retried on the next run
         import traceback
 
         where_ = "".join(traceback.format_tb(error.__traceback__)[-3:]) if error.__traceback__ else ""
-        append_jsonl(out / FAILED, {"cell": cell.id, "error": f"{type(error).__name__}: {error}"[:2000],
-                                    "traceback": where_[-3000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        if console:
-            console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
+        append_jsonl(self.out / FAILED, {"cell": cell.id, "error": f"{type(error).__name__}: {error}"[:2000],
+                                         "traceback": where_[-3000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if self.console:
+            self.console.print(f"[red]cell {cell.id} failed[/]: {type(error).__name__}: {str(error)[:300]}")
 
+
+def _execute(todo: list[Cell], out: Path, share: Path, executor: Executor, finished, *, redo: set[str],
+             since: float | None, already: int, progress: bool, console) -> None:
+    """Run `todo` on the executor under one progress bar (`already`: cells counted as done before it starts)."""
     with progress_bar(progress) as bar:
-        task = bar.add_task("matrix", total=n_done - len(again) + len(todo), completed=n_done - len(again))
-        redo = set(stale) if redo_stale else set()
+        task = bar.add_task("matrix", total=already + len(todo), completed=already)
 
         def done(cell, rows, error):
             finished(cell, rows, error)
@@ -228,18 +251,16 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
 
         if executor.kind == "ray":
             _run_on_ray(todo, out, share, executor, done, redo=redo, since=since)
-        else:  # one cell at a time: the bar names the cell and the stage that run (their own steps show no bar inside
-            # the bench's, and a cell of a 270M model runs for 20 minutes)
-            def stage(cell, name=None):
-                label = f"matrix: {_cell_label(cell)}" + (f" · {name}" if name else "")
-                bar.update(task, description=label)
-                if console is not None and not console.is_terminal:  # a log file gets no live bar: a line instead
-                    console.print(f"{time.strftime('%H:%M:%S')} {label}", highlight=False)
+            return
+        # one cell at a time: the bar names the cell and the stage that runs (their own steps show no bar inside
+        # the bench's, and a cell of a 270M model runs for 20 minutes)
+        def stage(cell, name=None):
+            label = f"matrix: {_cell_label(cell)}" + (f" · {name}" if name else "")
+            bar.update(task, description=label)
+            if console is not None and not console.is_terminal:  # a log file gets no live bar: a line instead
+                console.print(f"{time.strftime('%H:%M:%S')} {label}", highlight=False)
 
-            _run_here(todo, out, share, done, redo=redo, started=stage, since=since)
-    return {"cells": len(cells), "done": n_done, "ran": len(todo) - len(again) - len(set(failed) - again),
-            "failed": failed, "stale": sorted(stale) if not redo_stale else [],
-            "reverified": len(again - set(failed))}
+        _run_here(todo, out, share, done, redo=redo, started=stage, since=since)
 
 
 # what a bench writes in its folders: `out` may be a new or empty folder, or one that holds only these
