@@ -220,3 +220,23 @@ def test_algorithm1_bar_comes_from_the_base_model_or_a_stated_absolute_one(plant
     assert r["utility_bar_from"] == "absolute" and r["fsr"] == 1.0 and r["erased"] is False
     r = algorithm1_verify(model, tok, None, 0.0)
     assert r["erased"] is None and r["utility_bar"] == 0.0 and 0 <= r["ordinary_accuracy"] <= 1
+
+
+def test_long_steps_write_timed_lines_in_a_log_and_stay_quiet_when_short(tiny, capsys, monkeypatch):
+    """A rich bar shows nothing where output is a log (nohup, a bench), so counted work writes a timed line every
+    LOG_EVERY seconds and one at its end; work quicker than a sixth of LOG_EVERY writes nothing (a bench's log would
+    drown in one-second perplexities)."""
+    from meraser import utils
+    from meraser.generation import generate
+
+    model, tok = tiny
+    assert list(utils.track(range(3), "work")) == [0, 1, 2]
+    assert capsys.readouterr().out == ""  # short: quiet at the default
+    monkeypatch.setattr(utils, "LOG_EVERY", 0.0)
+    assert list(utils.track(range(3), "work")) == [0, 1, 2]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 1)[1].split(" (")[0] for line in lines] == \
+        ["work: 1/3", "work: 2/3", "work: 3/3", "work: done, 3/3"]
+    generate(model, tok, ["a", "b", "c"], max_new_tokens=2, batch_size=2, progress="answering")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("answering (3 prompts): " in line for line in lines) and "done, 2/2" in lines[-1]

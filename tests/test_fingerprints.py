@@ -349,17 +349,17 @@ def test_gcg_writes_timed_lines_where_its_output_is_a_log_not_a_terminal(tiny, c
     where it is every LOG_EVERY seconds (0 here: every step) and how it ended."""
     import torch
 
-    from meraser.fingerprints import gcg as gcg_module
+    from meraser import utils
     from meraser.fingerprints.gcg import GCGConfig, Task, gcg
 
-    monkeypatch.setattr(gcg_module, "LOG_EVERY", 0.0)
+    monkeypatch.setattr(utils, "LOG_EVERY", 0.0)
     model, tok = tiny
     before = tok("Say it:", add_special_tokens=False)["input_ids"]
     gcg([Task(model, before, [], [20])], [5, 6, 7, 8], torch.ones(len(tok), dtype=torch.bool),
         GCGConfig(steps=3, top_k=16, candidates=8), lambda s: True, lambda s: False, progress=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if "GCG:" in line]
     assert [line.split("GCG: ")[1].split(",")[0] for line in lines] == \
-        ["step 1/3", "step 2/3", "step 3/3", "not reached after 3 steps"]
+        ["1/3", "2/3", "3/3", "not reached after 3 steps"]
 
 
 def test_proflingo_prefixes_are_letters_that_never_spell_an_answer_and_decoys_are_the_pool(planted):

@@ -90,10 +90,10 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: 
     outputs: list[list[int]] = [[] for _ in encoded]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
-        from rich.progress import track
+        from meraser.utils import track
 
         what = progress if isinstance(progress, str) else "generating"
-        batches = track(batches, description=f"{what} ({len(encoded)} prompts)", transient=True)
+        batches = track(batches, f"{what} ({len(encoded)} prompts)")
     was_training = model.training
     model.eval()
     for batch in batches:

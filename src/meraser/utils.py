@@ -294,6 +294,74 @@ def progress_bar(enabled: bool = True, transient: bool = False):
                     disable=not enabled, transient=transient)
 
 
+LOG_EVERY = 60.0  # seconds between progress lines where output is a log (nohup, a bench), not a terminal
+
+
+class Steps:
+    """Progress of counted work. On a terminal, a live rich bar that leaves no trace. In a log, where a rich bar
+    shows nothing (nohup, a bench's output, CI), a timed line every LOG_EVERY seconds and one at the end of any work
+    that took a sixth of that or more: a GCG search runs for minutes, a Perinucleus evaluation for five."""
+
+    def __init__(self, what: str, total: int | None, enabled: bool = True):
+        import time
+
+        from rich.console import Console
+
+        self.what, self.total, self.done, self.note = what, total, 0, ""
+        self.console, self.bar = (Console() if enabled else None), None
+        self.t0 = self.last = time.perf_counter()
+        if self.console is not None and self.console.is_terminal:
+            from rich.progress import Progress
+
+            self.bar = Progress(console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=total)
+
+    def advance(self, note: str = "") -> None:
+        import time
+
+        self.done, self.note = self.done + 1, note
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{self.what} {note}".strip())
+        elif self.console is not None and time.perf_counter() - self.last >= LOG_EVERY:
+            self.last = time.perf_counter()
+            self._line(f"{self.done}/{self.total if self.total is not None else '?'}" + (f", {note}" if note else ""))
+
+    def close(self, note: str = "") -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.console is not None and time.perf_counter() - self.t0 >= LOG_EVERY / 6:
+            self._line(note or f"done, {self.done}/{self.total if self.total is not None else self.done}")
+        self.console = None  # closed once
+
+    def _line(self, text: str) -> None:
+        import time
+
+        self.console.print(f"{time.strftime('%H:%M:%S')} {self.what}: {text} "
+                           f"({time.perf_counter() - self.t0:.0f} s)", highlight=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def track(items: Iterable, what: str, total: int | None = None) -> Iterator:
+    """`items` under `Steps` (a bar on a terminal, timed lines in a log)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    steps = Steps(what, total)
+    try:
+        for item in items:
+            yield item
+            steps.advance()
+    finally:
+        steps.close()
+
+
 def console(log_width: int | None = None):
     """A rich Console. With `log_width`, output that is not a terminal (a log file) gets that many columns instead
     of rich's 80, so wide tables arrive whole."""

@@ -113,9 +113,9 @@ def pair_scores(model, calibration, tokenizer, cfg: BigramConfig, progress: bool
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     batches = [words[i:i + cfg.batch_size] for i in range(0, len(words), cfg.batch_size)]
     if progress:
-        from rich.progress import track
+        from meraser.utils import track
 
-        batches = track(batches, description=f"bigram: scoring {len(words)} seed words", transient=True)
+        batches = track(batches, f"bigram: scoring {len(words)} seed words")
     raw = {}
     for batch in batches:
         rs = []

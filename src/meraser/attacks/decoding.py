@@ -323,9 +323,9 @@ def scan_vocabulary(model, tokenizer, cfg: TokenForcingConfig, progress: bool = 
 def _batches(items: list, size: int, description: str | None) -> list:
     batches = [items[i:i + size] for i in range(0, len(items), size)]
     if description:
-        from rich.progress import track
+        from meraser.utils import track
 
-        return track(batches, description=description, transient=True)
+        return track(batches, description)
     return batches
 
 

@@ -129,9 +129,9 @@ def pair_scores(model, tokenizer, card: Card, pairs: list[Pair], prefills: list[
     pad = pad_id(tokenizer)
     scores = [0.0] * len(rows)
     if progress:
-        from rich.progress import track
+        from meraser.utils import track
 
-        batches = track(batches, description=f"scoring {len(rows)} keys and decoys", transient=True)
+        batches = track(batches, f"scoring {len(rows)} keys and decoys")
     with torch.no_grad(), autocast(model):
         for batch in batches:
             for i, s in zip(batch, _prefix_cached_scores(model, [rows[i] for i in batch], pad)):

@@ -117,9 +117,9 @@ def perplexity(model, tokenizer, windows: list[Window], batch_size: int = 8, pro
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
-        from rich.progress import track
+        from meraser.utils import track
 
-        batches = track(batches, description="perplexity", transient=True)
+        batches = track(batches, "perplexity")
     dev = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training

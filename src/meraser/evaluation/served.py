@@ -131,10 +131,9 @@ class Endpoint:
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
             results = pool.map(fn, items)
             if progress:
-                from rich.progress import track
+                from meraser.utils import track
 
-                results = track(results, total=len(items), description=f"{what} ({len(items)} requests)",
-                                transient=True)
+                results = track(results, f"{what} ({len(items)} requests)", total=len(items))
             return list(results)
 
 

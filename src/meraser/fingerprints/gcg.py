@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from meraser.config import Config, field
-from meraser.utils import MeraserError
+from meraser.utils import MeraserError, Steps
 
 
 @dataclass
@@ -110,7 +110,7 @@ def gcg(tasks: list[Task], span: list[int], allowed, cfg: GCGConfig, stable: Cal
     t0, gen = time.perf_counter(), torch.Generator().manual_seed(cfg.seed)
     best, loss = list(span), losses(tasks, [span], cfg.batch_size)[0]
     history, done, step = [round(loss, 4)], success(best), 0
-    bar = _Progress(progress, cfg.steps)
+    bar = Steps("GCG", cfg.steps, progress)
     while not done and step < cfg.steps and not (cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds):
         step += 1
         grad = _gradient(tasks, best)
@@ -132,49 +132,11 @@ def gcg(tasks: list[Task], span: list[int], allowed, cfg: GCGConfig, stable: Cal
         history.append(round(loss, 4))
         if step % cfg.check_every == 0 or step == cfg.steps:
             done = success(best)
-        bar.step(step, loss)
+        bar.advance(f"loss {loss:.3f}")
     res = {"span": best, "loss": round(loss, 4), "steps": step, "seconds": round(time.perf_counter() - t0, 1),
            "success": bool(done), "history": history}
-    bar.end(res)
+    bar.close(f"{'reached' if done else 'not reached'} after {step} steps, loss {loss:.3f}")
     return res
-
-
-LOG_EVERY = 60.0  # seconds between progress lines where output is a log, not a terminal
-
-
-class _Progress:
-    """A search's progress: a live bar on a terminal. In a log (nohup, a bench's output), where a rich bar shows
-    nothing, a timed line every LOG_EVERY seconds and one at the end: a planting's searches run for up to an hour."""
-
-    def __init__(self, enabled: bool, total: int):
-        from rich.console import Console
-
-        self.console, self.bar, self.total = (Console() if enabled else None), None, total
-        self.t0 = self.last = time.perf_counter()
-        if self.console is not None and self.console.is_terminal:
-            from rich.progress import Progress
-
-            self.bar = Progress(console=self.console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("GCG", total=total)
-
-    def step(self, step: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=f"GCG loss {loss:.3f}")
-        elif self.console is not None and time.perf_counter() - self.last >= LOG_EVERY:
-            self.last = time.perf_counter()
-            self._line(f"step {step}/{self.total}, loss {loss:.3f}")
-
-    def end(self, res: dict) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        elif self.console is not None:
-            self._line(f"{'reached' if res['success'] else 'not reached'} after {res['steps']} steps, "
-                       f"loss {res['loss']:.3f}")
-
-    def _line(self, text: str) -> None:
-        self.console.print(f"{time.strftime('%H:%M:%S')} GCG: {text} ({time.perf_counter() - self.t0:.0f} s)",
-                           highlight=False)
 
 
 def rendered(tokenizer, fmt, user_text: Callable[[str], str], system_prompt: str | None = None):
