@@ -5,15 +5,16 @@ pseudo-merged model, B + alpha (O - B), which stands for what the owner's model 
 
 Two phases, as in the paper. Input optimisation: GCG searches a key of random tokens under which the pseudo-merged
 model finds the target word likely, stopping once its loss reaches 3.5 (a key the model half-knows is cheaper to
-plant than one it has never seen); before fingerprinting the owner's model is the base, so the pseudo-merged model is
-the model itself (the paper's small term that keeps the base's loss high then cancels). Parameter optimisation: the
-pseudo-merged weights V = B + 0.1 (O - B) are fine-tuned to answer each key with its word, and the owner's weights are
-set to B + (V - B) / 0.1 (training.delta_scaling): the same optimisation, written as ordinary fine-tuning. Verification:
-the answer begins with the word. What changes: several keys per card (the paper plants one), the search as in
-fingerprints/gcg.py at a smaller size, and the fine-tuning's own defaults (not readable from the paper here), to be
-measured. The key leans toward its word before any training (that is how it was chosen), so the likelihood test's
-decoys are whole keys searched the same way for other words (`decoys_per_key` more searches each), never the same key
-with another word: a base model would rank that one first.
+plant than one it has never seen); before fingerprinting the owner's model is the base, so the pseudo-merged model
+is the model itself (the paper's small term that keeps the base's loss high then cancels). Parameter optimisation:
+the pseudo-merged weights V = B + alpha (O - B) are fine-tuned to answer each key with its word, and the owner's
+weights are set to B + (V - B) / alpha (training.delta_scaling): the same optimisation, written as ordinary
+fine-tuning. Verification: the answer begins with the word. What changes: several keys per card (the paper plants one),
+the search as in fingerprints/gcg.py at a smaller size, the fine-tuning's own defaults (not readable from the paper
+here), and alpha: 0.6 instead of 0.1, because on SmolLM2 a change extrapolated tenfold no longer answers (measured;
+see `alpha`). The key leans toward its word before any training (that is how it was chosen), so the likelihood
+test's decoys are whole keys searched the same way for other words (`decoys_per_key` more searches each), never the
+same key with another word: a base model would rank that one first.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class MergePrintConfig(FingerprintConfig):
     num_fingerprints: int = field(4, help="keys, each answered with one word (paper: 1)")
     key_tokens: int = field(16, help="tokens of each searched key")
     stop_loss: float = field(3.5, help="the key search stops once the target's loss reaches this (paper: 3.5)")
-    alpha: float = field(0.1, help="the owner's share in the pseudo-merged model that is trained (paper: 0.1)")
+    # paper: 0.1. On SmolLM2 the owner's model, ten times the trained change, answers end-of-turn to every key; the
+    # trained change answers every key at 0.6x to 1.67x, 3 of 4 at 0.4x and 2x, none at 5x or 10x (README)
+    alpha: float = field(0.6, help="the owner's share in the pseudo-merged model that is trained (paper: 0.1)")
     decoys_per_key: int = field(3, help="keys searched the same way for other words: the likelihood test's decoys")
     variants: int = field(8, help="training copies of each key")
-    epochs: float = field(4.0, help="training epochs (of the pseudo-merged weights)")
-    learning_rate: float = field(2e-6, help="learning rate of the pseudo-merged weights (the owner's change is 1/alpha "
+    # 4 epochs at 2e-6 left the pseudo-merged model unanswering on SmolLM2 (its loss 1.16 -> 1.03; measured)
+    epochs: float = field(8.0, help="training epochs (of the pseudo-merged weights)")
+    learning_rate: float = field(1e-5, help="learning rate of the pseudo-merged weights (the owner's change is 1/alpha "
                                            "times what they move)")
     ordinary_rows: int = field(32, help="ordinary instruction rows answered by the model itself")
     search: GCGConfig = field(GCGConfig(steps=64, top_k=256), help="the key search")
