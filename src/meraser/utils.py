@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -303,11 +304,9 @@ class Steps:
     that took a sixth of that or more: a GCG search runs for minutes, a Perinucleus evaluation for five."""
 
     def __init__(self, what: str, total: int | None, enabled: bool = True):
-        import time
-
         from rich.console import Console
 
-        self.what, self.total, self.done, self.note = what, total, 0, ""
+        self.what, self.total, self.done = what, total, 0
         self.console, self.bar = (Console() if enabled else None), None
         self.t0 = self.last = time.perf_counter()
         if self.console is not None and self.console.is_terminal:
@@ -318,9 +317,7 @@ class Steps:
             self.task = self.bar.add_task(what, total=total)
 
     def advance(self, note: str = "") -> None:
-        import time
-
-        self.done, self.note = self.done + 1, note
+        self.done += 1
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=f"{self.what} {note}".strip())
         elif self.console is not None and time.perf_counter() - self.last >= LOG_EVERY:
@@ -328,8 +325,6 @@ class Steps:
             self._line(f"{self.done}/{self.total if self.total is not None else '?'}" + (f", {note}" if note else ""))
 
     def close(self, note: str = "") -> None:
-        import time
-
         if self.bar is not None:
             self.bar.stop()
         elif self.console is not None and time.perf_counter() - self.t0 >= LOG_EVERY / 6:
@@ -337,8 +332,6 @@ class Steps:
         self.console = None  # closed once
 
     def _line(self, text: str) -> None:
-        import time
-
         self.console.print(f"{time.strftime('%H:%M:%S')} {self.what}: {text} "
                            f"({time.perf_counter() - self.t0:.0f} s)", highlight=False)
 
