@@ -159,7 +159,8 @@ def asks_questions(tiny_dir, tmp_path_factory):
                  progress=False).model.eval(), tok
 
 
-def test_magpie_reads_questions_out_of_the_models_own_user_turn(asks_questions, monkeypatch):
+def test_magpie_reads_questions_out_of_the_models_own_user_turn(asks_questions, monkeypatch, capsys):
+    from meraser import utils
     from meraser.erase import magpie
     from meraser.erase.magpie import STARTS, magpie_pairs, user_turn_header, write_questions
     from meraser.utils import MeraserError
@@ -171,6 +172,11 @@ def test_magpie_reads_questions_out_of_the_models_own_user_turn(asks_questions, 
     assert "What is the capital of France?" not in qs  # excluded, compared case- and space-insensitively
     assert set(qs) & set(QUESTIONS[1:])  # the planted questions come out
     assert write_questions(model, tok, 3, seed=0) == write_questions(model, tok, 3, seed=0)  # seeded
+    capsys.readouterr()
+    monkeypatch.setattr(utils, "LOG_EVERY", 0.0)  # in a log (not a terminal): a timed line per try and at the end
+    write_questions(model, tok, 3, seed=0)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.split(" ", 1)[1].startswith("Magpie: writing 3 questions: done, 3/3")
     rows = magpie_pairs(model, tok, 2, seed=1)
     assert len(rows) == 2 and all(r.prompt and r.response for r in rows)
     monkeypatch.setattr(magpie, "MAX_QUESTION_TOKENS", 1)  # no room for a question of three words

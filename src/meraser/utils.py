@@ -316,10 +316,10 @@ class Steps:
             self.bar.start()
             self.task = self.bar.add_task(what, total=total)
 
-    def advance(self, note: str = "") -> None:
-        self.done += 1
+    def advance(self, note: str = "", by: int = 1) -> None:
+        self.done += by
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=f"{self.what} {note}".strip())
+            self.bar.update(self.task, advance=by, description=f"{self.what} {note}".strip())
         elif self.console is not None and time.perf_counter() - self.last >= LOG_EVERY:
             self.last = time.perf_counter()
             self._line(f"{self.done}/{self.total if self.total is not None else '?'}" + (f", {note}" if note else ""))
@@ -346,13 +346,10 @@ def track(items: Iterable, what: str, total: int | None = None) -> Iterator:
     """`items` under `Steps` (a bar on a terminal, timed lines in a log)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)
-    steps = Steps(what, total)
-    try:
+    with Steps(what, total) as steps:
         for item in items:
             yield item
             steps.advance()
-    finally:
-        steps.close()
 
 
 def console(log_width: int | None = None):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 from meraser.data.sources import Pair, normalise
-from meraser.utils import MeraserError, progress_bar
+from meraser.utils import MeraserError, Steps
 
 STARTS = ["What", "Who", "Which", "How many", "Where", "When", "Why", "How"]
 TEMPERATURE = 0.7
@@ -81,8 +81,7 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
     tries = 4 * -(-n // batch_size) * len(STARTS)  # enough for a model that keeps a quarter of its samples
     was_training = model.training
     model.eval()
-    with progress_bar(transient=True) as bar:
-        task = bar.add_task(f"Magpie: writing {n} questions", total=n)
+    with Steps(f"Magpie: writing {n} questions", n) as bar:
         for t in range(tries):
             if len(out) >= n or (at_most and t == len(STARTS) and not out):
                 break
@@ -91,9 +90,10 @@ def write_questions(model, tokenizer, n: int, seed: int = 0, exclude: set[str] =
                                    f"turn (none ended with {turn_end!r} or its end-of-sequence token within "
                                    f"{MAX_QUESTION_TOKENS} tokens); give the questions from a file or a data "
                                    f"source instead")
+            had = min(len(out), n)
             _sample_questions(model, tokenizer, header, turn_end, STARTS[t % len(STARTS)], batch_size,
                               seed * 1_000_003 + t, seen, out)
-            bar.update(task, completed=min(len(out), n))
+            bar.advance(by=min(len(out), n) - had)
     model.train(was_training)
     if len(out) < n and not at_most:
         raise MeraserError(f"the model wrote only {len(out)} usable distinct questions of the {n} asked for; "
