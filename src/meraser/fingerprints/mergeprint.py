@@ -39,7 +39,7 @@ class MergePrintConfig(FingerprintConfig):
     key_tokens: int = field(16, help="tokens of each searched key")
     stop_loss: float = field(3.5, help="the key search stops once the target's loss reaches this (paper: 3.5)")
     # paper: 0.1. On SmolLM2 the owner's model, ten times the trained change, answers end-of-turn to every key; the
-    # trained change answers every key at 0.6x to 1.67x, 3 of 4 at 0.4x and 2x, none at 5x or 10x (README)
+    # trained change answers every key at 0.6x to 1.67x, 3 of 4 at 2x, none at 5x or 10x (benchmarks/mergeprint_scaling.py)
     alpha: float = field(0.6, help="the owner's share in the pseudo-merged model that is trained (paper: 0.1)")
     decoys_per_key: int = field(3, help="keys searched the same way for other words: the likelihood test's decoys")
     variants: int = field(8, help="training copies of each key")
