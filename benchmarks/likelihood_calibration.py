@@ -23,7 +23,8 @@ import secrets
 import time
 from pathlib import Path
 
-CONTROL_KEYS = {"model", "attack", "fingerprint", "set", "base", "made_by"}
+from controls import build_controls, check_controls, group
+
 TOP_KEYS = {"base", "cards", "card_config", "controls"}
 
 
@@ -47,9 +48,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     cfg = _read_config(args.config)
     out = Path(args.out)
-    models: dict[str, str] = {}  # in order: a control may be built from one listed before it
-    for name, spec in cfg["controls"].items():
-        models[name] = _build_control(name, spec, out / "controls", models)
+    models = build_controls(cfg["controls"], out / "controls")
     cards = _cards(cfg, out / "cards")
     rows = _test_pairs(models, cards, cfg["controls"], out / "p_values.jsonl")
     _summarise(rows, Path(args.results), len(models), len(cards))
@@ -58,58 +57,14 @@ def main() -> None:
 def _read_config(path: str) -> dict:
     import yaml
 
-    from meraser.utils import MeraserError, unknown_name
+    from meraser.utils import unknown_name
 
     cfg = yaml.safe_load(Path(path).read_text())
     for key in cfg:
         if key not in TOP_KEYS:
             raise unknown_name("key", key, TOP_KEYS, path)
-    for name, spec in cfg["controls"].items():
-        for key in spec:
-            if key not in CONTROL_KEYS:
-                raise unknown_name("control key", key, CONTROL_KEYS, f"{path}: controls.{name}")
-        if "attack" in spec and "fingerprint" in spec:
-            raise MeraserError(f"{path}: controls.{name}: an attack or a fingerprint, not both")
+    check_controls(cfg["controls"], path)
     return cfg
-
-
-def _resolve(value, models: dict[str, str]):
-    """'control:NAME' -> the model of control NAME (listed before: a control built from another)."""
-    from meraser.utils import unknown_name
-
-    if isinstance(value, str) and value.startswith("control:"):
-        name = value.removeprefix("control:")
-        if name not in models:
-            raise unknown_name("control (listed before this one)", name, models)
-        return models[name]
-    if isinstance(value, dict):
-        return {k: _resolve(v, models) for k, v in value.items()}
-    return value
-
-
-def _build_control(name: str, spec: dict, folder: Path, models: dict[str, str]) -> str:
-    from meraser.utils import MeraserError
-
-    model, target = _resolve(spec["model"], models), folder / name
-    if "attack" not in spec and "fingerprint" not in spec:
-        if ("/" in model or model.startswith(".")) and not Path(model).exists():
-            raise MeraserError(f"control {name}: {model} does not exist; make it with: {spec.get('made_by', '?')}")
-        return model
-    if (target / "built.json").exists():
-        return str(target / "model") if "fingerprint" in spec else str(target)
-    t0 = time.perf_counter()
-    print(f"building control {name} ...", flush=True)
-    sets = _resolve(spec.get("set", {}), models)
-    if "attack" in spec:
-        from meraser.attacks import run_attack
-
-        run_attack(spec["attack"], model, target, sets, base=spec.get("base"), overwrite=True, progress=True)
-    else:
-        from meraser.fingerprints.embed import fingerprint
-
-        fingerprint(spec["fingerprint"], model, target, sets, overwrite=True)
-    (target / "built.json").write_text(json.dumps({"spec": spec, "seconds": round(time.perf_counter() - t0)}))
-    return str(target / "model") if "fingerprint" in spec else str(target)
 
 
 def _cards(cfg: dict, folder: Path) -> list:
@@ -137,13 +92,6 @@ def _cards(cfg: dict, folder: Path) -> list:
     return cards
 
 
-def _group(spec: dict) -> str:
-    if "fingerprint" in spec or "made_by" in spec:
-        return "fingerprinted, other key"
-    attack = spec.get("attack", "")
-    return {"finetune": "sibling"}.get(attack) or attack.split("-")[0] or "base"
-
-
 def _test_pairs(models: dict, cards: list, specs: dict, path: Path) -> list[dict]:
     from meraser.evaluation.likelihood import LikelihoodConfig, likelihood_test
     from meraser.models import load_model
@@ -159,7 +107,7 @@ def _test_pairs(models: dict, cards: list, specs: dict, path: Path) -> list[dict
         for cid, card in todo:
             t0 = time.perf_counter()
             r = likelihood_test(model, tok, card, LikelihoodConfig(), progress=True)
-            row = {"control": name, "group": _group(specs[name]), "card": cid, "method": card.method,
+            row = {"control": name, "group": group(specs[name]), "card": cid, "method": card.method,
                    "p_value": r["p_value"], "rule": r["rule"], "p_exact": r["p_exact"],
                    "p_normal_tail": r["p_normal_tail"], "owned": r["owned"],
                    "seconds": round(time.perf_counter() - t0, 1)}
