@@ -517,6 +517,17 @@ def test_leaderboard_utility_weighs_perplexity_ordinary_answers_and_tasks():
     assert utility(run) == pytest.approx(0.5)  # perplexity alone
 
 
+def test_the_leaderboard_draws_more_fingerprints_than_it_has_marker_shapes():
+    """Reports over several stores hold ten schemes and more; each still gets a marker (it raised KeyError)."""
+    from meraser.report.figures import leaderboard_png
+
+    runs = [{"name": f"fp{i}-prune", "method": f"fp{i}", "attack": "prune", "settings": "",
+             "stages": {"fingerprinted": {"fsr": 1.0, "ppl": {"ppl": 10.0}},
+                        "attacked": {"fsr": i / 20, "ppl": {"ppl": 11.0}}}} for i in range(15)]
+    png = leaderboard_png(runs)
+    assert png and len(png) > 1000
+
+
 def test_the_strongest_attack_is_the_lowest_score_that_keeps_the_models_utility():
     """Per fingerprint and verification: a cell that breaks the model never wins, however low its score; among the
     others the lowest score wins, ties to the higher utility; a fingerprint whose every cell breaks has none."""

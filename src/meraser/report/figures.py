@@ -233,7 +233,8 @@ def leaderboard_png(runs: list[dict], verification: str = "paper") -> str | None
     ax.fill_between([WIN_UTILITY, max(1.3, max(u for u, _, _ in points) + 0.05)], -0.05 * top, v.owned_from,
                     color="tab:green", alpha=0.2, lw=0)
     methods = sorted({r["method"] for _, _, r in points})
-    markers = dict(zip(methods, "osD^vP*X"))
+    shapes = "osD^vP*Xhp<>d"  # cycled: the survival report reads all ten schemes' stores as one matrix
+    markers = {m: shapes[i % len(shapes)] for i, m in enumerate(methods)}
     colors = _leaderboard_points(ax, points, methods, markers, top)
     best = {id(r) for r in strongest(runs, verification).values()}
     ringed = [(u, f + _nudge(r, methods, top)) for u, f, r in points if id(r) in best]
