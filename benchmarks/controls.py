@@ -15,6 +15,20 @@ from pathlib import Path
 CONTROL_KEYS = {"model", "attack", "fingerprint", "set", "base", "made_by", "family"}
 
 
+def read_config(path: str, top_keys: set[str]) -> dict:
+    """A benchmark's YAML with a `controls` section: unknown top-level keys and control keys refused."""
+    import yaml
+
+    from meraser.utils import unknown_name
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    for key in cfg:
+        if key not in top_keys:
+            raise unknown_name("key", key, top_keys, path)
+    check_controls(cfg["controls"], path)
+    return cfg
+
+
 def check_controls(controls: dict, where: str) -> None:
     """Refuse unknown keys and a control that is both an attack and a fingerprint."""
     from meraser.utils import MeraserError, unknown_name

@@ -22,7 +22,7 @@ import platform
 import time
 from pathlib import Path
 
-from controls import build_controls, check_controls, group
+from controls import build_controls, group, read_config
 
 TOP_KEYS = {"cards", "controls"}
 CARD_KEYS = {"card", "made_by"}
@@ -48,19 +48,13 @@ def main() -> None:
 
 
 def _read_config(path: str) -> dict:
-    import yaml
-
     from meraser.utils import unknown_name
 
-    cfg = yaml.safe_load(Path(path).read_text())
-    for key in cfg:
-        if key not in TOP_KEYS:
-            raise unknown_name("key", key, TOP_KEYS, path)
+    cfg = read_config(path, TOP_KEYS)
     for i, spec in enumerate(cfg["cards"]):
         for key in spec:
             if key not in CARD_KEYS:
                 raise unknown_name("card key", key, CARD_KEYS, f"{path}: cards[{i}]")
-    check_controls(cfg["controls"], path)
     return cfg
 
 

@@ -23,7 +23,7 @@ import secrets
 import time
 from pathlib import Path
 
-from controls import build_controls, check_controls, group
+from controls import build_controls, group, read_config
 
 TOP_KEYS = {"base", "cards", "card_config", "controls"}
 
@@ -46,25 +46,12 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    cfg = _read_config(args.config)
+    cfg = read_config(args.config, TOP_KEYS)
     out = Path(args.out)
     models = build_controls(cfg["controls"], out / "controls")
     cards = _cards(cfg, out / "cards")
     rows = _test_pairs(models, cards, cfg["controls"], out / "p_values.jsonl")
     _summarise(rows, Path(args.results), len(models), len(cards))
-
-
-def _read_config(path: str) -> dict:
-    import yaml
-
-    from meraser.utils import unknown_name
-
-    cfg = yaml.safe_load(Path(path).read_text())
-    for key in cfg:
-        if key not in TOP_KEYS:
-            raise unknown_name("key", key, TOP_KEYS, path)
-    check_controls(cfg["controls"], path)
-    return cfg
 
 
 def _cards(cfg: dict, folder: Path) -> list:
