@@ -479,6 +479,21 @@ def test_report_names_an_existing_fingerprint_by_its_cards_method(tmp_path):
     assert fingerprint_name({"method": "utf", "existing": None}) == "utf"
 
 
+def test_report_keeps_two_plantings_of_one_method_apart(tmp_path):
+    """benchmarks/matrix_likelihood_goal.yaml plants subject-sentence twice (one subject; a subject per key): the
+    report's columns and rows name each with its settings, where both were once one "subject-sentence"."""
+    from meraser.bench import Matrix, plan_cells
+    from meraser.report import fingerprint_name
+
+    plain, per_key = {"method": "subject-sentence"}, {"method": "subject-sentence",
+                                                      "config": {"subjects": "per-key", "decoy_rows": 64}}
+    assert fingerprint_name(plain) == "subject-sentence"
+    assert fingerprint_name(per_key) == "subject-sentence (subjects=per-key decoy_rows=64)"
+    matrix = Matrix.from_dict({"out": str(tmp_path / "b"), "models": ["m"], "fingerprints": [plain, per_key],
+                               "attacks": ["finetune"]})
+    assert len({fingerprint_name(c.fingerprint) for c in plan_cells(matrix)}) == 2
+
+
 def test_a_matrix_over_two_models_keeps_their_fingerprints_apart_in_the_report(tmp_path):
     """benchmarks/matrix_families.yaml plants the same key in SmolLM2 and Gemma: its report names each fingerprint
     with its model, so Table 1, the survival table and the strongest attack show one column or row per family."""

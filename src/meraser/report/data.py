@@ -92,10 +92,15 @@ def load_bench(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def fingerprint_name(fp: dict) -> str:
-    """A fingerprint as the report names it: its method, or for an existing model the method on its card and the
-    folder's name ("perinucleus (n256)")."""
+    """A fingerprint as the report names it: its method with its own settings where the matrix gives any
+    ("subject-sentence (subjects=per-key decoy_rows=64)": two plantings of one method are two columns, not one), or
+    for an existing model the method on its card and the folder's name ("perinucleus (n256)")."""
     if not fp.get("existing"):
-        return fp["method"]
+        from meraser.utils import flat_keys
+
+        settings = " ".join(f"{k}={v}" for k, v in flat_keys(fp.get("config") or {}).items()
+                            if k != "seed")  # the matrix seed, which every cell names already
+        return f"{fp['method']} ({settings})" if settings else fp["method"]
     folder = Path(fp["existing"])
     card = Path(fp.get("card") or folder / "fingerprint_card.json")
     try:
