@@ -13,6 +13,7 @@ from meraser.data.formatting import Formatter
 from meraser.evaluation.fsr import fsr
 from meraser.evaluation.probes import ORDINARY_PROMPTS
 from meraser.generation import GREEDY, generate
+from meraser.utils import MeraserError
 
 
 def _ids(tok, prompt):
@@ -129,6 +130,37 @@ def test_perplexity_filter_refuses_exactly_the_prompts_above_its_threshold(plant
     for p, g, a in zip(ppl, got, plain):
         assert g == (refusal if p > cut else a)
     assert d.filtered == sum(p > cut for p in ppl) > 0 and d.seen == len(prompts)
+
+
+def test_a_threshold_set_on_benign_prompts_refuses_that_share_of_them(planted, tiny, tmp_path):
+    """`benign_refusal` replaces the toolkit's fixed 100 (set for GPT-2) by the helper's own quantile on benign
+    prompts: the filter then refuses that share of them, scored as it scores any prompt."""
+    from conftest import write_pool
+    from tiny import POOL
+
+    from meraser.attacks import get_attack
+    from meraser.attacks.base import AttackContext
+
+    model, tok = planted["utf"][0], planted["utf"][1]
+    pool = write_pool(tmp_path / "benign.jsonl", POOL[:60])
+    cfg = PerplexityFilterConfig.from_dict({"benign_refusal": 0.1, "benign": str(pool), "benign_n": 40})
+    ctx = AttackContext(model_spec="suspect", base=None, work=tmp_path / "work")
+    attack = get_attack("perplexity-filter")
+    attack.check(cfg, ctx)
+    d = attack.decoding(model, tok, cfg, ctx)  # no base recorded: the suspect is its own helper
+    assert round(d.cfg.threshold, 2) == ctx.info["threshold"] and d.cfg.threshold != cfg.threshold
+    benign = list(dict.fromkeys(p.prompt for p in POOL[:60]))  # what the calibration read, in its order
+    import random
+
+    random.Random(0).shuffle(benign)
+    texts = [tok.decode(_ids(tok, p)[0][0], skip_special_tokens=True) for p in benign[:40]]
+    refused = sum(p > d.cfg.threshold for p in prompt_perplexities(model, tok, texts))
+    assert refused == 4  # 10% of 40, no more and no fewer
+    with pytest.raises(MeraserError, match="benign_refusal must be a share between 0 and 1"):
+        PerplexityFilterConfig.from_dict({"benign_refusal": 1.5})
+    with pytest.raises(MeraserError, match="does not exist"):
+        attack.check(PerplexityFilterConfig.from_dict({"benign_refusal": 0.1, "benign": str(tmp_path / "no.jsonl")}),
+                     ctx)
 
 
 def test_bigram_scores_follow_the_sign_rule_and_vanish_against_the_model_itself(planted):

@@ -354,8 +354,11 @@ def test_checked_in_smollm2_matrix_plans(tmp_path):
         per_attack.setdefault(c.attack["method"], []).append(c)
     # MEraser (ablation, default recovery, strong, cycles), transfer, finetune, prunes, merges, CleanGen and Token
     # Forcing, the adaptive suite, find-and-unlearn (two ways of distilling, with two kinds of noise prompts, and
-    # re-expanded after them, with the log-probabilities pulled to the base's), GRI
-    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 6 + 2)
+    # re-expanded after them, with the log-probabilities pulled to the base's), GRI, and the perplexity filter again
+    # with its threshold set on benign prompts
+    assert len(cells) == 3 * (4 + 1 + 1 + 1 + 1 + 6 + 3 + 3 + 1 + 2 + 6 + 6 + 2 + 1)
+    assert sorted(str(c.experiment["attack"].get("config", {}).get("benign_refusal"))
+                  for c in per_attack["perplexity-filter"]) == ["0.05"] * 3 + ["None"] * 3
     assert sorted(tuple(str(c.experiment["attack"].get("config", {}).get(k, "-")).lower()
                         for k in ("distill", "noise_from", "reexpand", "match_base"))
                   for c in per_attack["find-and-unlearn"]) == \
@@ -382,7 +385,7 @@ def test_checked_in_fingerprints3_matrix_plans_every_attack_of_the_smollm2_matri
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     smollm2, new = load_matrix(bench / "matrix_smollm2.yaml"), load_matrix(bench / "matrix_fingerprints3.yaml")
     cells = plan_cells(new)
-    assert shared_root(new) == shared_root(smollm2) and len({c.id for c in cells}) == len(cells) == 5 * 30
+    assert shared_root(new) == shared_root(smollm2) and len({c.id for c in cells}) == len(cells) == 5 * 31
     assert {c.fingerprint["method"] for c in cells} == {"imf", "semcond-watermark", "proflingo", "rofl", "mergeprint"}
     assert {c.attack["method"] for c in cells} == {c.attack["method"] for c in plan_cells(smollm2)}
 

@@ -8,17 +8,21 @@ included, special tokens dropped), its plain perplexity exp(mean token NLL) unde
 Here the helper is the base model the suspect derives from (SmolLM2-135M for the embedded default: no smaller
 model of its family exists, and GPT-2 would need a download), else the suspect itself, or any model given as
 `helper`. Ordinary prompts that score above the threshold are refused too: that is the attack's utility cost, and
-the ordinary-question check measures it.
+the ordinary-question check measures it. The toolkit's threshold of 100 was set for GPT-2; SmolLM2 scores its
+chat-formatted ordinary questions at 91-342 (median 160), so at 100 it refuses nearly all of them. `benign_refusal`
+sets the threshold the way an attacker with no key would: from the helper's scores on benign prompts (chitchat by
+default, which the ordinary-question check does not use), refusing that share of them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meraser.attacks.base import AttackConfig
 from meraser.attacks.decoding import DecodingAttack
 from meraser.config import field
+from meraser.data.sources import OFFLINE_DEFAULT
 from meraser.generation import Decoding, pack
 from meraser.utils import MeraserError
 
@@ -31,12 +35,23 @@ class PerplexityFilterConfig(AttackConfig):
                                           "else the suspect itself)")
     threshold: float = field(100.0, help="refuse a prompt whose perplexity under the helper is above this (toolkit: "
                                          "100)")
+    benign_refusal: float | None = field(None, help="set the threshold from benign prompts instead: the perplexity "
+                                                    "above which this share of them lies (0.05: refuse the 5% the "
+                                                    "helper finds least natural)")
+    benign: str = field(OFFLINE_DEFAULT, help="benign prompts for that calibration: JSON/JSONL file, 'chitchat' "
+                                              "(offline) or hf:ID")
+    benign_n: int = field(256, help="benign prompts scored for the calibration")
     refusal: str = field(REFUSAL, help="the answer a filtered prompt gets")
     batch_size: int = field(16, help="prompts scored per forward pass")
 
     def validate(self, where: str) -> None:
         if self.threshold <= 1:
             raise MeraserError(f"{where}.threshold must be above 1 (a perplexity), got {self.threshold}")
+        if self.benign_refusal is not None and not 0 < self.benign_refusal < 1:
+            raise MeraserError(f"{where}.benign_refusal must be a share between 0 and 1, got {self.benign_refusal}")
+        if self.benign_n < 20:
+            raise MeraserError(f"{where}.benign_n must be at least 20 (a quantile of fewer says little), got "
+                               f"{self.benign_n}")
         if self.batch_size < 1:
             raise MeraserError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
 
@@ -58,6 +73,20 @@ def prompt_perplexities(helper, helper_tok, texts: list[str], batch_size: int = 
         counts = mask[:, 1:].sum(1)
         out += [math.exp(float(n) / int(c)) if int(c) else 1.0 for n, c in zip(nll.sum(1), counts)]
     return out
+
+
+def calibrated_threshold(tokenizer, helper, helper_tok, cfg: PerplexityFilterConfig) -> float:
+    """The perplexity above which `cfg.benign_refusal` of the benign prompts lie, each scored as the filter scores a
+    prompt: rendered by the suspect's chat template, decoded without special tokens, under the helper."""
+    from meraser.data.sources import load_pairs
+    from meraser.generation import encode_prompts
+
+    prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.benign, shuffle_seed=0)))[:cfg.benign_n]
+    if len(prompts) < 20:
+        raise MeraserError(f"{cfg.benign}: {len(prompts)} distinct prompts, too few to set a threshold (20 or more)")
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in encode_prompts(tokenizer, prompts)]
+    ppl = sorted(prompt_perplexities(helper, helper_tok, texts, cfg.batch_size))
+    return ppl[math.ceil((1 - cfg.benign_refusal) * len(ppl)) - 1]  # the refused ones lie strictly above it
 
 
 class PerplexityFiltering(Decoding):
@@ -87,7 +116,7 @@ class PerplexityFiltering(Decoding):
 class PerplexityFilter(DecodingAttack):
     name = "perplexity-filter"
     summary = ("Perplexity filtering (Nasery et al. 2025): a helper model scores each prompt; an unnatural one "
-               "(perplexity above 100) gets a refusal")
+               "(perplexity above 100, or above a threshold set on benign prompts) gets a refusal")
     paper = "https://arxiv.org/abs/2509.26598"
     Config = PerplexityFilterConfig
 
@@ -96,6 +125,10 @@ class PerplexityFilter(DecodingAttack):
 
         if cfg.helper:
             check_model_spec(cfg.helper, "perplexity-filter helper")
+        if cfg.benign_refusal is not None:
+            from meraser.data.sources import check_source
+
+            check_source(cfg.benign, "perplexity-filter benign")
 
     def decoding(self, model, tokenizer, cfg, ctx):
         from meraser.models import load_model
@@ -107,4 +140,7 @@ class PerplexityFilter(DecodingAttack):
         else:  # no base recorded: the suspect scores its own prompts
             spec, helper, helper_tok = ctx.model_spec, model, tokenizer
         ctx.info["helper"] = spec
+        if cfg.benign_refusal is not None:
+            cfg = replace(cfg, threshold=calibrated_threshold(tokenizer, helper, helper_tok, cfg))
+            ctx.info["threshold"] = round(cfg.threshold, 2)
         return PerplexityFiltering(tokenizer, helper, helper_tok, cfg)
