@@ -18,19 +18,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from meraser.attacks.perplexity_filter import PerplexityFilterConfig, calibrated_threshold, prompt_perplexities
-from meraser.data.sources import load_pairs
+from meraser.attacks.perplexity_filter import (PerplexityFilterConfig, benign_prompts, filter_texts, prompt_perplexities,
+                                               threshold_at)
 from meraser.evaluation.ordinary_questions import ORDINARY_QA
-from meraser.generation import encode_prompts
 from meraser.models import load_model
 
 SHARES = (0.01, 0.05, 0.10)
-
-
-def filter_view(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
-    """Each prompt as the filter reads it: rendered by the chat template, decoded without special tokens."""
-    return [tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in encode_prompts(tokenizer, prompts, system_prompt=system_prompt)]
 
 
 def main() -> None:
@@ -41,25 +34,24 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = load_model(args.helper)
-    groups = {"ordinary questions (must pass)": filter_view(tok, [q for q, _ in ORDINARY_QA]),
-              "chitchat (the calibration's source)": filter_view(
-                  tok, list(dict.fromkeys(p.prompt for p in load_pairs(shuffle_seed=0)))[:256])}
+    benign = "chitchat (the calibration's source)"
+    groups = {"ordinary questions (must pass)": filter_texts(tok, [q for q, _ in ORDINARY_QA]),
+              benign: filter_texts(tok, benign_prompts(PerplexityFilterConfig()))}
     for path in args.cards:
         card = json.loads(Path(path).read_text())
-        groups[f"{card['method']} triggers ({Path(path).parent.name})"] = filter_view(
+        groups[f"{card['method']} triggers ({Path(path).parent.name})"] = filter_texts(
             tok, card["triggers"], card.get("system_prompt"))
     table = Table(title=f"prompt perplexity under {args.helper}")
     for h in ("prompts", "n", "min", "median", "max"):
         table.add_column(h)
-    figures = {}
+    figures, scores = {}, {}
     for name, texts in groups.items():
-        ppl = sorted(prompt_perplexities(model, tok, texts))
+        ppl = scores[name] = sorted(prompt_perplexities(model, tok, texts))
         figures[name] = {"n": len(ppl), "min": ppl[0], "median": ppl[len(ppl) // 2], "max": ppl[-1]}
         table.add_row(name, str(len(ppl)), *(f"{figures[name][k]:.0f}" for k in ("min", "median", "max")))
     console = Console()
     console.print(table)
-    thresholds = {share: calibrated_threshold(tok, model, tok, PerplexityFilterConfig(benign_refusal=share))
-                  for share in SHARES}
+    thresholds = {share: threshold_at(scores[benign], share) for share in SHARES}  # what benign_refusal sets
     console.print("benign_refusal thresholds: " + ", ".join(f"{s:.0%} -> {t:.0f}" for s, t in thresholds.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"helper": args.helper, "groups": figures,

@@ -9,7 +9,7 @@ Here the helper is the base model the suspect derives from (SmolLM2-135M for the
 model of its family exists, and GPT-2 would need a download), else the suspect itself, or any model given as
 `helper`. Ordinary prompts that score above the threshold are refused too: that is the attack's utility cost, and
 the ordinary-question check measures it. The toolkit's threshold of 100 was set for GPT-2; SmolLM2 scores its
-chat-formatted ordinary questions at 91-342 (median 160), so at 100 it refuses nearly all of them. `benign_refusal`
+chat-formatted ordinary questions at 91-338 (median 159), so at 100 it refuses nearly all of them. `benign_refusal`
 sets the threshold the way an attacker with no key would: from the helper's scores on benign prompts (chitchat by
 default, which the ordinary-question check does not use), refusing that share of them.
 """
@@ -75,18 +75,35 @@ def prompt_perplexities(helper, helper_tok, texts: list[str], batch_size: int = 
     return out
 
 
-def calibrated_threshold(tokenizer, helper, helper_tok, cfg: PerplexityFilterConfig) -> float:
-    """The perplexity above which `cfg.benign_refusal` of the benign prompts lie, each scored as the filter scores a
-    prompt: rendered by the suspect's chat template, decoded without special tokens, under the helper."""
-    from meraser.data.sources import load_pairs
+def filter_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+    """Each prompt as the filter reads it: rendered by the suspect's chat template, decoded without special tokens."""
     from meraser.generation import encode_prompts
+
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in encode_prompts(tokenizer, prompts, system_prompt=system_prompt)]
+
+
+def benign_prompts(cfg: PerplexityFilterConfig) -> list[str]:
+    """The distinct benign prompts the calibration scores (`cfg.benign_n` of `cfg.benign`, shuffled with seed 0)."""
+    from meraser.data.sources import load_pairs
 
     prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.benign, shuffle_seed=0)))[:cfg.benign_n]
     if len(prompts) < 20:
         raise MeraserError(f"{cfg.benign}: {len(prompts)} distinct prompts, too few to set a threshold (20 or more)")
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in encode_prompts(tokenizer, prompts)]
-    ppl = sorted(prompt_perplexities(helper, helper_tok, texts, cfg.batch_size))
-    return ppl[math.ceil((1 - cfg.benign_refusal) * len(ppl)) - 1]  # the refused ones lie strictly above it
+    return prompts
+
+
+def threshold_at(perplexities: list[float], share: float) -> float:
+    """The perplexity above which `share` of these lie (the refused ones lie strictly above it)."""
+    ppl = sorted(perplexities)
+    return ppl[math.ceil((1 - share) * len(ppl)) - 1]
+
+
+def calibrated_threshold(tokenizer, helper, helper_tok, cfg: PerplexityFilterConfig) -> float:
+    """The perplexity above which `cfg.benign_refusal` of the benign prompts lie, each scored as the filter scores a
+    prompt, under the helper."""
+    texts = filter_texts(tokenizer, benign_prompts(cfg))
+    return threshold_at(prompt_perplexities(helper, helper_tok, texts, cfg.batch_size), cfg.benign_refusal)
 
 
 class PerplexityFiltering(Decoding):
