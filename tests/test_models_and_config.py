@@ -248,3 +248,25 @@ def test_the_pad_id_falls_back_to_eos_then_zero():
     assert pad_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # id 0 is a pad id, not a missing one
     assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
     assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, onednn, expected", [
+    (False, False, True, None),  # oneDNN emulates bf16 on plain AVX-512 (2.5-3x slower than fp32): stay in fp32
+    (True, False, True, "bf16"),
+    (False, True, True, "bf16"),
+])
+def test_cpu_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, avx512_bf16, amx, onednn, expected):
+    import platform
+
+    import torch
+
+    from meraser.models import autocast_dtype
+
+    monkeypatch.delenv("MERASER_PRECISION", raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert autocast_dtype("cpu") == {None: None, "bf16": torch.bfloat16}[expected]
+    monkeypatch.setenv("MERASER_PRECISION", "fp32")
+    assert autocast_dtype("cpu") is None

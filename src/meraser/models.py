@@ -70,10 +70,22 @@ def autocast_dtype(dev: str | None = None):
     dev = dev or device()
     if dev.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_native_bf16() else None
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions. oneDNN's own check also says yes on AVX-512 CPUs without them, where
+    it emulates bf16, and autocast made SmolLM2's training steps and forward passes 2.5-3x slower than fp32 on a
+    2-core AVX-512 Xeon without avx512_bf16 or AMX (`benchmarks/precision_speed.py`)."""
+    import platform
+
+    import torch
+
     with contextlib.suppress(Exception):
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-    return None
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: oneDNN checks the bf16 extension itself
+    return False
 
 
 def autocast(model) -> contextlib.AbstractContextManager:
