@@ -66,8 +66,9 @@ def main() -> None:
         t.add_column(col, justify="left" if col == "step" else "right")
     for row in rows:
         t.add_row(*row)
-    console.print(t)
-    console.print(f"CPU: {', '.join(f'{k}={v}' for k, v in caps.items())}, torch capability "
+    out = console(120)
+    out.print(t)
+    out.print(f"CPU: {', '.join(f'{k}={v}' for k, v in caps.items())}, torch capability "
                   f"{torch.backends.cpu.get_cpu_capability()}; oneDNN says bf16 "
                   f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; meraser picks {autocast_dtype('cpu') or 'fp32'}")
 

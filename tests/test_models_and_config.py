@@ -251,7 +251,7 @@ def test_the_pad_id_falls_back_to_eos_then_zero():
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, onednn, expected", [
-    (False, False, True, None),  # oneDNN emulates bf16 on plain AVX-512 (2.5-3x slower than fp32): stay in fp32
+    (False, False, True, None),  # oneDNN emulates bf16 on plain AVX-512 (3.3x slower than fp32): stay in fp32
     (True, False, True, "bf16"),
     (False, True, True, "bf16"),
 ])

@@ -75,7 +75,7 @@ def autocast_dtype(dev: str | None = None):
 
 def _cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 instructions. oneDNN's own check also says yes on AVX-512 CPUs without them, where
-    it emulates bf16, and autocast made SmolLM2's training steps and forward passes 2.5-3x slower than fp32 on a
+    it emulates bf16, and autocast made SmolLM2's training steps and forward passes 3.3x slower than fp32 on a
     2-core AVX-512 Xeon without avx512_bf16 or AMX (`benchmarks/precision_speed.py`)."""
     import platform
 
