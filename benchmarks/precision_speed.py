@@ -28,7 +28,7 @@ def main() -> None:
     from rich.table import Table
 
     from meraser.models import autocast_dtype, load_model
-    from meraser.utils import console
+    from meraser.utils import console, track
 
     model, _ = load_model(args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -50,14 +50,16 @@ def main() -> None:
             fn()
             return time.perf_counter() - t
 
+    steps = {"training step": train_step, "forward pass": forward}
+    for fn in track(list(steps.values()), "warm-up"):  # first calls pay for allocation and kernel selection
+        timed(fn, False), timed(fn, True)
+    plan = [(name, bf16) for name in steps for _ in range(args.repeats) for bf16 in (False, True)]
+    runs = {key: [] for key in set(plan)}
+    for name, bf16 in track(plan, "timing fp32 and bf16 steps"):
+        runs[name, bf16].append(timed(steps[name], bf16))
     rows = []
-    for name, fn in (("training step", train_step), ("forward pass", forward)):
-        timed(fn, False), timed(fn, True)  # warm-up: first calls pay for allocation and kernel selection
-        runs = {False: [], True: []}
-        for _ in range(args.repeats):
-            for bf16 in (False, True):
-                runs[bf16].append(timed(fn, bf16))
-        fp32, bf16 = statistics.median(runs[False]), statistics.median(runs[True])
+    for name in steps:
+        fp32, bf16 = statistics.median(runs[name, False]), statistics.median(runs[name, True])
         rows.append([name, f"{fp32:.2f} s", f"{bf16:.2f} s", f"{bf16 / fp32:.2f}x"])
     caps = {n: getattr(torch.cpu, f"_is_{n}_supported")() for n in ("avx512_bf16", "amx_tile")}
     t = Table(title=f"{args.model}, batch {args.batch_size} x {args.length} tokens, {torch.get_num_threads()} threads, "
@@ -69,8 +71,8 @@ def main() -> None:
     out = console(120)
     out.print(t)
     out.print(f"CPU: {', '.join(f'{k}={v}' for k, v in caps.items())}, torch capability "
-                  f"{torch.backends.cpu.get_cpu_capability()}; oneDNN says bf16 "
-                  f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; meraser picks {autocast_dtype('cpu') or 'fp32'}")
+              f"{torch.backends.cpu.get_cpu_capability()}; oneDNN says bf16 "
+              f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; meraser picks {autocast_dtype('cpu') or 'fp32'}")
 
 
 if __name__ == "__main__":
