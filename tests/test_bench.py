@@ -18,7 +18,7 @@ from rich.console import Console
 from conftest import TINY, TINY_PER_METHOD, write_pool
 from tiny import POOL, TINY_ERASE, TINY_RECOVER
 
-from meraser.bench import RESULTS, load_matrix, run_bench
+from meraser.bench import RESULTS, load_matrix, plan_cells, run_bench
 from meraser.utils import MeraserError, read_jsonl
 
 
@@ -153,6 +153,13 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir,
     res = run_bench(load_matrix(path), only=["prune-magnitude"], progress=False)
     assert res == {"cells": 2, "done": 0, "ran": 1, "failed": [], "stale": [], "reverified": 0}
     assert {r["attack"] for r in read_jsonl(tmp_path / "bench" / RESULTS)} == {"prune-magnitude"}
+    listed = io.StringIO()  # --dry-run --only lists the picked cells alone, by the id --only matches
+    cells = plan_cells(load_matrix(path))
+    run_bench(load_matrix(path), dry_run=True, only=["meraser"], progress=False,
+              console=Console(file=listed, width=200))
+    ids = {c.attack["method"]: c.id.rsplit("__", 1)[-1] for c in cells}
+    assert "1 of 2 cells, 1 done (--only)" in listed.getvalue() and ids["meraser"] in listed.getvalue()
+    assert ids["prune-magnitude"] not in listed.getvalue()
     shown.clear()
     log = io.StringIO()  # output that is no terminal (nohup, a CI log) sees no bar: it gets a line per stage
     assert run_bench(load_matrix(path), progress=False, console=Console(file=log, width=200))["ran"] == 1  # the

@@ -184,7 +184,7 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
                            f"{cells[0].id})")
     stale = stale_cells(wanted, done, out, share)
     if console:
-        console.print(cells_table(cells, done, stale))
+        console.print(cells_table(cells, done, stale, wanted))
     if stale and not dry_run:
         _settle_stale(stale, out, done, redo_stale, where)
     again = _revisited(out, wanted, done, reverify, reevaluate)

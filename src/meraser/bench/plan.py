@@ -217,17 +217,21 @@ def describe(cell: Cell) -> str:
     return " ".join(f"{k}={v}" for k, v in {**flat_keys(cell.attack["config"]), **grid}.items() if not k.endswith("seed"))
 
 
-def cells_table(cells: list[Cell], done: set[str], stale: dict[str, str] | None = None):
-    """The matrix's cells and each one's status: done, stale (done under other settings: what changed), to run."""
+def cells_table(cells: list[Cell], done: set[str], stale: dict[str, str] | None = None,
+                shown: list[Cell] | None = None):
+    """The matrix's cells and each one's status: done, stale (done under other settings: what changed), to run.
+    With `shown` (the cells `--only` picked), only those rows; the id column is what `--only` matches."""
     from rich.table import Table
 
-    stale = stale or {}
+    stale, shown = stale or {}, cells if shown is None else shown
     title = f"{len(cells)} cells, {sum(c.id in done for c in cells)} done" + (f", {len(stale)} stale" if stale else "")
+    if len(shown) < len(cells):
+        title = f"{len(shown)} of {title} (--only)"
     table = Table(title=title)
-    for h in ("model", "fingerprint", "attack", "seed", "settings", "status"):
+    for h in ("id", "model", "fingerprint", "attack", "seed", "settings", "status"):
         table.add_column(h)
-    for c in cells:
-        table.add_row(Path(c.model).name, fingerprint_label(c.fingerprint), c.attack["method"], str(c.seed),
-                      describe(c), f"stale: {stale[c.id]}" if c.id in stale else "done" if c.id in done else "to run")
+    for c in shown:
+        table.add_row(c.id.rsplit("__", 1)[-1], Path(c.model).name, fingerprint_label(c.fingerprint),
+                      c.attack["method"], str(c.seed), describe(c),
+                      f"stale: {stale[c.id]}" if c.id in stale else "done" if c.id in done else "to run")
     return table
-
