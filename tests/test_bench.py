@@ -157,7 +157,7 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir,
     cells = plan_cells(load_matrix(path))
     run_bench(load_matrix(path), dry_run=True, only=["meraser"], progress=False,
               console=Console(file=listed, width=200))
-    ids = {c.attack["method"]: c.id.rsplit("__", 1)[-1] for c in cells}
+    ids = {c.attack["method"]: c.hash for c in cells}
     assert "1 of 2 cells, 1 done (--only)" in listed.getvalue() and ids["meraser"] in listed.getvalue()
     assert ids["prune-magnitude"] not in listed.getvalue()
     shown.clear()

@@ -53,6 +53,11 @@ class Cell:
     grid: dict
     experiment: dict  # the cell's experiment, less `out` and the shared fingerprint (filled in when it runs)
 
+    @property
+    def hash(self) -> str:
+        """The id's last part, the settings hash: what `--only` is given to pick one cell."""
+        return self.id.rsplit("__", 1)[-1]
+
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:40]
@@ -231,7 +236,7 @@ def cells_table(cells: list[Cell], done: set[str], stale: dict[str, str] | None 
     for h in ("id", "model", "fingerprint", "attack", "seed", "settings", "status"):
         table.add_column(h)
     for c in shown:
-        table.add_row(c.id.rsplit("__", 1)[-1], Path(c.model).name, fingerprint_label(c.fingerprint),
+        table.add_row(c.hash, Path(c.model).name, fingerprint_label(c.fingerprint),
                       c.attack["method"], str(c.seed), describe(c),
                       f"stale: {stale[c.id]}" if c.id in stale else "done" if c.id in done else "to run")
     return table
