@@ -172,6 +172,15 @@ def test_only_runs_the_named_cells_and_a_rerun_adds_the_rest(tmp_path, tiny_dir,
         "eval:base", "eval:fingerprinted", "mismatched", "clean", "erased", "eval:erased", "recovered",
         "eval:recovered"]
     assert all(f"{d}\n" in log.getvalue() for d in shown if " · " in d)
+    # the fingerprint limited to the prune afterwards (`attacks:` beside it): nothing runs, the store's matrix record
+    # and the report follow the edit, and the meraser cell, no longer planned, is not shown as missing
+    from meraser.report.data import load_bench
+
+    m = _matrix(tmp_path, tiny_dir)
+    m["fingerprints"][0]["attacks"] = [m["attacks"][1]]
+    res = run_bench(load_matrix(_write(tmp_path, m)), progress=False)
+    assert (res["cells"], res["done"], res["ran"]) == (1, 1, 0)
+    assert [(c["attack"], c["status"]) for c in load_bench(tmp_path / "bench")[1]] == [("prune-magnitude", "done")]
 
 
 def test_two_matrices_with_one_shared_folder_share_the_fingerprint_and_evaluations(tmp_path, tiny_dir):
@@ -766,3 +775,44 @@ def test_reevaluate_measures_every_stage_again_on_the_stored_models_and_trains_n
     assert {p: p.stat().st_mtime_ns for p in trained} == made  # nothing trained or attacked again
     # a cell's cost stays what making it took; the re-evaluation's time is recorded beside it
     assert all(r["cell_seconds"] == took[r["cell"]] and r["reverified_seconds"] > 0 for r in read_jsonl(out / RESULTS))
+
+
+def test_a_fingerprints_attacks_plan_only_those_cells_with_the_ids_the_full_product_gives(tmp_path):
+    """`attacks:` beside a fingerprint picks entries of the matrix's `attacks:` as written there (a name alone is the
+    entry with no config): that fingerprint gets only those cells, each with the id it has without the pick (so a
+    store made before keeps its rows), and the other fingerprints keep every attack."""
+    from meraser.bench import Matrix, plan_cells
+
+    strong = {"method": "meraser", "config": {"erase": {"preset": "strong"}}}
+    attacks = ["meraser", strong, "finetune", {"method": "merge-ties", "grid": {"attack.config.density": [0.2, 0.4]}}]
+    utf, chain = {"method": "utf"}, {"method": "chain-hash"}
+    common = {"out": str(tmp_path / "b"), "models": ["m"], "attacks": attacks, "seeds": [0, 1]}
+    full = plan_cells(Matrix.from_dict({**common, "fingerprints": [utf, chain]}))
+    picked = plan_cells(Matrix.from_dict({**common, "fingerprints": [
+        utf, {**chain, "attacks": ["meraser", {"method": "merge-ties", "grid": {"attack.config.density": [0.2, 0.4]}}]}]}))
+    assert len(full) == 2 * 5 * 2 and len(picked) == 10 + 3 * 2
+    assert [c.id for c in picked] == [c.id for c in full if "utf" in c.id
+                                      or ("strong" not in json.dumps(c.experiment) and c.attack["method"] != "finetune")]
+    assert {(c.attack["method"], c.seed) for c in picked if "chain" in c.id} == {
+        ("meraser", 0), ("meraser", 1), ("merge-ties", 0), ("merge-ties", 1)}
+
+
+@pytest.mark.parametrize("only,fragment", [
+    (["meraser-strong"], "fingerprints[0].attacks[0].method: unknown attack 'meraser-strong'; did you mean"),
+    ([{"method": "meraser", "config": {"clean": {"magpie": 0.5}}}],
+     'fingerprints[0].attacks[0]: {"method": "meraser", "config": {"clean": {"magpie": 0.5}}} is not one of the '
+     'matrix\'s attacks (with that method: {"method": "meraser"}, {"method": "meraser", "config": {"erase": '
+     '{"preset": "strong"}}})'),
+    (["finetune"], "fingerprints[0].attacks[0]: \"finetune\" is not one of the matrix's attacks"),
+    ([], "fingerprints[0].attacks: a non-empty list of the matrix's attacks"),
+    (["meraser", "meraser"], "fingerprints[0].attacks[1]: the same as [0]"),
+])
+def test_a_fingerprints_attacks_outside_the_matrix_are_refused(tmp_path, only, fragment):
+    from meraser.bench import Matrix, plan_cells
+
+    strong = {"method": "meraser", "config": {"erase": {"preset": "strong"}}}
+    matrix = Matrix.from_dict({"out": str(tmp_path / "b"), "models": ["m"], "attacks": ["meraser", strong],
+                               "fingerprints": [{"method": "utf", "attacks": only}]})
+    with pytest.raises(MeraserError) as e:
+        plan_cells(matrix, where="matrix.yaml: ")
+    assert fragment in str(e.value)

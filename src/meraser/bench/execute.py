@@ -191,11 +191,12 @@ def _run_bench(matrix: Matrix, cells: list[Cell], out: Path, share: Path, where:
     since = time.time() if reevaluate else None  # a shared row written after this was re-evaluated by this run
     todo = [c for c in wanted if c.id not in done or c.id in again]
     n_done = sum(c.id in done for c in cells)
+    if not dry_run:  # the report plans the cells from this record: a matrix edited since its last cell counts too
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "matrix.json", matrix.to_dict())
     if dry_run or not todo:
         return {"cells": len(cells), "done": n_done, "ran": 0, "failed": [], "stale": sorted(stale),
                 "reverified": 0 if not dry_run else len(again)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "matrix.json", matrix.to_dict())
     prepare_shared(todo, share, console, progress)
     store = _Store(out, again, matrix.keep_models, console)
     _execute(todo, out, share, executor, store, redo=set(stale) if redo_stale else set(), since=since,

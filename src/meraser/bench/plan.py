@@ -25,7 +25,9 @@ class Matrix(Config):
                                           "on the same model the same one and they share those too (default: out)")
     models: list[str] = field([DEFAULT_MODEL], help="base models (folders, hub ids or the embedded alias)")
     fingerprints: list[dict] = field([{"method": "utf"}], help="each an experiment's `fingerprint:` stage: "
-                                                               "{method, config} to make, or {existing, card}")
+                                                               "{method, config} to make, or {existing, card}; "
+                                                               "`attacks: [...]` beside them runs only those of "
+                                                               "the matrix's attacks on it (written as listed)")
     attacks: list = field([ERASE_RECOVER], help="attack names, or {method, config}; 'meraser' runs erase and "
                                                 "recover as stages (Table 1), the others as an attack stage")
     seeds: list[int] = field([0], help="each cell runs once per seed (fingerprint, data draws, training)")
@@ -132,23 +134,45 @@ def plan_cells(matrix: Matrix, where: str = "") -> list[Cell]:
     the nearest valid name) before anything runs."""
     from meraser.runner import FingerprintStage
 
-    fps = [FingerprintStage.from_dict(fp, where=f"{where}fingerprints[{i}]").to_dict()
-           for i, fp in enumerate(matrix.fingerprints)]
     attacks = [_attack(a, f"{where}attacks[{i}]") for i, a in enumerate(matrix.attacks)]
+    fps, picks = [], []
+    for i, entry in enumerate(matrix.fingerprints):
+        at = f"{where}fingerprints[{i}]"
+        fp = dict(entry) if isinstance(entry, dict) else entry
+        only = fp.pop("attacks", None) if isinstance(fp, dict) else None  # the cells' settings never include it
+        fps.append(FingerprintStage.from_dict(fp, where=at).to_dict())
+        picks.append(attacks if only is None else _picked_attacks(only, attacks, key_path(at, "attacks")))
     for name, items in [("models", matrix.models), ("fingerprints", fps), ("attacks", attacks),
                         ("seeds", matrix.seeds)]:
         _no_duplicates(items, where, name)
     cells = []
-    for model, fp, attack, seed in itertools.product(matrix.models, fps, attacks, matrix.seeds):
-        grid = {**matrix.grid, **attack["grid"]}
-        for values in itertools.product(*grid.values()):
-            cells.append(_cell(matrix, model, fp, attack, seed, dict(zip(grid, values)), where))
+    for model, (fp, picked) in itertools.product(matrix.models, zip(fps, picks)):
+        for attack, seed in itertools.product(picked, matrix.seeds):
+            grid = {**matrix.grid, **attack["grid"]}
+            for values in itertools.product(*grid.values()):
+                cells.append(_cell(matrix, model, fp, attack, seed, dict(zip(grid, values)), where))
     ids: dict[str, Cell] = {}
     for cell in cells:  # what the lists above cannot show (a grid value that repeats an attack's own setting)
         if cell.id in ids:
             raise MeraserError(f"{where}two entries plan the same cell {cell.id}; list each setting once")
         ids[cell.id] = cell
     return cells
+
+
+def _picked_attacks(only, attacks: list[dict], where: str) -> list[dict]:
+    """A fingerprint's `attacks:`: a subset of the matrix's attacks, each written as in `attacks:` (a name alone
+    picks the entry with no config), so a planting that cannot show an effect does not get every cell."""
+    if not isinstance(only, list) or not only:
+        raise MeraserError(f"{where}: a non-empty list of the matrix's attacks, as written under `attacks:`")
+    picked = [_attack(a, f"{where}[{j}]") for j, a in enumerate(only)]
+    _no_duplicates(picked, f"{where}", "")
+    for j, a in enumerate(picked):
+        if a not in attacks:
+            listed = [json.dumps({k: v for k, v in b.items() if v}, default=str) for b in attacks
+                      if b["method"] == a["method"]]
+            raise MeraserError(f"{where}[{j}]: {json.dumps(only[j], default=str)} is not one of the matrix's "
+                               f"attacks" + (f" (with that method: {', '.join(listed)})" if listed else ""))
+    return [a for a in attacks if a in picked]  # the matrix's order
 
 
 def _no_duplicates(items: list, where: str, name: str) -> None:
